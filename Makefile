@@ -1,0 +1,21 @@
+# The two commands of the README. Each does its own set-up (venv + torch + build).
+CARGO ?= cargo
+PROMPT ?= a red circle on a blue background
+
+.PHONY: demo test setup lint bench fixtures
+
+setup:
+	@./scripts/setup-libtorch.sh
+
+demo: setup
+	$(CARGO) run --release --example smoke
+
+test: setup
+	$(CARGO) test --workspace
+
+lint: setup
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+bench: setup
+	$(CARGO) bench --workspace

@@ -1,0 +1,35 @@
+//! Errors of the clip crate.
+
+/// Everything a user of this crate can get wrong, plus errors from libtorch and the foundation.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Core(#[from] unclip_core::Error),
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    #[error("invalid CLIP config: {0}")]
+    Config(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("invalid input: {0}")]
+    Input(String),
+    #[error("image: {0}")]
+    Image(String),
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lower_errors_convert() {
+        let t = tch::Tensor::zeros([2, 3], (tch::Kind::Float, tch::Device::Cpu));
+        let e: Error = t.f_view([7]).unwrap_err().into();
+        assert!(matches!(e, Error::Torch(_)));
+        let e: Error = unclip_core::parse_device("abacus").unwrap_err().into();
+        assert!(matches!(e, Error::Core(unclip_core::Error::InvalidDevice(_))));
+    }
+}

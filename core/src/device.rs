@@ -1,0 +1,103 @@
+//! Device selection, in one place: CUDA when available, else CPU, overridable with `--device` flags
+//! or the `UNCLIP_DEVICE` environment variable.
+
+use crate::{Error, Result};
+use tch::Device;
+
+/// Environment variable consulted by [`select_device`] when no explicit choice is given.
+pub const DEVICE_ENV: &str = "UNCLIP_DEVICE";
+
+/// Whether libtorch can use a CUDA device here (needs libtorch_cuda linked and a driver).
+pub fn cuda_available() -> bool {
+    tch::Cuda::is_available()
+}
+
+/// Parses `cpu`, `cuda`, `cuda:N`, `gpu` or `auto` (case-insensitive) and checks it can be used.
+pub fn parse_device(name: &str) -> Result<Device> {
+    let s = name.trim().to_ascii_lowercase();
+    let want_cuda = |index: usize| -> Result<Device> {
+        if !cuda_available() {
+            return Err(Error::CudaUnavailable {
+                requested: name.to_string(),
+                reason: "libtorch reports no usable CUDA device (no GPU, no driver, or a CPU-only libtorch)"
+                    .into(),
+            });
+        }
+        let count = tch::Cuda::device_count() as usize;
+        if index >= count {
+            return Err(Error::CudaUnavailable {
+                requested: name.to_string(),
+                reason: format!("only {count} CUDA device(s) are present"),
+            });
+        }
+        Ok(Device::Cuda(index))
+    };
+    match s.as_str() {
+        "cpu" => Ok(Device::Cpu),
+        "auto" | "" => Ok(Device::cuda_if_available()),
+        "cuda" | "gpu" => want_cuda(0),
+        _ => match s.strip_prefix("cuda:") {
+            Some(idx) => {
+                let index = idx.parse::<usize>().map_err(|_| Error::InvalidDevice(name.into()))?;
+                want_cuda(index)
+            }
+            None => Err(Error::InvalidDevice(name.into())),
+        },
+    }
+}
+
+/// The device to run on: an explicit choice (e.g. a `--device` flag) wins, then `UNCLIP_DEVICE`,
+/// then CUDA if available, else CPU.
+pub fn select_device(explicit: Option<&str>) -> Result<Device> {
+    match explicit {
+        Some(name) => parse_device(name),
+        None => match std::env::var(DEVICE_ENV) {
+            Ok(name) if !name.trim().is_empty() => parse_device(&name),
+            _ => Ok(Device::cuda_if_available()),
+        },
+    }
+}
+
+/// A short human name: `cpu`, `cuda:0`, ...
+pub fn device_name(device: Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(i) => format!("cuda:{i}"),
+        Device::Mps => "mps".into(),
+        Device::Vulkan => "vulkan".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_cpu_and_rejects_garbage() {
+        assert_eq!(parse_device("cpu").unwrap(), Device::Cpu);
+        assert_eq!(parse_device(" CPU ").unwrap(), Device::Cpu);
+        assert!(matches!(parse_device("tpu"), Err(Error::InvalidDevice(_))));
+        assert!(matches!(parse_device("cuda:x"), Err(Error::InvalidDevice(_))));
+    }
+
+    #[test]
+    fn cuda_request_matches_availability() {
+        match parse_device("cuda") {
+            Ok(d) => assert!(cuda_available() && d == Device::Cuda(0)),
+            Err(e) => {
+                assert!(!cuda_available());
+                assert!(matches!(e, Error::CudaUnavailable { .. }));
+                assert!(e.to_string().contains("cuda"));
+            }
+        }
+        // An index past the last device is always an error.
+        assert!(matches!(parse_device("cuda:4096"), Err(Error::CudaUnavailable { .. })));
+    }
+
+    #[test]
+    fn auto_picks_cuda_only_when_present() {
+        let d = parse_device("auto").unwrap();
+        assert_eq!(d.is_cuda(), cuda_available());
+        assert_eq!(select_device(Some("cpu")).unwrap(), Device::Cpu);
+    }
+}

@@ -1,0 +1,121 @@
+//! Layers shared by several models (the prior and every UNet), written once.
+
+use crate::Result;
+use tch::{Kind, Tensor, nn, nn::Module};
+
+/// Sinusoidal timestep features as diffusers' `get_timestep_embedding` computes them (f32):
+/// `freq_k = exp(-ln(max_period) * k / (half - shift))`, `emb = [sin(t f), cos(t f)]`, swapped to
+/// `[cos, sin]` when `flip_sin_to_cos`. `timesteps` is a 1-D tensor (any numeric kind) of length B;
+/// the result is (B, dim) f32 on the same device.
+pub fn timestep_features(
+    timesteps: &Tensor,
+    dim: i64,
+    flip_sin_to_cos: bool,
+    downscale_freq_shift: f64,
+    max_period: f64,
+) -> Result<Tensor> {
+    let half = dim / 2;
+    let device = timesteps.device();
+    let exponent = Tensor::f_arange(half, (Kind::Float, device))?
+        .f_mul_scalar(-(max_period.ln()))?
+        .f_div_scalar(half as f64 - downscale_freq_shift)?;
+    let freqs = exponent.f_exp()?;
+    let args = timesteps.f_to_kind(Kind::Float)?.f_unsqueeze(1)?.f_mul(&freqs.f_unsqueeze(0)?)?;
+    let (sin, cos) = (args.f_sin()?, args.f_cos()?);
+    let emb = if flip_sin_to_cos {
+        Tensor::f_cat(&[cos, sin], -1)?
+    } else {
+        Tensor::f_cat(&[sin, cos], -1)?
+    };
+    if dim % 2 == 1 { Ok(emb.f_constant_pad_nd([0, 1])?) } else { Ok(emb) }
+}
+
+/// diffusers' `TimestepEmbedding`: `linear_1 -> SiLU -> linear_2`.
+#[derive(Debug)]
+pub struct TimestepEmbedding {
+    linear_1: nn::Linear,
+    linear_2: nn::Linear,
+}
+
+impl TimestepEmbedding {
+    /// `p` is the module's path (e.g. `time_embedding`); tensors `linear_1.*`, `linear_2.*`.
+    pub fn new(p: nn::Path, in_dim: i64, out_dim: i64) -> Self {
+        let linear_1 = nn::linear(&p / "linear_1", in_dim, out_dim, Default::default());
+        let linear_2 = nn::linear(&p / "linear_2", out_dim, out_dim, Default::default());
+        Self { linear_1, linear_2 }
+    }
+}
+
+impl Module for TimestepEmbedding {
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        self.linear_2.forward(&self.linear_1.forward(xs).silu())
+    }
+}
+
+/// Splits the last dim into heads: (B, L, H*D) -> (B, H, L, D).
+pub fn split_heads(x: &Tensor, heads: i64) -> Result<Tensor> {
+    let (b, l, c) = x.size3()?;
+    Ok(x.f_reshape([b, l, heads, c / heads])?.f_transpose(1, 2)?)
+}
+
+/// Merges heads back: (B, H, L, D) -> (B, L, H*D).
+pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, h, l, d) = x.size4()?;
+    Ok(x.f_transpose(1, 2)?.f_reshape([b, l, h * d])?)
+}
+
+/// Multi-head scaled-dot-product attention on (B, L, H*D) projections, with an optional additive
+/// mask broadcastable to (B, H, Lq, Lk). Uses libtorch's fused SDPA kernels.
+pub fn multi_head_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: i64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (q, k, v) = (split_heads(q, heads)?, split_heads(k, heads)?, split_heads(v, heads)?);
+    let mask = match mask {
+        Some(m) => Some(m.f_to_kind(q.kind())?),
+        None => None,
+    };
+    let out = Tensor::f_scaled_dot_product_attention(&q, &k, &v, mask, 0.0, false, None, false)?;
+    merge_heads(&out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    #[test]
+    fn timestep_features_match_formula() {
+        let t = Tensor::from_slice(&[0i64, 10, 999]);
+        let emb = timestep_features(&t, 8, true, 0.0, 10000.0).unwrap();
+        assert_eq!(emb.size(), vec![3, 8]);
+        // t = 10, k = 1: freq = exp(-ln(1e4) * 1 / 4) = 0.1; flip puts cos first.
+        let cos = emb.double_value(&[1, 1]);
+        let sin = emb.double_value(&[1, 5]);
+        assert!((cos - (1.0f64).cos()).abs() < 1e-6 && (sin - (1.0f64).sin()).abs() < 1e-6);
+        let odd = timestep_features(&t, 7, false, 1.0, 10000.0).unwrap();
+        assert_eq!(odd.size(), vec![3, 7]);
+    }
+
+    #[test]
+    fn attention_matches_naive_softmax() {
+        tch::manual_seed(1);
+        let opts = (Kind::Float, Device::Cpu);
+        let (q, k, v) = (
+            Tensor::randn([2, 3, 8], opts),
+            Tensor::randn([2, 5, 8], opts),
+            Tensor::randn([2, 5, 8], opts),
+        );
+        let mask = Tensor::zeros([2, 1, 1, 5], opts);
+        let _ = mask.narrow(3, 4, 1).fill_(-10000.0);
+        let out = multi_head_attention(&q, &k, &v, 2, Some(&mask)).unwrap();
+        let (qh, kh, vh) =
+            (split_heads(&q, 2).unwrap(), split_heads(&k, 2).unwrap(), split_heads(&v, 2).unwrap());
+        let w = (qh.matmul(&kh.transpose(-1, -2)) / 2f64 + &mask).softmax(-1, Kind::Float);
+        let naive = merge_heads(&w.matmul(&vh)).unwrap();
+        assert!(out.allclose(&naive, 1e-5, 1e-5, false));
+    }
+}

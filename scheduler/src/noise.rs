@@ -1,0 +1,57 @@
+//! Where samplers and pipelines get their Gaussian noise.
+
+use tch::{Device, Kind, Tensor};
+
+/// A source of standard normal noise. Pipelines pass one through every draw so a seed reproduces
+/// a whole run.
+pub trait NoiseSource {
+    /// A tensor of shape `shape` with i.i.d. N(0, 1) entries, of `kind`, on `device`.
+    fn randn(&mut self, shape: &[i64], kind: Kind, device: Device) -> Tensor;
+}
+
+/// Noise from libtorch's default CPU generator (seeded by [`TorchNoise::new`]), drawn in f32 on
+/// the CPU and then moved: with the same seed and draw order this reproduces diffusers' draws
+/// from a `torch.Generator("cpu")`, on any device.
+#[derive(Debug, Clone, Copy)]
+pub struct TorchNoise {
+    _private: (),
+}
+
+impl TorchNoise {
+    /// Seeds libtorch's global generators (CPU and CUDA) with `seed`.
+    pub fn new(seed: u64) -> Self {
+        tch::manual_seed(seed as i64);
+        Self { _private: () }
+    }
+
+    /// Uses the generator as it is, without reseeding.
+    pub fn unseeded() -> Self {
+        Self { _private: () }
+    }
+}
+
+impl NoiseSource for TorchNoise {
+    fn randn(&mut self, shape: &[i64], kind: Kind, device: Device) -> Tensor {
+        let t = Tensor::randn(shape, (Kind::Float, Device::Cpu));
+        if kind == Kind::Float && device == Device::Cpu {
+            t
+        } else {
+            t.to_device(device).to_kind(kind)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_seed_same_noise() {
+        let a = TorchNoise::new(7).randn(&[3, 4], Kind::Float, Device::Cpu);
+        let b = TorchNoise::new(7).randn(&[3, 4], Kind::Float, Device::Cpu);
+        assert!(a.equal(&b));
+        let c = TorchNoise::unseeded().randn(&[3, 4], Kind::Half, Device::Cpu);
+        assert_eq!(c.kind(), Kind::Half);
+        assert!(!a.equal(&c.to_kind(Kind::Float)));
+    }
+}

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Provides libtorch for tch 0.26 (PyTorch 2.13.0) with nothing but PyPI.
+#
+# - If LIBTORCH is set in the environment, or LIBTORCH_USE_PYTORCH=1 (tch then asks the active
+#   Python's torch), that libtorch is used and nothing is installed.
+# - Otherwise a project-local virtual environment .venv is created (only when missing), torch==2.13.0
+#   is installed in it (only when missing; the wheel carries the CUDA 13 libraries, ~5 GB), and
+#   .venv/libtorch is linked to the torch package, which .cargo/config.toml names as LIBTORCH.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TORCH_VERSION=2.13.0
+if [[ -n "${LIBTORCH:-}" || -n "${LIBTORCH_USE_PYTORCH:-}" ]]; then
+  echo "setup-libtorch: using the libtorch you provided (LIBTORCH=${LIBTORCH:-} LIBTORCH_USE_PYTORCH=${LIBTORCH_USE_PYTORCH:-})"
+  exit 0
+fi
+
+PY=${PYTHON:-python3}
+if [[ ! -x .venv/bin/python ]]; then
+  echo "setup-libtorch: creating .venv"
+  "$PY" -m venv .venv
+fi
+have=$(.venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || true)
+if [[ "$have" != "$TORCH_VERSION" ]]; then
+  echo "setup-libtorch: installing torch==$TORCH_VERSION into .venv (about 5 GB, a few minutes)"
+  .venv/bin/pip install --quiet "torch==$TORCH_VERSION"
+fi
+torch_dir=$(.venv/bin/python -c 'import os, torch; print(os.path.dirname(torch.__file__))')
+if [[ "$(readlink .venv/libtorch 2>/dev/null || true)" != "$torch_dir" ]]; then
+  ln -sfn "$torch_dir" .venv/libtorch
+fi
+echo "setup-libtorch: libtorch $TORCH_VERSION at .venv/libtorch -> $torch_dir"
