@@ -1,0 +1,87 @@
+//! The basic layers, with fallible forwards: tch's `Module::forward` panics on a libtorch error,
+//! these return it as an [`Error::Torch`](crate::Error) instead. Parameters are created by tch's
+//! builders (same names, same initialization), only the forward differs.
+
+use crate::Result;
+use tch::{Tensor, nn};
+
+/// `nn.Linear`: `weight` [out, in], `bias` [out].
+#[derive(Debug)]
+pub struct Linear {
+    pub ws: Tensor,
+    pub bs: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(p: nn::Path, c_in: i64, c_out: i64) -> Self {
+        let l = nn::linear(p, c_in, c_out, Default::default());
+        Self { ws: l.ws, bs: l.bs }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.f_linear(&self.ws, self.bs.as_ref())?)
+    }
+}
+
+/// `nn.Conv2d` with stride 1 and "same" padding (all the UNets need).
+#[derive(Debug)]
+pub struct Conv2d {
+    pub ws: Tensor,
+    pub bs: Option<Tensor>,
+    padding: i64,
+}
+
+impl Conv2d {
+    pub fn new(p: nn::Path, c_in: i64, c_out: i64, kernel: i64) -> Self {
+        let padding = (kernel - 1) / 2;
+        let c =
+            nn::conv2d(p, c_in, c_out, kernel, nn::ConvConfig { padding, ..Default::default() });
+        Self { ws: c.ws, bs: c.bs, padding }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let p = self.padding;
+        Ok(x.f_conv2d(&self.ws, self.bs.as_ref(), [1, 1], [p, p], [1, 1], 1)?)
+    }
+}
+
+/// `nn.GroupNorm` with affine parameters.
+#[derive(Debug)]
+pub struct GroupNorm {
+    ws: Option<Tensor>,
+    bs: Option<Tensor>,
+    groups: i64,
+    eps: f64,
+}
+
+impl GroupNorm {
+    pub fn new(p: nn::Path, groups: i64, channels: i64, eps: f64) -> Self {
+        let g =
+            nn::group_norm(p, groups, channels, nn::GroupNormConfig { eps, ..Default::default() });
+        Self { ws: g.ws, bs: g.bs, groups, eps }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.f_group_norm(self.groups, self.ws.as_ref(), self.bs.as_ref(), self.eps, true)?)
+    }
+}
+
+/// `nn.LayerNorm` over the last dimension.
+#[derive(Debug)]
+pub struct LayerNorm {
+    ws: Option<Tensor>,
+    bs: Option<Tensor>,
+    dim: i64,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(p: nn::Path, dim: i64, eps: f64) -> Self {
+        let l = nn::layer_norm(p, vec![dim], nn::LayerNormConfig { eps, ..Default::default() });
+        Self { ws: l.ws, bs: l.bs, dim, eps }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.f_layer_norm([self.dim], self.ws.as_ref(), self.bs.as_ref(), self.eps, true)?)
+    }
+}
