@@ -1,0 +1,79 @@
+//! Parity with diffusers 0.42.1 (fixtures/gen_prior.py): forward passes of two tiny random
+//! PriorTransformers on a padded batch, and a guided 5-step sampling loop.
+
+use tch::{Device, Kind, Tensor};
+use unclip_core::testing::{assert_close, fixture_path, load_fixture};
+use unclip_prior::{PriorTransformer, SampleOptions, TextConditioning, sample, sampling};
+use unclip_scheduler::TorchNoise;
+
+const TOL: f64 = 1e-4;
+
+fn load(name: &str) -> (tch::nn::VarStore, PriorTransformer) {
+    PriorTransformer::from_pretrained(
+        &fixture_path(&format!("prior/{name}")),
+        Device::Cpu,
+        Kind::Float,
+    )
+    .unwrap()
+}
+
+fn forward_matches(name: &str) {
+    let (_vs, model) = load(name);
+    let io = load_fixture(&format!("prior/{name}/io.safetensors"));
+    let (x, e, h, m) = (&io["latents"], &io["text_embeds"], &io["text_hidden"], &io["mask"]);
+    let mask = m.ne(0);
+    let t500 = model.forward(x, &Tensor::from(500i64), e, h, Some(&mask)).unwrap();
+    assert_close(&format!("{name} t=500"), &t500, &io["out_t500"], TOL, 0.0);
+    // The int64 0/1 mask as saved works as well as a bool one.
+    let t500_int = model.forward(x, &Tensor::from(500i64), e, h, Some(m)).unwrap();
+    assert_close(&format!("{name} int mask"), &t500_int, &io["out_t500"], TOL, 0.0);
+    let rows = model.forward(x, &io["per_row_t"], e, h, Some(&mask)).unwrap();
+    assert_close(&format!("{name} per-row t"), &rows, &io["out_per_row_t"], TOL, 0.0);
+    let nomask = model.forward(x, &Tensor::from(37i64), e, h, None).unwrap();
+    assert_close(&format!("{name} no mask"), &nomask, &io["out_t37_nomask"], TOL, 0.0);
+    let post = model.post_process_latents(x).unwrap();
+    assert_close(&format!("{name} post-process"), &post, &io["post_process_latents"], 1e-6, 0.0);
+}
+
+#[test]
+fn tiny_forward_matches_diffusers() {
+    forward_matches("tiny");
+}
+
+#[test]
+fn deep_forward_with_input_norms_matches_diffusers() {
+    forward_matches("deep");
+}
+
+#[test]
+fn guided_sampling_matches_diffusers() {
+    let (_vs, model) = load("tiny");
+    let f = load_fixture("prior/sample.safetensors");
+    let cond = TextConditioning::new(
+        f["cond_embeds"].shallow_clone(),
+        f["cond_hidden"].shallow_clone(),
+        f["cond_mask"].shallow_clone(),
+    )
+    .unwrap();
+    let uncond = TextConditioning::new(
+        f["uncond_embeds"].shallow_clone(),
+        f["uncond_hidden"].shallow_clone(),
+        f["uncond_mask"].shallow_clone(),
+    )
+    .unwrap();
+    let opts = SampleOptions {
+        num_inference_steps: f["steps"].int64_value(&[]) as usize,
+        guidance_scale: f["guidance"].double_value(&[]),
+    };
+    let mut sched = sampling::karlo_prior_scheduler().unwrap();
+    let mut noise = TorchNoise::new(f["seed"].int64_value(&[]) as u64);
+    let out = sample(&model, &mut sched, &cond, Some(&uncond), &opts, &mut noise).unwrap();
+    let ts: Vec<i64> = Vec::try_from(&f["timesteps"]).unwrap();
+    assert_eq!(unclip_scheduler::Scheduler::timesteps(&sched), ts.as_slice());
+    assert_close("image embeddings", &out, &f["image_embeds"], TOL, 0.0);
+
+    // Same seed, same output.
+    let mut noise = TorchNoise::new(f["seed"].int64_value(&[]) as u64);
+    let again = sample(&model, &mut sched, &cond, Some(&uncond), &opts, &mut noise).unwrap();
+    assert!(out.equal(&again));
+}
