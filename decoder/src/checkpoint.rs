@@ -75,10 +75,9 @@ pub fn read_config<M: Component>(dir: &Path) -> Result<M::Config> {
 pub fn init<M: Component>(cfg: &M::Config, device: Device, kind: Kind) -> Result<Loaded<M>> {
     M::validate(cfg)?;
     let mut vs = nn::VarStore::new(device);
+    // Set before building so the variables are created in `kind` (no f32 copy first).
+    vs.set_kind(kind);
     let model = M::build(vs.root(), cfg)?;
-    if kind != Kind::Float {
-        vs.set_kind(kind);
-    }
     Ok(Loaded { vs, model, config: cfg.clone() })
 }
 
