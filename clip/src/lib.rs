@@ -10,8 +10,10 @@ pub mod encoder;
 pub mod error;
 pub mod model;
 pub mod text;
+pub mod tokenizer;
 pub mod vision;
 
 pub use config::{AnyConfig, ClipConfig, TextConfig, VisionConfig};
 pub use error::{Error, Result};
 pub use model::{ClipModel, ClipOutput, Towers, normalize, similarity};
+pub use tokenizer::{ClipTokenizer, Encoding, Truncation};
