@@ -118,7 +118,7 @@ impl SpecialConfig {
             cfg.pad = get("pad_token").or(cfg.pad.take());
             // Files without a real limit store a huge float (1e30); only small values mean a context length.
             if let Some(n) = v.get("model_max_length").and_then(Value::as_f64) {
-                if n >= 1.0 && n <= 1e6 {
+                if (1.0..=1e6).contains(&n) {
                     cfg.model_max_length = Some(n as usize);
                 }
             }
