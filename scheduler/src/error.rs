@@ -17,6 +17,8 @@ pub enum Error {
     Shape { what: String, expected: Vec<i64>, found: Vec<i64> },
     #[error("set_timesteps must be called before step")]
     NotInitialized,
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
 }
 
 /// `Result` with this crate's [`Error`].

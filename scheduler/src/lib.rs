@@ -1,13 +1,28 @@
 //! Noise schedules, training targets and samplers for unCLIP's diffusion models, matched to
 //! diffusers.
 //!
-//! Every sampler implements the object-safe [`Scheduler`] trait so pipelines can hold a
-//! `Box<dyn Scheduler>` and swap samplers. Randomness comes through a [`NoiseSource`].
+//! - [`NoiseSchedule`]: betas / ᾱ of the four beta schedules, `add_noise`, `velocity`, targets;
+//! - [`training`]: the learned-variance VLB term and the hybrid loss (improved DDPM / GLIDE);
+//! - samplers behind the object-safe [`Scheduler`] trait, so pipelines can hold a
+//!   `Box<dyn Scheduler>`: [`UnCLIPScheduler`] (Karlo).
+//!
+//! Randomness comes through a [`NoiseSource`]; on the CPU, [`TorchNoise`] reproduces diffusers'
+//! draws for the same seed.
 
+pub mod config;
 pub mod error;
 pub mod noise;
+pub mod schedule;
+pub mod step;
+pub mod training;
 pub mod traits;
+pub mod unclip;
 
+pub use config::{PredictionType, TimestepSpacing, VarianceType};
 pub use error::{Error, Result};
 pub use noise::{NoiseSource, TorchNoise};
+pub use schedule::{BetaSchedule, NoiseSchedule};
+pub use step::StepOutput;
+pub use training::{HYBRID_VLB_WEIGHT, HybridLoss, VlbLoss};
 pub use traits::Scheduler;
+pub use unclip::{UnCLIPScheduler, UnCLIPSchedulerConfig};

@@ -7,6 +7,12 @@ use tch::{Device, Kind, Tensor};
 pub trait NoiseSource {
     /// A tensor of shape `shape` with i.i.d. N(0, 1) entries, of `kind`, on `device`.
     fn randn(&mut self, shape: &[i64], kind: Kind, device: Device) -> Tensor;
+
+    /// A tensor of shape `shape` with i.i.d. integers uniform in `0..high` (int64, on `device`);
+    /// used for training timesteps. The default draws from libtorch's CPU generator and moves.
+    fn randint(&mut self, high: i64, shape: &[i64], device: Device) -> Tensor {
+        Tensor::randint(high, shape, (Kind::Int64, Device::Cpu)).to_device(device)
+    }
 }
 
 /// Noise from libtorch's default CPU generator (seeded by [`TorchNoise::new`]), drawn in f32 on
