@@ -7,6 +7,7 @@
 //! The stage crates are re-exported: [`clip`], [`prior`], [`decoder`], [`scheduler`], [`core`].
 
 pub mod error;
+pub mod shapes;
 
 pub use error::{Error, Result};
 pub use unclip_clip as clip;
