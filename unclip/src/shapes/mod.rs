@@ -52,6 +52,9 @@
 //! centroid's cell; relation from the centroids; binding = each (color, shape)
 //! pair on one object; negation = no object of the negated shape. [`EvalTable`] accumulates reports into an
 //! accuracy table per attribute and prompt kind.
+//!
+//! [`image_to_tensor`] / [`tensor_to_image`] convert to and from the models'
+//! `[3, H, W]` tensors in `[-1, 1]`.
 
 mod caption;
 mod check;
@@ -60,6 +63,7 @@ mod palette;
 mod render;
 mod scene;
 mod split;
+mod tensor;
 
 pub use caption::{ObjectSpec, Spec, caption, parse_caption};
 pub use check::{
@@ -77,3 +81,4 @@ pub use split::{
     DEFAULT_KIND_WEIGHTS, HELD_OUT_PAIRS, HELD_OUT_TRIPLES, JITTER, SceneGenerator, Split,
     is_held_out,
 };
+pub use tensor::{image_to_tensor, tensor_to_image};
