@@ -9,11 +9,13 @@ pub mod config;
 pub mod encoder;
 pub mod error;
 pub mod model;
+pub mod preprocess;
 pub mod text;
 pub mod tokenizer;
 pub mod vision;
 
 pub use config::{AnyConfig, ClipConfig, TextConfig, VisionConfig};
 pub use error::{Error, Result};
+pub use preprocess::{ImageProcessor, ProcessorConfig};
 pub use model::{ClipModel, ClipOutput, Towers, normalize, similarity};
 pub use tokenizer::{ClipTokenizer, Encoding, Truncation};
