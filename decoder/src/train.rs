@@ -1,0 +1,344 @@
+//! Training losses of the decoder and the upsamplers, and one optimizer step any loop can call.
+//!
+//! Decoder (unCLIP section 2.1, GLIDE's recipe): noise-prediction MSE plus the learned-variance
+//! VLB term (weight 0.001, improved DDPM), with conditioning dropout — the CLIP image embedding
+//! replaced by the learned null embedding 10% of the time, the caption replaced by the empty
+//! caption 50% of the time — so the model learns the unconditional half of guidance.
+//! Upsamplers: random crops of the high-res image, with the low-res input (downsampled, then
+//! upscaled exactly as at sampling time) corrupted by a Gaussian blur (kernel 3, sigma 0.6) or by
+//! Gaussian noise augmentation.
+
+use crate::text_proj::UnCLIPTextProjModel;
+use crate::unet_2d::UNet2DModel;
+use crate::unet_2d_condition::UNet2DConditionModel;
+use crate::upsample::resize_bicubic_aa;
+use crate::{Error, Result};
+use tch::{Device, Kind, Tensor, nn};
+use unclip_scheduler::{HYBRID_VLB_WEIGHT, NoiseSchedule, NoiseSource, PredictionType, VlbLoss};
+
+/// The numbers one loss evaluation reports (0-d tensors; `loss` carries the graph).
+#[derive(Debug)]
+pub struct TrainLoss {
+    /// What to backpropagate: `mse + vlb_weight * T * vb` (just `mse` without learned variance).
+    pub loss: Tensor,
+    /// Noise-prediction mean squared error.
+    pub mse: Tensor,
+    /// Mean VLB term in bits per dimension (0 without learned variance).
+    pub vb: Tensor,
+}
+
+fn check_probability(name: &str, p: f64) -> Result<()> {
+    if !(0.0..=1.0).contains(&p) {
+        return Err(Error::Input(format!("{name} must be a probability in [0, 1], got {p}")));
+    }
+    Ok(())
+}
+
+/// A (B) bool tensor, each entry true with probability `p`, drawn from `rng`.
+fn bernoulli(rng: &mut dyn NoiseSource, b: i64, p: f64, device: Device) -> Result<Tensor> {
+    const RES: i64 = 1 << 24;
+    Ok(rng.randint(RES, &[b], device).f_lt((p * RES as f64).round() as i64)?)
+}
+
+/// Noises `x0` at uniformly drawn timesteps, runs `model` and scores its output.
+fn diffusion_loss(
+    schedule: &NoiseSchedule,
+    vlb: &VlbLoss,
+    vlb_weight: f64,
+    x0: &Tensor,
+    rng: &mut dyn NoiseSource,
+    model: impl FnOnce(&Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<TrainLoss> {
+    let (b, c) = (x0.size()[0], x0.size()[1]);
+    let t = schedule.sample_timesteps(b as usize, x0.device(), rng);
+    let noise = rng.randn(&x0.size(), x0.kind(), x0.device());
+    let x_t = schedule.add_noise(x0, &noise, &t)?;
+    let out = model(&x_t, &t)?;
+    let oc = out.size()[1];
+    if oc == 2 * c {
+        let l = vlb.hybrid_loss(&out, PredictionType::Epsilon, &noise, x0, &x_t, &t, vlb_weight)?;
+        Ok(TrainLoss { loss: l.loss, mse: l.mse, vb: l.vb })
+    } else if oc == c {
+        let mse = out.f_mse_loss(&noise, tch::Reduction::Mean)?;
+        Ok(TrainLoss { loss: mse.shallow_clone(), mse, vb: Tensor::from(0f32) })
+    } else {
+        Err(Error::Input(format!("model outputs {oc} channels for a {c}-channel image")))
+    }
+}
+
+/// The encoding of the empty caption (what guidance uses as "no text"): CLIP text embedding
+/// (1, D), last hidden states (1, L, D) and token mask (1, L).
+#[derive(Debug)]
+pub struct EmptyCaption<'a> {
+    pub prompt_embeds: &'a Tensor,
+    pub text_hidden_states: &'a Tensor,
+    pub text_mask: &'a Tensor,
+}
+
+/// One decoder training batch: images in [-1, 1] and their CLIP conditioning (B rows each).
+#[derive(Debug)]
+pub struct DecoderBatch<'a> {
+    pub images: &'a Tensor,
+    pub image_embeddings: &'a Tensor,
+    pub prompt_embeds: &'a Tensor,
+    pub text_hidden_states: &'a Tensor,
+    pub text_mask: &'a Tensor,
+    /// Needed when captions are dropped (`text_dropout > 0`).
+    pub empty_caption: Option<EmptyCaption<'a>>,
+}
+
+/// The decoder's training objective.
+#[derive(Debug)]
+pub struct DecoderTrainer {
+    pub schedule: NoiseSchedule,
+    vlb: VlbLoss,
+    /// Probability of replacing the image embedding by the learned null embedding (unCLIP: 0.1).
+    pub image_dropout: f64,
+    /// Probability of replacing the caption by the empty caption (unCLIP: 0.5).
+    pub text_dropout: f64,
+    /// λ of L_simple + λ L_vlb (improved DDPM / GLIDE: 0.001).
+    pub vlb_weight: f64,
+}
+
+impl DecoderTrainer {
+    /// Karlo's cosine schedule with unCLIP's dropout rates and the 0.001 VLB weight.
+    pub fn karlo() -> Self {
+        Self::new(NoiseSchedule::karlo(), 0.1, 0.5, HYBRID_VLB_WEIGHT).expect("valid defaults")
+    }
+
+    pub fn new(
+        schedule: NoiseSchedule,
+        image_dropout: f64,
+        text_dropout: f64,
+        vlb_weight: f64,
+    ) -> Result<Self> {
+        check_probability("image_dropout", image_dropout)?;
+        check_probability("text_dropout", text_dropout)?;
+        if !(vlb_weight.is_finite() && vlb_weight >= 0.0) {
+            return Err(Error::Input(format!("vlb_weight must be >= 0, got {vlb_weight}")));
+        }
+        let vlb = VlbLoss::new(&schedule);
+        Ok(Self { schedule, vlb, image_dropout, text_dropout, vlb_weight })
+    }
+
+    /// The loss on one batch (with gradients, in train mode). Draws timesteps, noise and the
+    /// dropout decisions from `rng`.
+    pub fn loss(
+        &self,
+        unet: &UNet2DConditionModel,
+        text_proj: &UnCLIPTextProjModel,
+        batch: &DecoderBatch,
+        rng: &mut dyn NoiseSource,
+    ) -> Result<TrainLoss> {
+        let x0 = batch.images;
+        let size = x0.size();
+        if size.len() != 4 {
+            return Err(Error::Input(format!("images must be (B, C, H, W), got {size:?}")));
+        }
+        let (b, device) = (size[0], x0.device());
+        let (mut prompt, mut hidden, mut mask) = (
+            batch.prompt_embeds.shallow_clone(),
+            batch.text_hidden_states.shallow_clone(),
+            batch.text_mask.shallow_clone(),
+        );
+        if self.text_dropout > 0.0 {
+            let empty = batch.empty_caption.as_ref().ok_or_else(|| {
+                Error::Input("text_dropout > 0 needs the empty caption's encoding".into())
+            })?;
+            let drop = bernoulli(rng, b, self.text_dropout, device)?;
+            let pick = |cond: &Tensor, empty: &Tensor, what: &str| -> Result<Tensor> {
+                let (cs, es) = (cond.size(), empty.size());
+                if es.len() != cs.len() || es[0] != 1 || es[1..] != cs[1..] {
+                    return Err(Error::Input(format!(
+                        "empty caption {what} must be (1, ..) like {cs:?}, got {es:?}"
+                    )));
+                }
+                let mut shape = vec![b];
+                shape.resize(cs.len(), 1);
+                let d = drop.f_reshape(shape.as_slice())?;
+                Ok(empty
+                    .f_to_kind(cond.kind())?
+                    .f_expand(cs.as_slice(), false)?
+                    .f_where_self(&d, cond)?)
+            };
+            prompt = pick(&prompt, empty.prompt_embeds, "prompt_embeds")?;
+            hidden = pick(&hidden, empty.text_hidden_states, "hidden states")?;
+            mask = pick(&mask, empty.text_mask, "mask")?;
+        }
+        let mut image = batch.image_embeddings.shallow_clone();
+        if image.dim() != 2 || image.size()[0] != b {
+            return Err(Error::Input(format!(
+                "image_embeddings must be ({b}, D), got {:?}",
+                image.size()
+            )));
+        }
+        if self.image_dropout > 0.0 {
+            let drop = bernoulli(rng, b, self.image_dropout, device)?.f_unsqueeze(1)?;
+            let null = text_proj.null_image_embeddings(b)?.f_to_kind(image.kind())?;
+            image = null.f_where_self(&drop, &image)?;
+        }
+        let proj = text_proj.forward(&image, &prompt, &hidden, false)?;
+        let dec_mask = text_proj.decoder_attention_mask(&mask)?;
+        let cond = crate::Conditioning::new(
+            unet.config(),
+            Some(&proj.encoder_hidden_states),
+            Some(&proj.additive_clip_time_embeddings),
+            Some(&dec_mask),
+        )?;
+        diffusion_loss(&self.schedule, &self.vlb, self.vlb_weight, x0, rng, |x_t, t| {
+            unet.forward_cond(x_t, t, &cond)
+        })
+    }
+}
+
+/// How the upsampler's low-res input is corrupted in training.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LowResCorruption {
+    None,
+    /// Gaussian blur, 3x3 kernel, this sigma (unCLIP's first upsampler: 0.6).
+    Blur {
+        sigma: f64,
+    },
+    /// Additive Gaussian noise of this standard deviation.
+    Noise {
+        std: f64,
+    },
+}
+
+/// A depthwise 3x3 Gaussian blur with reflected borders.
+pub fn gaussian_blur3(x: &Tensor, sigma: f64) -> Result<Tensor> {
+    if !(sigma.is_finite() && sigma > 0.0) {
+        return Err(Error::Input(format!("blur sigma must be positive, got {sigma}")));
+    }
+    let size = x.size();
+    if size.len() != 4 || size[2] < 2 || size[3] < 2 {
+        return Err(Error::Input(format!("blur input must be (B, C, H>=2, W>=2), got {size:?}")));
+    }
+    let g: Vec<f64> =
+        [-1.0f64, 0.0, 1.0].iter().map(|d| (-d * d / (2.0 * sigma * sigma)).exp()).collect();
+    let s: f64 = g.iter().sum();
+    let g: Vec<f64> = g.iter().map(|v| v / s).collect();
+    let k: Vec<f32> = (0..9).map(|i| (g[i / 3] * g[i % 3]) as f32).collect();
+    let c = size[1];
+    let kernel = Tensor::from_slice(&k)
+        .f_reshape([1, 1, 3, 3])?
+        .f_expand([c, 1, 3, 3], false)?
+        .f_to_kind(x.kind())?
+        .f_to_device(x.device())?;
+    let padded = x.f_reflection_pad2d([1, 1, 1, 1])?;
+    Ok(padded.f_conv2d(&kernel, None::<&Tensor>, [1, 1], [0, 0], [1, 1], c)?)
+}
+
+/// The upsampler's training objective.
+#[derive(Debug)]
+pub struct UpsamplerTrainer {
+    pub schedule: NoiseSchedule,
+    vlb: VlbLoss,
+    /// High-res / low-res size ratio (Karlo 64 -> 256: 4).
+    pub scale: i64,
+    /// Side of the square random crop of the high-res image (unCLIP: a quarter of the target).
+    pub crop: i64,
+    pub corruption: LowResCorruption,
+    pub vlb_weight: f64,
+}
+
+impl UpsamplerTrainer {
+    pub fn new(
+        schedule: NoiseSchedule,
+        scale: i64,
+        crop: i64,
+        corruption: LowResCorruption,
+    ) -> Result<Self> {
+        if scale < 1 || crop < 1 {
+            return Err(Error::Input(format!("scale {scale} and crop {crop} must be positive")));
+        }
+        if let LowResCorruption::Noise { std } = corruption {
+            if !(std.is_finite() && std >= 0.0) {
+                return Err(Error::Input(format!("noise std must be >= 0, got {std}")));
+            }
+        }
+        let vlb = VlbLoss::new(&schedule);
+        Ok(Self { schedule, vlb, scale, crop, corruption, vlb_weight: HYBRID_VLB_WEIGHT })
+    }
+
+    /// The model input's conditioning half for `high` (B, C, H, W): downsample by `scale`,
+    /// corrupt, upscale back to (H, W) as sampling does.
+    pub fn low_res_input(&self, high: &Tensor, rng: &mut dyn NoiseSource) -> Result<Tensor> {
+        let size = high.size();
+        if size.len() != 4 || size[2] % self.scale != 0 || size[3] % self.scale != 0 {
+            return Err(Error::Input(format!(
+                "high-res images must be (B, C, H, W) with H, W divisible by {}, got {size:?}",
+                self.scale
+            )));
+        }
+        let (h, w) = (size[2], size[3]);
+        let low = resize_bicubic_aa(high, h / self.scale, w / self.scale)?;
+        let low = match self.corruption {
+            LowResCorruption::None => low,
+            LowResCorruption::Blur { sigma } => gaussian_blur3(&low, sigma)?,
+            LowResCorruption::Noise { std } => {
+                low.f_add(&rng.randn(&low.size(), low.kind(), low.device()).f_mul_scalar(std)?)?
+            }
+        };
+        resize_bicubic_aa(&low, h, w)
+    }
+
+    /// The loss on random `crop` x `crop` crops of `high` (B, C, H, W) in [-1, 1].
+    pub fn loss(
+        &self,
+        unet: &UNet2DModel,
+        high: &Tensor,
+        rng: &mut dyn NoiseSource,
+    ) -> Result<TrainLoss> {
+        let low_up = self.low_res_input(high, rng)?;
+        let size = high.size();
+        let (b, h, w) = (size[0], size[2], size[3]);
+        if self.crop > h || self.crop > w {
+            return Err(Error::Input(format!(
+                "crop {} is larger than the images ({h}x{w})",
+                self.crop
+            )));
+        }
+        if unet.config().in_channels != 2 * size[1] {
+            return Err(Error::Input(format!(
+                "the upsampler takes {} channels, images have {}",
+                unet.config().in_channels,
+                size[1]
+            )));
+        }
+        let oy = rng.randint(h - self.crop + 1, &[b], Device::Cpu);
+        let ox = rng.randint(w - self.crop + 1, &[b], Device::Cpu);
+        let mut xs = Vec::with_capacity(b as usize);
+        let mut lows = Vec::with_capacity(b as usize);
+        for i in 0..b {
+            let (y, x) = (oy.int64_value(&[i]), ox.int64_value(&[i]));
+            let crop = |t: &Tensor| -> Result<Tensor> {
+                Ok(t.f_narrow(0, i, 1)?.f_narrow(2, y, self.crop)?.f_narrow(3, x, self.crop)?)
+            };
+            xs.push(crop(high)?);
+            lows.push(crop(&low_up)?);
+        }
+        let x0 = Tensor::f_cat(&xs, 0)?;
+        let low = Tensor::f_cat(&lows, 0)?;
+        diffusion_loss(&self.schedule, &self.vlb, self.vlb_weight, &x0, rng, |x_t, t| {
+            unet.forward(&Tensor::f_cat(&[x_t, &low], 1)?, t, None)
+        })
+    }
+}
+
+/// One optimizer step on `loss`: zero the gradients, backpropagate, update. Returns the loss.
+pub fn train_step(opt: &mut nn::Optimizer, loss: &Tensor) -> Result<f64> {
+    opt.zero_grad();
+    loss.f_backward()?;
+    opt.step();
+    Ok(loss.f_double_value(&[])?)
+}
+
+/// Same as [`train_step`] with gradient-norm clipping at `max_norm`.
+pub fn train_step_clipped(opt: &mut nn::Optimizer, loss: &Tensor, max_norm: f64) -> Result<f64> {
+    opt.zero_grad();
+    loss.f_backward()?;
+    opt.clip_grad_norm(max_norm);
+    opt.step();
+    Ok(loss.f_to_kind(Kind::Double)?.f_double_value(&[])?)
+}
