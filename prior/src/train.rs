@@ -142,7 +142,7 @@ pub fn clip_stats(image_embeds: &Tensor) -> Result<(Tensor, Tensor)> {
         let mean = x.f_mean_dim(0, true, Kind::Double)?;
         let std = x.f_std_dim(0, true, true)?;
         if !bool::try_from(std.f_gt(0.0)?.f_all()?)? {
-            return Err(Error::Input("some embedding dimension is constant (std 0)".into()));
+            return Err(Error::Input("some embedding dimension is constant or not finite".into()));
         }
         Ok((mean.f_to_kind(Kind::Float)?, std.f_to_kind(Kind::Float)?))
     })

@@ -2,7 +2,7 @@
 //! PriorTransformers on a padded batch, and a guided 5-step sampling loop.
 
 use tch::{Device, Kind, Tensor};
-use unclip_core::testing::{assert_close, fixture_path, load_fixture};
+use unclip_core::testing::{assert_close, fixture_path, load_fixture, max_abs_diff};
 use unclip_prior::{PriorTransformer, SampleOptions, TextConditioning, sample, sampling};
 use unclip_scheduler::TorchNoise;
 
@@ -31,6 +31,12 @@ fn forward_matches(name: &str) {
     assert_close(&format!("{name} per-row t"), &rows, &io["out_per_row_t"], TOL, 0.0);
     let nomask = model.forward(x, &Tensor::from(37i64), e, h, None).unwrap();
     assert_close(&format!("{name} no mask"), &nomask, &io["out_t37_nomask"], TOL, 0.0);
+    eprintln!(
+        "{name}: max |diff| t=500 {:.1e}, per-row t {:.1e}, no mask {:.1e}",
+        max_abs_diff(&t500, &io["out_t500"]),
+        max_abs_diff(&rows, &io["out_per_row_t"]),
+        max_abs_diff(&nomask, &io["out_t37_nomask"])
+    );
     let post = model.post_process_latents(x).unwrap();
     assert_close(&format!("{name} post-process"), &post, &io["post_process_latents"], 1e-6, 0.0);
 }
@@ -70,10 +76,30 @@ fn guided_sampling_matches_diffusers() {
     let out = sample(&model, &mut sched, &cond, Some(&uncond), &opts, &mut noise).unwrap();
     let ts: Vec<i64> = Vec::try_from(&f["timesteps"]).unwrap();
     assert_eq!(unclip_scheduler::Scheduler::timesteps(&sched), ts.as_slice());
+    eprintln!("sampling: max |diff| {:.1e}", max_abs_diff(&out, &f["image_embeds"]));
     assert_close("image embeddings", &out, &f["image_embeds"], TOL, 0.0);
 
     // Same seed, same output.
     let mut noise = TorchNoise::new(f["seed"].int64_value(&[]) as u64);
     let again = sample(&model, &mut sched, &cond, Some(&uncond), &opts, &mut noise).unwrap();
     assert!(out.equal(&again));
+}
+
+#[test]
+fn half_precision_checkpoint_loads_and_stays_close() {
+    let dir = fixture_path("prior/tiny");
+    let (_vs, model) = PriorTransformer::from_pretrained(&dir, Device::Cpu, Kind::Half).unwrap();
+    assert_eq!(model.kind(), Kind::Half);
+    let io = load_fixture("prior/tiny/io.safetensors");
+    let out = model
+        .forward(
+            &io["latents"],
+            &Tensor::from(500i64),
+            &io["text_embeds"],
+            &io["text_hidden"],
+            Some(&io["mask"]),
+        )
+        .unwrap();
+    assert_eq!(out.kind(), Kind::Half);
+    assert_close("f16 forward", &out, &io["out_t500"], 2e-2, 0.0);
 }
