@@ -238,6 +238,32 @@ impl NoiseSchedule {
     }
 }
 
+/// The schedule a diffusers DDPM-family config describes (its `trained_betas` win).
+pub(crate) fn from_diffusers(
+    kind: BetaSchedule,
+    num_train_timesteps: usize,
+    beta_start: f64,
+    beta_end: f64,
+    trained_betas: Option<&[f64]>,
+    rescale_betas_zero_snr: bool,
+) -> Result<NoiseSchedule> {
+    if rescale_betas_zero_snr {
+        return Err(Error::Config("rescale_betas_zero_snr is not supported".into()));
+    }
+    match trained_betas {
+        Some(b) => {
+            if b.len() != num_train_timesteps {
+                return Err(Error::Config(format!(
+                    "trained_betas has {} entries but num_train_timesteps is {num_train_timesteps}",
+                    b.len()
+                )));
+            }
+            NoiseSchedule::from_betas(b.iter().map(|&x| x as f32).collect())
+        }
+        None => NoiseSchedule::new(kind, num_train_timesteps, beta_start, beta_end),
+    }
+}
+
 fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
     Ok(Vec::<f32>::try_from(t)?)
 }

@@ -58,6 +58,77 @@ pub(crate) fn split_output(
     }
 }
 
+/// What happens to the x0 estimate before it is used: Imagen's dynamic thresholding, or
+/// clipping to ±range, or nothing.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum X0Clamp {
+    None,
+    Clip(f64),
+    Threshold { ratio: f64, max_value: f64 },
+}
+
+impl X0Clamp {
+    /// diffusers' precedence: thresholding wins over clip_sample.
+    pub(crate) fn new(
+        thresholding: bool,
+        ratio: f64,
+        max_value: f64,
+        clip: bool,
+        range: f64,
+    ) -> Result<Self> {
+        if thresholding {
+            if !(ratio > 0.0 && ratio <= 1.0) {
+                return Err(Error::Config(format!(
+                    "dynamic_thresholding_ratio must lie in (0, 1], got {ratio}"
+                )));
+            }
+            if !(max_value.is_finite() && max_value >= 1.0) {
+                return Err(Error::Config(format!(
+                    "sample_max_value must be a finite number >= 1, got {max_value}"
+                )));
+            }
+            Ok(X0Clamp::Threshold { ratio, max_value })
+        } else if clip {
+            if !(range.is_finite() && range > 0.0) {
+                return Err(Error::Config(format!(
+                    "clip_sample_range must be positive, got {range}"
+                )));
+            }
+            Ok(X0Clamp::Clip(range))
+        } else {
+            Ok(X0Clamp::None)
+        }
+    }
+
+    pub(crate) fn apply(&self, x0: Tensor) -> Tensor {
+        match *self {
+            X0Clamp::None => x0,
+            X0Clamp::Clip(r) => x0.clamp(-r, r),
+            X0Clamp::Threshold { ratio, max_value } => dynamic_threshold(&x0, ratio, max_value),
+        }
+    }
+}
+
+/// Imagen's dynamic thresholding: per sample, s = the `ratio` quantile of |x0| clamped to
+/// [1, `max_value`]; x0 is clamped to ±s and divided by s.
+pub fn dynamic_threshold(x0: &Tensor, ratio: f64, max_value: f64) -> Tensor {
+    let kind = x0.kind();
+    let x = if matches!(kind, tch::Kind::Float | tch::Kind::Double) {
+        x0.shallow_clone()
+    } else {
+        x0.to_kind(tch::Kind::Float)
+    };
+    let shape = x.size();
+    let flat = x.reshape([shape[0], -1]);
+    let s = flat
+        .abs()
+        .quantile_scalar(ratio, Some(1), false, "linear")
+        .clamp(1.0, max_value)
+        .unsqueeze(1);
+    let out = flat.clamp_tensor(Some(&(-&s)), Some(&s)) / s;
+    out.reshape(&shape).to_kind(kind)
+}
+
 /// Index of `t` in `timesteps`, or the error naming it.
 pub(crate) fn index_of(timesteps: &[i64], t: i64) -> Result<usize> {
     if timesteps.is_empty() {

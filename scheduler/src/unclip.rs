@@ -225,6 +225,7 @@ impl UnCLIPScheduler {
     ) -> Result<StepOutput> {
         let learned = self.config.variance_type == VarianceType::LearnedRange;
         let (out, predicted_variance) = split_output(model_output, sample, learned)?;
+        let _guard = tch::no_grad_guard();
         let mut x0 = match self.config.prediction_type {
             PredictionType::Epsilon => (sample - &out * c.sqrt_beta_prod) / c.sqrt_alpha_prod,
             _ => out.shallow_clone(),

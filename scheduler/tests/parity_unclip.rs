@@ -19,6 +19,7 @@ fn configs() -> [(&'static str, UnCLIPSchedulerConfig); 3] {
 #[test]
 fn karlo_configs_match_diffusers() {
     let f = Fixture::load("unclip");
+    let _lock = common::rng_lock();
     for (name, cfg) in configs() {
         let var = Some(cfg.variance_type);
         let mut s = UnCLIPScheduler::new(cfg).unwrap();
