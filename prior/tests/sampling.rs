@@ -239,3 +239,29 @@ fn save_load_round_trip_and_checkpoint_errors() {
     ));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Every tensor name and shape of the real Karlo prior checkpoint, against a model built from
+/// Karlo's config. Ignored by default: the layout has 1.02 G parameters (4 GB in f32).
+/// Run with `cargo test -p unclip-prior --test sampling -- --ignored karlo`.
+#[test]
+#[ignore]
+fn karlo_layout_matches_checkpoint_names() {
+    let text = std::fs::read_to_string(fixture_path("prior/karlo-prior-tensors.txt")).unwrap();
+    let mut expected: Vec<(String, Vec<i64>)> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (name, shape) = l.split_once('\t').unwrap();
+            let dims = shape.trim_matches(|c| c == '[' || c == ']');
+            (name.to_string(), dims.split(", ").map(|d| d.parse().unwrap()).collect())
+        })
+        .collect();
+    expected.sort();
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _model = tch::no_grad(|| PriorTransformer::new(vs.root(), &PriorConfig::karlo()).unwrap());
+    let mut ours: Vec<(String, Vec<i64>)> =
+        vs.variables().into_iter().map(|(n, t)| (n, t.size())).collect();
+    ours.sort();
+    assert_eq!(ours.len(), 338);
+    assert_eq!(ours, expected);
+}
