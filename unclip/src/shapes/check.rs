@@ -12,6 +12,10 @@ use super::scene::{Cell, PromptKind, Shape, Size};
 /// this (the closest palette pair is ~100 apart).
 pub const FG_THRESHOLD: f32 = 48.0;
 
+/// On noisy backgrounds the threshold is this times the 90th percentile of
+/// the border pixels' distances from the background color, if larger.
+pub const NOISE_MARGIN: f32 = 1.4;
+
 /// Components smaller than this fraction of the image (soft area) are noise.
 /// The smallest drawn object (a small triangle) covers ~1.6%.
 pub const MIN_AREA_FRAC: f32 = 0.005;
@@ -27,6 +31,10 @@ pub const TRIANGLE_SKEW: f32 = -0.22;
 
 /// See [`TRIANGLE_SKEW`].
 pub const TRIANGLE_FILL: f32 = 0.66;
+
+/// Fewest fully surrounded pixels from which an object's own full-coverage
+/// color is read (else the palette color's is used).
+pub const MIN_INTERIOR: usize = 4;
 
 /// One object found in an image.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -279,7 +287,14 @@ pub fn analyze(img: &RgbImage) -> ([f32; 3], Vec<Detected>) {
         border.push(px(w - 1, y));
     }
     let bg = median_rgb(&border);
-    let t2 = FG_THRESHOLD * FG_THRESHOLD;
+    // On a noisy background, raise the threshold above the noise: the 90th
+    // percentile of border distances, scaled to about the 99th for Gaussian
+    // noise (objects touching the border move the 90th percentile little).
+    let mut border_d: Vec<f32> = border.iter().map(|p| dist2(*p, bg).sqrt()).collect();
+    border_d.sort_by(f32::total_cmp);
+    let q90 = border_d[(border_d.len() * 9) / 10];
+    let t = FG_THRESHOLD.max(NOISE_MARGIN * q90);
+    let t2 = t * t;
     let d2: Vec<f32> = (0..w * h).map(|i| dist2(px(i % w, i / w), bg)).collect();
     let mut label = vec![usize::MAX; w * h];
     let mut comps: Vec<Vec<usize>> = Vec::new();
@@ -362,6 +377,20 @@ fn measure(
     let fg = color.rgbf();
     let axis = [fg[0] - bg[0], fg[1] - bg[1], fg[2] - bg[2]];
     let norm2 = dist2(fg, bg).max(1.0);
+    let project = |p: [f32; 3]| (0..3).map(|c| (p[c] - bg[c]) * axis[c]).sum::<f32>() / norm2;
+    // Full coverage is where the object's interior lies on that line: 1 for
+    // the palette color itself, less or more for a drifted color. Read from
+    // pixels whose 8 neighbours are all in the component (small blurred
+    // objects have none; they keep the palette's scale).
+    let id = label[*members.first()?];
+    let interior: Vec<f32> = members
+        .iter()
+        .filter(|&&i| {
+            neighbours(i % w, i / w, w, h).filter(|&(x, y)| label[y * w + x] == id).count() == 8
+        })
+        .map(|&i| project(px(i % w, i / w)))
+        .collect();
+    let full = if interior.len() >= MIN_INTERIOR { median(interior).clamp(0.6, 1.5) } else { 1.0 };
     // Soft mask over the component and a one-pixel ring around it (edge
     // pixels below the threshold still carry partial coverage).
     let mut region: Vec<usize> = members.to_vec();
@@ -382,8 +411,7 @@ fn measure(
     for &q in &region {
         let (x, y) = (q % w, q / w);
         let p = px(x, y);
-        let proj = (0..3).map(|c| (p[c] - bg[c]) * axis[c]).sum::<f32>() / norm2;
-        let wt = proj.clamp(0.0, 1.0);
+        let wt = (project(p) / full).clamp(0.0, 1.0);
         rows[y] += wt;
         cols[x] += wt;
         m0 += f64::from(wt);
@@ -441,6 +469,12 @@ fn blend_residual(pixels: &[[f32; 3]], bg: [f32; 3], fg: [f32; 3]) -> f32 {
             dist2(*p, [0, 1, 2].map(|c| bg[c] + a * axis[c]))
         })
         .sum()
+}
+
+/// Median of values (zero for none).
+fn median(mut v: Vec<f32>) -> f32 {
+    v.sort_by(f32::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 /// Per-channel median of RGB values (zero for none).
