@@ -102,6 +102,15 @@ impl TextConditioning {
         })
     }
 
+    /// The same conditioning on `device` (a no-op when it is there already).
+    pub fn to_device(&self, device: tch::Device) -> Result<Self> {
+        Ok(Self {
+            text_embeds: self.text_embeds.f_to_device(device)?,
+            hidden_states: self.hidden_states.f_to_device(device)?,
+            mask: self.mask.f_to_device(device)?,
+        })
+    }
+
     /// Rows of `self` followed by rows of `other` (the guidance batch is `[uncond, cond]`).
     pub fn cat(&self, other: &Self) -> Result<Self> {
         Ok(Self {

@@ -100,10 +100,11 @@ pub fn sample_from(
             Error::Input("guidance needs the unconditional (empty prompt) conditioning".into())
         })?;
         uncond.check(cfg)?;
-        uncond.expand_to(b)?.cat(cond)?
+        uncond.to_device(cond.text_embeds.device())?.expand_to(b)?.cat(cond)?
     } else {
         cond.clone()
     };
+    let text = text.to_device(model.device())?;
     scheduler.set_timesteps(opts.num_inference_steps)?;
     let timesteps = scheduler.timesteps().to_vec();
     tch::no_grad(|| -> Result<Tensor> {
