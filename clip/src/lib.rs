@@ -16,6 +16,6 @@ pub mod vision;
 
 pub use config::{AnyConfig, ClipConfig, TextConfig, VisionConfig};
 pub use error::{Error, Result};
-pub use preprocess::{ImageProcessor, ProcessorConfig};
 pub use model::{ClipModel, ClipOutput, Towers, normalize, similarity};
+pub use preprocess::{ImageProcessor, ProcessorConfig};
 pub use tokenizer::{ClipTokenizer, Encoding, Truncation};

@@ -127,11 +127,13 @@ impl ProcessorConfig {
                     Some(n) if n > 0 => Size::ShortestEdge(n as usize),
                     _ => return Err(bad(format!("size must be positive, found {n}"))),
                 },
-                Value::Object(_) => match (dim(s, "shortest_edge")?, dim(s, "height")?, dim(s, "width")?) {
-                    (Some(e), None, None) => Size::ShortestEdge(e),
-                    (None, Some(h), Some(w)) => Size::Exact(h, w),
-                    _ => return Err(bad(format!("unsupported size {s}"))),
-                },
+                Value::Object(_) => {
+                    match (dim(s, "shortest_edge")?, dim(s, "height")?, dim(s, "width")?) {
+                        (Some(e), None, None) => Size::ShortestEdge(e),
+                        (None, Some(h), Some(w)) => Size::Exact(h, w),
+                        _ => return Err(bad(format!("unsupported size {s}"))),
+                    }
+                }
                 other => return Err(bad(format!("unsupported size {other}"))),
             };
         }
@@ -151,7 +153,9 @@ impl ProcessorConfig {
         cfg.resample = match raw.resample {
             None | Some(3) => Filter::Bicubic,
             Some(2) => Filter::Bilinear,
-            Some(r) => return Err(bad(format!("resample {r} is not supported (2 bilinear, 3 bicubic)"))),
+            Some(r) => {
+                return Err(bad(format!("resample {r} is not supported (2 bilinear, 3 bicubic)")));
+            }
         };
         let triple = |v: Option<Vec<f64>>, name: &str, default: [f64; 3]| -> Result<[f64; 3]> {
             match v {
@@ -164,7 +168,10 @@ impl ProcessorConfig {
         cfg.image_mean = triple(raw.image_mean, "image_mean", CLIP_MEAN)?;
         cfg.image_std = triple(raw.image_std, "image_std", CLIP_STD)?;
         if cfg.image_std.iter().any(|s| *s == 0.0 || !s.is_finite()) {
-            return Err(bad(format!("image_std must be finite and non-zero, found {:?}", cfg.image_std)));
+            return Err(bad(format!(
+                "image_std must be finite and non-zero, found {:?}",
+                cfg.image_std
+            )));
         }
         cfg.do_convert_rgb = raw.do_convert_rgb.unwrap_or(true);
         cfg.do_resize = raw.do_resize.unwrap_or(true);
@@ -391,7 +398,9 @@ impl ImageProcessor {
     /// (3, H, W) pixel values of a decoded image (any color type; alpha composited onto white).
     pub fn preprocess(&self, img: &DynamicImage) -> Result<Tensor> {
         if !self.config.do_convert_rgb && img.color().has_alpha() {
-            return Err(Error::Image("image has an alpha channel and do_convert_rgb is off".into()));
+            return Err(Error::Image(
+                "image has an alpha channel and do_convert_rgb is off".into(),
+            ));
         }
         self.preprocess_rgb(&Rgb8::from_image(img)?)
     }
@@ -407,7 +416,8 @@ impl ImageProcessor {
 
     /// Loads an image file and preprocesses it to (1, 3, H, W).
     pub fn preprocess_file(&self, path: &Path) -> Result<Tensor> {
-        let img = image::open(path).map_err(|e| Error::Image(format!("{}: {e}", path.display())))?;
+        let img =
+            image::open(path).map_err(|e| Error::Image(format!("{}: {e}", path.display())))?;
         Ok(self.preprocess(&img)?.f_unsqueeze(0)?)
     }
 
@@ -419,7 +429,11 @@ impl ImageProcessor {
         let batched = match size.len() {
             3 => images.f_unsqueeze(0)?,
             4 => images.shallow_clone(),
-            _ => return Err(Error::Input(format!("image tensor must be (3, H, W) or (B, 3, H, W), got {size:?}"))),
+            _ => {
+                return Err(Error::Input(format!(
+                    "image tensor must be (3, H, W) or (B, 3, H, W), got {size:?}"
+                )));
+            }
         };
         let (b, c, h, w) = batched.size4()?;
         if c != 3 {
@@ -435,11 +449,15 @@ impl ImageProcessor {
                 let x = batched.f_to_device(tch::Device::Cpu)?.f_to_kind(Kind::Double)?;
                 let (lo, hi) = (x.f_min()?.double_value(&[]), x.f_max()?.double_value(&[]));
                 if !(lo >= 0.0 && hi <= 1.0) {
-                    return Err(Error::Input(format!("float images must lie in [0, 1], found {lo}..{hi}")));
+                    return Err(Error::Input(format!(
+                        "float images must lie in [0, 1], found {lo}..{hi}"
+                    )));
                 }
                 x.f_mul_scalar(255.0)?.f_to_kind(Kind::Uint8)?
             }
-            k => return Err(Error::Input(format!("image tensor must be uint8 or float, got {k:?}"))),
+            k => {
+                return Err(Error::Input(format!("image tensor must be uint8 or float, got {k:?}")));
+            }
         };
         let mut out = Vec::with_capacity(b as usize);
         for i in 0..b {
@@ -487,9 +505,22 @@ mod tests {
         let p = ImageProcessor::new(ProcessorConfig::clip(32));
         let empty = DynamicImage::new_rgb8(0, 4);
         assert!(matches!(p.preprocess(&empty), Err(Error::Image(_))));
-        assert!(p.preprocess_tensor(&Tensor::zeros([4, 8, 8], (Kind::Uint8, tch::Device::Cpu))).is_err());
-        assert!(p.preprocess_tensor(&Tensor::ones([3, 8, 8], (Kind::Float, tch::Device::Cpu)).f_mul_scalar(2.0).unwrap()).is_err());
-        assert!(p.preprocess_tensor(&Tensor::zeros([3, 0, 8], (Kind::Uint8, tch::Device::Cpu))).is_err());
+        assert!(
+            p.preprocess_tensor(&Tensor::zeros([4, 8, 8], (Kind::Uint8, tch::Device::Cpu)))
+                .is_err()
+        );
+        assert!(
+            p.preprocess_tensor(
+                &Tensor::ones([3, 8, 8], (Kind::Float, tch::Device::Cpu))
+                    .f_mul_scalar(2.0)
+                    .unwrap()
+            )
+            .is_err()
+        );
+        assert!(
+            p.preprocess_tensor(&Tensor::zeros([3, 0, 8], (Kind::Uint8, tch::Device::Cpu)))
+                .is_err()
+        );
         assert!(p.preprocess_batch(&[]).is_err());
         let v = serde_json::json!({"resample": 0});
         assert!(ProcessorConfig::from_value(&v).is_err());
