@@ -287,10 +287,8 @@ pub fn resize(img: &Rgb8, width: usize, height: usize, filter: Filter) -> Result
             let row = &cur.data[y * cur.width * 3..(y + 1) * cur.width * 3];
             for (x, ((xmin, n), k)) in c.bounds.iter().zip(&c.weights).enumerate() {
                 for ch in 0..3 {
-                    let mut ss = half;
-                    for i in 0..*n {
-                        ss += i64::from(row[(xmin + i) * 3 + ch]) * k[i];
-                    }
+                    let taps = row[xmin * 3 + ch..].iter().step_by(3).take(*n);
+                    let ss = half + taps.zip(k).map(|(&v, &w)| i64::from(v) * w).sum::<i64>();
                     out[(y * width + x) * 3 + ch] = clip8(ss);
                 }
             }
@@ -303,10 +301,8 @@ pub fn resize(img: &Rgb8, width: usize, height: usize, filter: Filter) -> Result
         let mut out = vec![0u8; w * height * 3];
         for (y, ((ymin, n), k)) in c.bounds.iter().zip(&c.weights).enumerate() {
             for x in 0..w * 3 {
-                let mut ss = half;
-                for i in 0..*n {
-                    ss += i64::from(cur.data[(ymin + i) * w * 3 + x]) * k[i];
-                }
+                let taps = cur.data[ymin * w * 3 + x..].iter().step_by(w * 3).take(*n);
+                let ss = half + taps.zip(k).map(|(&v, &w)| i64::from(v) * w).sum::<i64>();
                 out[y * w * 3 + x] = clip8(ss);
             }
         }
@@ -456,7 +452,9 @@ impl ImageProcessor {
                 x.f_mul_scalar(255.0)?.f_to_kind(Kind::Uint8)?
             }
             k => {
-                return Err(Error::Input(format!("image tensor must be uint8 or float, got {k:?}")));
+                return Err(Error::Input(format!(
+                    "image tensor must be uint8 or float, got {k:?}"
+                )));
             }
         };
         let mut out = Vec::with_capacity(b as usize);
@@ -479,8 +477,8 @@ mod tests {
         assert_eq!(shortest_edge_size(211, 97, 224), (487, 224));
         let img = Rgb8 { width: 2, height: 2, data: (0..12).collect() };
         let c = center_crop(&img, 4, 3);
-        // 2x2 placed at row offset 1, column offset 0 (floor((2-3)/2) = -1).
-        assert_eq!(c.data[(3 + 0) * 3..(3 + 0) * 3 + 3], [0, 1, 2]);
+        // Offsets floor((2 - 4) / 2) = floor((2 - 3) / 2) = -1: the image starts at row 1, column 1.
+        assert_eq!(c.data[(3 + 1) * 3..(3 + 1) * 3 + 3], [0, 1, 2]);
         assert_eq!(c.data[..3], [0, 0, 0]);
     }
 
