@@ -36,6 +36,8 @@ fn text(b: i64, n: i64, e: i64, lengths: &[i64]) -> TextConditioning {
 #[test]
 fn training_fits_pairs_and_samples_land_near_their_targets() {
     let _guard = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    // The tensors are tiny: one intra-op thread avoids thread-pool overhead on a busy machine.
+    tch::set_num_threads(1);
     tch::manual_seed(0);
     let cfg = small_config();
     let (k, n, e) = (6, cfg.num_embeddings, cfg.embedding_dim);
