@@ -12,6 +12,7 @@ pub mod model;
 pub mod preprocess;
 pub mod text;
 pub mod tokenizer;
+pub mod train;
 pub mod vision;
 
 pub use config::{AnyConfig, ClipConfig, TextConfig, VisionConfig};
@@ -19,3 +20,4 @@ pub use error::{Error, Result};
 pub use model::{ClipModel, ClipOutput, Towers, normalize, similarity};
 pub use preprocess::{ImageProcessor, ProcessorConfig};
 pub use tokenizer::{ClipTokenizer, Encoding, Truncation};
+pub use train::{ClipTrainer, TrainConfig, contrastive_loss};
