@@ -8,7 +8,7 @@ use tch::Tensor;
 /// Resizes (B, C, H, W) to (B, C, height, width) with antialiased bicubic interpolation.
 pub fn resize_bicubic_aa(x: &Tensor, height: i64, width: i64) -> Result<Tensor> {
     let size = x.size();
-    if size.len() != 4 || size.iter().any(|&s| s == 0) {
+    if size.len() != 4 || size.contains(&0) {
         return Err(Error::Input(format!(
             "resize input must be a non-empty (B, C, H, W), got {size:?}"
         )));
