@@ -5,7 +5,9 @@
 //! - [`unet_2d_condition`]: the decoder UNet; [`unet_2d`]: the super-resolution UNets;
 //! - [`text_proj`]: how CLIP embeddings condition the decoder;
 //! - [`upsample`]: the antialiased bicubic resize of the low-res input;
-//! - [`checkpoint`]: loading and saving in the diffusers layout.
+//! - [`checkpoint`]: loading and saving in the diffusers layout;
+//! - [`sampling`]: guided decoder sampling and super-resolution through any `Scheduler`;
+//! - [`train`]: the decoder and upsampler training losses and an optimizer step.
 
 pub mod attention;
 pub mod blocks;

@@ -52,7 +52,9 @@ fn initial_latents(
         Some(l) if l.size() != shape => {
             Err(Error::Input(format!("latents must have shape {shape:?}, got {:?}", l.size())))
         }
-        Some(l) => Ok(l.f_to_kind(template.kind())?.f_to_device(template.device())?),
+        Some(l) => {
+            Ok(l.f_to_kind(template.kind())?.f_to_device(template.device())?.f_mul_scalar(sigma)?)
+        }
         None => Ok(noise.randn(&shape, template.kind(), template.device()).f_mul_scalar(sigma)?),
     }
 }

@@ -243,6 +243,13 @@ pub struct UpsamplerTrainer {
 }
 
 impl UpsamplerTrainer {
+    /// unCLIP's first upsampler (64 -> 256 px): crops a quarter of the target side (64 px), low-res
+    /// input blurred with sigma 0.6, Karlo's cosine schedule.
+    pub fn karlo() -> Self {
+        Self::new(NoiseSchedule::karlo(), 4, 64, LowResCorruption::Blur { sigma: 0.6 })
+            .expect("valid defaults")
+    }
+
     pub fn new(
         schedule: NoiseSchedule,
         scale: i64,
