@@ -5,7 +5,7 @@ use serde_json::json;
 use tch::{Device, Kind, Tensor};
 use unclip_clip::train::MAX_LOGIT_SCALE;
 use unclip_clip::{
-    AnyConfig, ClipModel, ClipTokenizer, ClipTrainer, Towers, TrainConfig, Truncation,
+    AnyConfig, ClipModel, ClipPipeline, ClipTokenizer, ClipTrainer, Towers, TrainConfig, Truncation,
 };
 use unclip_core::testing::fixture_path;
 
@@ -20,9 +20,9 @@ const COLORS: [(&str, [f64; 3]); 6] = [
 const TEMPLATES: [&str; 4] =
     ["a {} square", "a photo of something {}", "{} color", "an image that is {}"];
 
-/// (B, 3, 16, 16) images of the given classes: the class color plus per-pixel noise, with a random
-/// darker patch, roughly normalized.
-fn images(classes: &[usize], device: Device) -> Tensor {
+/// (B, 3, 16, 16) images of the given classes in [0, 1]: the class color plus per-pixel noise,
+/// with a random darker patch.
+fn raw_images(classes: &[usize]) -> Tensor {
     let imgs: Vec<Tensor> = classes
         .iter()
         .map(|&c| {
@@ -31,10 +31,46 @@ fn images(classes: &[usize], device: Device) -> Tensor {
             let img = col.expand([3, 16, 16], false) + noise;
             let (y, x) = (rand_below(12), rand_below(12));
             let _ = img.narrow(1, y, 4).narrow(2, x, 4).g_mul_scalar_(0.5);
-            (img - 0.5) / 0.25
+            img.clamp(0.0, 1.0)
         })
         .collect();
-    Tensor::stack(&imgs, 0).to_device(device)
+    Tensor::stack(&imgs, 0)
+}
+
+/// The same, normalized with mean 0.5 and std 0.25 (the test's preprocessor_config.json).
+fn images(classes: &[usize], device: Device) -> Tensor {
+    ((raw_images(classes) - 0.5) / 0.25).to_device(device)
+}
+
+/// Saves the trained model as a checkpoint folder and classifies PNG files through [`ClipPipeline`].
+fn pipeline_round_trip(m: &ClipModel) {
+    let dir = std::env::temp_dir().join(format!("unclip-clip-pipeline-{}", std::process::id()));
+    m.save(&dir, None).unwrap();
+    ClipTokenizer::from_dir(&fixture_path("clip/tiny_tokenizer")).unwrap().save(&dir).unwrap();
+    let pre = json!({"size": 16, "crop_size": 16, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]});
+    std::fs::write(dir.join("preprocessor_config.json"), pre.to_string()).unwrap();
+    let classes: Vec<usize> = (0..COLORS.len()).collect();
+    let raw = raw_images(&classes);
+    let imgs: Vec<image::DynamicImage> = (0..classes.len() as i64)
+        .map(|i| {
+            let hwc =
+                (raw.get(i).permute([1, 2, 0]) * 255.0).round().to_kind(Kind::Uint8).contiguous();
+            let data = Vec::<u8>::try_from(hwc.flatten(0, -1)).unwrap();
+            let path = dir.join(format!("{i}.png"));
+            image::RgbImage::from_raw(16, 16, data).unwrap().save(&path).unwrap();
+            image::open(&path).unwrap()
+        })
+        .collect();
+    let p = ClipPipeline::from_dir(&dir, Device::Cpu, Kind::Float).unwrap();
+    assert_eq!(p.tokenizer.context_length(), 16, "limited to max_position_embeddings");
+    let labels: Vec<&str> = COLORS.iter().map(|(c, _)| *c).collect();
+    let scores = p.classify(&imgs, &labels, "a photo of a {} thing").unwrap();
+    let right = scores.iter().zip(&classes).filter(|(s, c)| s[0].label == COLORS[**c].0).count();
+    assert!(right >= 5, "pipeline classified {right}/6 PNGs: {scores:?}");
+    assert!(p.classify(&imgs, &[], "{}").is_err());
+    assert!(p.classify(&imgs, &["red", ""], "{}").is_err());
+    assert!(p.classify(&imgs, &["red"], "no slot").is_err());
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 fn rand_below(n: i64) -> i64 {
@@ -111,6 +147,9 @@ fn train_and_check(device: Device) {
     assert!(last < 0.5 * first, "loss did not fall enough: {first} -> {last}");
     assert!(after >= 0.9, "zero-shot accuracy {after} after training (before {before})");
     assert!(scale <= MAX_LOGIT_SCALE + 1e-6);
+    if device == Device::Cpu {
+        pipeline_round_trip(&m);
+    }
 }
 
 #[test]
