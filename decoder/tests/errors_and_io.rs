@@ -112,3 +112,24 @@ fn save_then_load_round_trips_and_mismatches_are_named() {
     assert!(e.to_string().contains("DownBlock2D"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// f16 weights (as the Karlo checkpoints ship) run in f16 end to end, close to f32 (4e-3 here).
+#[test]
+fn half_precision_weights_run_close_to_f32() {
+    let dir = fixture_path("decoder/decoder");
+    let full: Loaded<UNet2DConditionModel> = load(&dir, Device::Cpu, Kind::Float).unwrap();
+    let half: Loaded<UNet2DConditionModel> = load(&dir, Device::Cpu, Kind::Half).unwrap();
+    let io = unclip_core::testing::load_fixture("decoder/io_decoder.safetensors");
+    let (x, e, c, m) =
+        (&io["sample"], &io["encoder_hidden_states"], &io["class_labels"], &io["attention_mask"]);
+    let t = Tensor::from(500i64);
+    tch::no_grad(|| {
+        let a = full.model.forward(x, &t, Some(e), Some(c), Some(m)).unwrap();
+        let h = |v: &Tensor| v.to_kind(Kind::Half);
+        let b = half.model.forward(&h(x), &t, Some(&h(e)), Some(&h(c)), Some(m)).unwrap();
+        assert_eq!(b.kind(), Kind::Half);
+        let err = unclip_core::testing::max_abs_diff(&a, &b);
+        eprintln!("f16 vs f32 max diff {err:.2e}");
+        assert!(err < 2e-2, "f16 vs f32: {err}");
+    });
+}
