@@ -397,6 +397,17 @@ impl UNet2DConditionConfig {
                 return Err(Error::Config("cross_attention_dim must be positive".into()));
             }
         }
+        // Up block i takes attention_head_dim[i] (not reversed, as diffusers does) for its
+        // block_out_channels[n - 1 - i] channels.
+        let levels = self.levels()?;
+        for (i, t) in self.up_block_types.iter().enumerate() {
+            let (d, c) = (levels[i].head_dim, self.block_out_channels[n - 1 - i]);
+            if t == CROSS_ATTN_UP && c % d != 0 {
+                return Err(Error::Config(format!(
+                    "attention_head_dim {d} of up block {i} does not divide its {c} channels"
+                )));
+            }
+        }
         Ok(())
     }
 

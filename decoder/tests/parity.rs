@@ -1,6 +1,7 @@
 //! Parity with diffusers 0.42.1 on the fixtures written by `fixtures/gen_decoder.py`
 //! (`scripts/make-fixtures.sh decoder`): the tiny unCLIP test models (decoder, text projection,
-//! super-res) and a deeper decoder (3 levels, 2 layers per block), f16-stored weights run in f32,
+//! super-res) and a deeper decoder (3 levels, 2 layers per block, per-level head sizes,
+//! skip_time_act, ResNet/mid output scale factors), f16-stored weights run in f32,
 //! inputs with a padded attention mask, batch 2.
 
 use std::collections::HashMap;
