@@ -121,3 +121,17 @@ fn antialiased_bicubic_matches_torch() {
     let diff = unclip_core::testing::max_abs_diff(&io["up_32x24"], &io["plain_up_32x24"]);
     assert!(diff > 1e-3, "fixture cannot tell the two kernels apart ({diff})");
 }
+
+#[test]
+fn deep_super_res_matches_diffusers() {
+    // 3 levels, scale_shift (mid attention without group norm), class embedding, centred input,
+    // mid_block_scale_factor 1.5.
+    let m: Loaded<UNet2DModel> =
+        load(&fixture_path("decoder/super_res_deep"), Device::Cpu, Kind::Float).unwrap();
+    let io = io("super_res_deep");
+    tch::no_grad(|| {
+        let t = Tensor::from_slice(&[3i64, 700]);
+        let out = m.model.forward(&io["sample"], &t, Some(&io["class_labels"])).unwrap();
+        assert_close("deep super-res", &out, &io["out"], TOL, TOL);
+    });
+}
