@@ -164,7 +164,7 @@ fn train_split_never_draws_a_held_out_combination() {
 }
 
 #[test]
-fn checker_passes_ground_truth_at_32_and_64_px() {
+fn checker_passes_ground_truth_at_32_64_and_128_px() {
     let train = scenes(Split::Train, 9, 300);
     let held = scenes(Split::HeldOut, 9, 100);
     for size in [32, 64] {
@@ -176,6 +176,7 @@ fn checker_passes_ground_truth_at_32_and_64_px() {
             }
         }
     }
+    assert_accuracy(&score(&train[..60], 128, None), 0.99, "train at 128 px");
     // Every kind of prompt was scored.
     let table = score(&train, 64, None);
     for kind in PromptKind::ALL {

@@ -15,7 +15,7 @@
 //! [`render`] draws a scene at any size with 8x8 (4x4 above 64 px) supersampling.
 //!
 //! The scene's [`Prompt`] says what its [`caption`] states (2 to 4 phrasings
-//! each, at most ~20 words):
+//! each; at most 19 CLIP BPE tokens with start/end over 6000 captions):
 //!
 //! | kind | example |
 //! |---|---|
@@ -42,16 +42,26 @@
 //! # Checker
 //!
 //! [`check`] reads an image into a background color and objects, then scores
-//! each attribute the prompt states ([`CheckReport`]): background = median
-//! border color; objects = 8-connected components of pixels farther than
-//! [`FG_THRESHOLD`] from it, ignoring those under [`MIN_AREA_FRAC`]; color =
-//! the palette color whose blends with the background best fit the object's
-//! pixels (so blurred edges still count); shape from a soft coverage mask (bottom-
-//! heavy mass or fill < [`TRIANGLE_FILL`]: triangle; fill > [`SQUARE_FILL`]:
-//! square; else circle); size from its longest chord; position from its
-//! centroid's cell; relation from the centroids; binding = each (color, shape)
-//! pair on one object; negation = no object of the negated shape. [`EvalTable`] accumulates reports into an
-//! accuracy table per attribute and prompt kind.
+//! each attribute the prompt states ([`CheckReport`]):
+//!
+//! - background = median border color (nearest palette color);
+//! - objects = 8-connected components of pixels farther than [`FG_THRESHOLD`]
+//!   from it (or [`NOISE_MARGIN`] x the border's 90th-percentile distance on a
+//!   noisy image), ignoring those under [`MIN_AREA_FRAC`] of the image;
+//! - color = the palette color whose blends with the background best fit the
+//!   object's pixels (so blurred edges still count);
+//! - a soft coverage mask: each pixel's position on the background-to-color
+//!   line, relative to the object's own interior (so drifted colors still give
+//!   full coverage); from it shape (bottom-heavy mass or fill <
+//!   [`TRIANGLE_FILL`]: triangle; fill > [`SQUARE_FILL`]: square; else
+//!   circle), size (longest chord), position (centroid's cell);
+//! - relation from the centroids; binding = each (color, shape) pair on one
+//!   object; negation = no object of the negated shape.
+//!
+//! On ground-truth renders it scored 100% on every attribute over 46 000
+//! scenes (both splits, 32, 64 and 128 px); the tests (`tests/shapes.rs`)
+//! require >= 99% there and >= 95-97% under blur, noise and color drift. [`EvalTable`] accumulates reports into an accuracy table
+//! per attribute and prompt kind. Images are expected square.
 //!
 //! [`image_to_tensor`] / [`tensor_to_image`] convert to and from the models'
 //! `[3, H, W]` tensors in `[-1, 1]`.
@@ -67,8 +77,8 @@ mod tensor;
 
 pub use caption::{ObjectSpec, Spec, caption, parse_caption};
 pub use check::{
-    Attribute, CheckReport, Detected, FG_THRESHOLD, MIN_AREA_FRAC, SQUARE_FILL, TRIANGLE_FILL,
-    TRIANGLE_SKEW, analyze, check,
+    Attribute, CheckReport, Detected, FG_THRESHOLD, MIN_AREA_FRAC, MIN_INTERIOR, NOISE_MARGIN,
+    SQUARE_FILL, TRIANGLE_FILL, TRIANGLE_SKEW, analyze, check,
 };
 pub use eval::EvalTable;
 pub use palette::Color;
