@@ -27,6 +27,8 @@ pub enum Error {
     Config { path: String, message: String },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    #[error("training checkpoint {path}: {message}")]
+    Checkpoint { path: String, message: String },
 }
 
 /// `Result` with this crate's [`Error`].

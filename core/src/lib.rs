@@ -5,7 +5,8 @@
 //! - [`weights`]: safetensors loading that names the missing or misshapen tensor, and saving;
 //! - [`config`]: reading diffusers / transformers `config.json` files;
 //! - [`nn`]: layers shared by several models (timestep embeddings, multi-head attention);
-//! - [`fsutil`]: atomic file writes for checkpoints.
+//! - [`fsutil`]: atomic file writes for checkpoints;
+//! - [`train`]: model-independent training machinery (AdamW, LR schedules, EMA, checkpoints, logs).
 
 pub mod config;
 pub mod device;
@@ -14,6 +15,7 @@ pub mod error;
 pub mod fsutil;
 pub mod nn;
 pub mod testing;
+pub mod train;
 pub mod weights;
 
 pub use device::{cuda_available, parse_device, select_device};
