@@ -63,8 +63,8 @@
 //! require >= 99% there and >= 95-97% under blur, noise and color drift. [`EvalTable`] accumulates reports into an accuracy table
 //! per attribute and prompt kind. Images are expected square.
 //!
-//! [`image_to_tensor`] / [`tensor_to_image`] convert to and from the models'
-//! `[3, H, W]` tensors in `[-1, 1]`.
+//! [`to_signed_tensor`] / [`from_signed_tensor`] convert to and from the
+//! `[3, H, W]` tensors in `[-1, 1]` that the diffusion models train on.
 
 mod caption;
 mod check;
@@ -91,4 +91,4 @@ pub use split::{
     DEFAULT_KIND_WEIGHTS, HELD_OUT_PAIRS, HELD_OUT_TRIPLES, JITTER, SceneGenerator, Split,
     is_held_out,
 };
-pub use tensor::{image_to_tensor, tensor_to_image};
+pub use tensor::{from_signed_tensor, to_signed_tensor};

@@ -1,5 +1,6 @@
 //! Converting between images and the `[-1, 1]` float tensors the diffusion
-//! models train on and sample.
+//! models train on and sample (the pipeline's `[0, 1]` outputs are converted
+//! by the crate's `output` module instead).
 
 use image::RgbImage;
 use tch::{Device, Kind, Tensor};
@@ -7,7 +8,7 @@ use tch::{Device, Kind, Tensor};
 use crate::{Error, Result};
 
 /// An image as a `[3, H, W]` float tensor on the CPU, scaled to `[-1, 1]`.
-pub fn image_to_tensor(img: &RgbImage) -> Result<Tensor> {
+pub fn to_signed_tensor(img: &RgbImage) -> Result<Tensor> {
     let (w, h) = (i64::from(img.width()), i64::from(img.height()));
     let t = Tensor::f_from_slice(img.as_raw())?
         .f_view([h, w, 3])?
@@ -18,7 +19,7 @@ pub fn image_to_tensor(img: &RgbImage) -> Result<Tensor> {
 
 /// A `[3, H, W]` or `[1, 3, H, W]` tensor in `[-1, 1]` (any device, any
 /// float kind) as an image; values outside the range are clamped.
-pub fn tensor_to_image(t: &Tensor) -> Result<RgbImage> {
+pub fn from_signed_tensor(t: &Tensor) -> Result<RgbImage> {
     let size = t.size();
     let t = match size.as_slice() {
         [3, _, _] => t.shallow_clone(),
@@ -57,12 +58,12 @@ mod tests {
     #[test]
     fn round_trip_is_exact() {
         let img = render(&SceneGenerator::new(Split::Train, 4).scene(0), 32);
-        let t = image_to_tensor(&img).unwrap();
+        let t = to_signed_tensor(&img).unwrap();
         assert_eq!(t.size(), [3, 32, 32]);
         assert!(t.min().double_value(&[]) >= -1.0 && t.max().double_value(&[]) <= 1.0);
-        assert_eq!(tensor_to_image(&t).unwrap(), img);
-        assert_eq!(tensor_to_image(&t.unsqueeze(0)).unwrap(), img);
-        assert!(tensor_to_image(&t.unsqueeze(0).repeat([2, 1, 1, 1])).is_err());
-        assert!(tensor_to_image(&Tensor::zeros([3, 4, 4], (Kind::Int64, Device::Cpu))).is_err());
+        assert_eq!(from_signed_tensor(&t).unwrap(), img);
+        assert_eq!(from_signed_tensor(&t.unsqueeze(0)).unwrap(), img);
+        assert!(from_signed_tensor(&t.unsqueeze(0).repeat([2, 1, 1, 1])).is_err());
+        assert!(from_signed_tensor(&Tensor::zeros([3, 4, 4], (Kind::Int64, Device::Cpu))).is_err());
     }
 }
