@@ -1,7 +1,6 @@
 //! Train / held-out splits and the seeded scene generator.
 
 use rand::rngs::StdRng;
-use rand::seq::IndexedRandom;
 use rand::{RngExt, SeedableRng};
 
 use super::palette::Color;
@@ -100,7 +99,7 @@ impl SceneGenerator {
     /// One attempt; `None` when the draw breaks a rule (the caller redraws).
     fn try_scene(&self, rng: &mut StdRng) -> Option<Scene> {
         let kind = pick_kind(rng, self.weights);
-        let background = *Color::ALL.choose(rng)?;
+        let background = pick(rng, &Color::ALL);
         let n = match kind {
             PromptKind::Single => 1,
             PromptKind::Relation | PromptKind::Binding => 2,
@@ -111,16 +110,11 @@ impl SceneGenerator {
             background,
             objects: Vec::new(),
             prompt: Prompt::Single,
+            // 12 is a multiple of every kind's template count (4, 3, 3, 2).
             phrasing: rng.random_range(0..12),
         };
         let mut attrs: Vec<(Shape, Color, Size)> = (0..n)
-            .map(|_| {
-                (
-                    *Shape::ALL.choose(rng).unwrap_or(&Shape::Circle),
-                    *Color::ALL.choose(rng).unwrap_or(&Color::Red),
-                    *Size::ALL.choose(rng).unwrap_or(&Size::Small),
-                )
-            })
+            .map(|_| (pick(rng, &Shape::ALL), pick(rng, &Color::ALL), pick(rng, &Size::ALL)))
             .collect();
         if self.split == Split::HeldOut {
             // Force one object (or, for an empty scene, redraw) into a held-out combination.
@@ -137,13 +131,14 @@ impl SceneGenerator {
         }
         scene.prompt = match kind {
             PromptKind::Single => Prompt::Single,
-            PromptKind::Relation => Prompt::Relation(*Relation::ALL.choose(rng)?),
+            PromptKind::Relation => Prompt::Relation(pick(rng, &Relation::ALL)),
             PromptKind::Binding => Prompt::Binding,
             PromptKind::Negation => {
                 let drawn: Vec<Shape> = attrs.iter().map(|a| a.0).collect();
                 let free: Vec<Shape> =
                     Shape::ALL.into_iter().filter(|s| !drawn.contains(s)).collect();
-                Prompt::Negation(*free.choose(rng)?)
+                // At most one shape is drawn, so two are free.
+                Prompt::Negation(pick(rng, &free))
             }
         };
         let cells = place(rng, &scene.prompt, &attrs)?;
@@ -187,7 +182,7 @@ fn place(
     'attempt: for _ in 0..20 {
         let mut out: Vec<(Cell, [f32; 2])> = Vec::new();
         for (i, a) in attrs.iter().enumerate() {
-            let cell = *cells.choose(rng)?;
+            let cell = pick(rng, &cells);
             let c = cell.center();
             let center = [
                 c[0] + rng.random_range(-JITTER..=JITTER),
@@ -215,6 +210,11 @@ fn place(
         return Some(out);
     }
     None
+}
+
+/// A uniformly drawn element of a non-empty slice.
+fn pick<T: Copy>(rng: &mut StdRng, items: &[T]) -> T {
+    items[rng.random_range(0..items.len())]
 }
 
 /// Picks a prompt kind by weight.
