@@ -105,8 +105,13 @@ impl UNet2DModel {
         timestep: &Tensor,
         class_labels: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let t =
-            check_input(sample, timestep, self.cfg.in_channels, self.cfg.downsampling_factor())?;
+        let t = check_input(
+            sample,
+            timestep,
+            self.cfg.in_channels,
+            self.cfg.downsampling_factor(),
+            &self.conv_in.ws,
+        )?;
         let (b, kind) = (sample.size()[0], sample.kind());
         let sample = if self.cfg.center_input_sample {
             sample.f_mul_scalar(2.0)?.f_sub_scalar(1.0)?

@@ -125,7 +125,17 @@ pub(crate) fn check_input(
     timestep: &Tensor,
     in_channels: i64,
     factor: i64,
+    weight: &Tensor,
 ) -> Result<Tensor> {
+    if sample.kind() != weight.kind() || sample.device() != weight.device() {
+        return Err(Error::Input(format!(
+            "sample is {:?} on {:?} but the model is {:?} on {:?}",
+            sample.kind(),
+            sample.device(),
+            weight.kind(),
+            weight.device()
+        )));
+    }
     let size = sample.size();
     if size.len() != 4 || size[1] != in_channels {
         return Err(Error::Input(format!("sample must be (B, {in_channels}, H, W), got {size:?}")));
@@ -273,8 +283,13 @@ impl UNet2DConditionModel {
         timestep: &Tensor,
         cond: &Conditioning,
     ) -> Result<Tensor> {
-        let t =
-            check_input(sample, timestep, self.cfg.in_channels, self.cfg.downsampling_factor())?;
+        let t = check_input(
+            sample,
+            timestep,
+            self.cfg.in_channels,
+            self.cfg.downsampling_factor(),
+            &self.conv_in.ws,
+        )?;
         let b = sample.size()[0];
         if let Some(cb) = cond.batch() {
             if cb != b {

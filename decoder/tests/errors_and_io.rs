@@ -56,6 +56,8 @@ fn decoder_forward_rejects_bad_inputs() {
         f(&ok, Some(&ehs), Some(&class), None, &Tensor::from_slice(&[1i64, 2, 3])),
         "timestep",
     );
+    // A sample in another dtype than the weights: an error, not a libtorch panic.
+    input_err(f(&ok.to_kind(Kind::Double), Some(&ehs), Some(&class), None, &t), "model is");
 }
 
 #[test]
