@@ -18,6 +18,8 @@ pub mod vision;
 
 pub use config::{AnyConfig, ClipConfig, TextConfig, VisionConfig};
 pub use error::{Error, Result};
+/// Re-exported so users open images with the same `image` version.
+pub use image;
 pub use model::{ClipModel, ClipOutput, Towers, normalize, similarity};
 pub use pipeline::{ClipPipeline, LabelScore};
 pub use preprocess::{ImageProcessor, ProcessorConfig};

@@ -43,8 +43,13 @@ fn images(classes: &[usize], device: Device) -> Tensor {
 }
 
 /// Saves the trained model as a checkpoint folder and classifies PNG files through [`ClipPipeline`].
+/// With `UNCLIP_CLIP_DEMO_DIR` set, the folder (model, tokenizer, PNGs) is kept there, e.g. to try
+/// the `zero_shot` example on it.
 fn pipeline_round_trip(m: &ClipModel) {
-    let dir = std::env::temp_dir().join(format!("unclip-clip-pipeline-{}", std::process::id()));
+    let keep = std::env::var_os("UNCLIP_CLIP_DEMO_DIR").map(std::path::PathBuf::from);
+    let dir = keep.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("unclip-clip-pipeline-{}", std::process::id()))
+    });
     m.save(&dir, None).unwrap();
     ClipTokenizer::from_dir(&fixture_path("clip/tiny_tokenizer")).unwrap().save(&dir).unwrap();
     let pre = json!({"size": 16, "crop_size": 16, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]});
@@ -56,7 +61,7 @@ fn pipeline_round_trip(m: &ClipModel) {
             let hwc =
                 (raw.get(i).permute([1, 2, 0]) * 255.0).round().to_kind(Kind::Uint8).contiguous();
             let data = Vec::<u8>::try_from(hwc.flatten(0, -1)).unwrap();
-            let path = dir.join(format!("{i}.png"));
+            let path = dir.join(format!("{}.png", COLORS[classes[i as usize]].0));
             image::RgbImage::from_raw(16, 16, data).unwrap().save(&path).unwrap();
             image::open(&path).unwrap()
         })
@@ -70,7 +75,9 @@ fn pipeline_round_trip(m: &ClipModel) {
     assert!(p.classify(&imgs, &[], "{}").is_err());
     assert!(p.classify(&imgs, &["red", ""], "{}").is_err());
     assert!(p.classify(&imgs, &["red"], "no slot").is_err());
-    std::fs::remove_dir_all(&dir).unwrap();
+    if keep.is_none() {
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
 
 fn rand_below(n: i64) -> i64 {
