@@ -501,3 +501,26 @@ fn progress_degrades_to_periodic_lines() {
     assert!(lines[1].starts_with("prior step 20/20 (100%)"), "{}", lines[1]);
     assert_eq!(lines[2], "checkpoint saved");
 }
+
+#[test]
+fn ema_of_a_half_model_averages_in_f32() {
+    tch::manual_seed(5);
+    let mut vs = VarStore::new(Device::Cpu);
+    let _ = Tiny::new(vs.root(), 4, 8, 3);
+    vs.set_kind(Kind::Half);
+    let mut ema = Ema::new(&vs, EmaConfig { decay: 0.9999, warmup: false }).unwrap();
+    let w0 = vs.variables()["proj_in.weight"].to_kind(Kind::Float);
+    tch::no_grad(|| {
+        for (_, mut v) in vs.variables() {
+            let _ = v.g_add_scalar_(1.0);
+        }
+    });
+    ema.update(&vs).unwrap();
+    // (1 - 0.9999) * 1.0 is below f16 resolution near 0.5, but the f32 shadow keeps it.
+    let moved = ema.get("proj_in.weight").unwrap() - &w0;
+    assert_eq!(ema.get("proj_in.weight").unwrap().kind(), Kind::Float);
+    assert_close("ema step", &moved, &moved.ones_like().g_mul_scalar(1e-4), 1e-6, 0.0);
+    ema.copy_to(&vs).unwrap();
+    assert_eq!(vs.variables()["proj_in.weight"].kind(), Kind::Half);
+    assert!(Ema::new(&vs, EmaConfig { decay: 1.5, warmup: true }).is_err());
+}

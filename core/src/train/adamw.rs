@@ -185,8 +185,10 @@ impl AdamW {
         clip_grad_norm(&self.grads(), max_norm)
     }
 
-    /// One AdamW update from the current gradients, in place under `no_grad`. Variables without
-    /// a gradient (never used by the loss) are left alone, as torch does.
+    /// One AdamW update from the current gradients, in place under `no_grad`. Variables that
+    /// never had a gradient are left alone, as torch does; note that after a first
+    /// [`Self::zero_grad`] a variable keeps a (zero) gradient, like with tch's own optimizer or
+    /// torch's `zero_grad(set_to_none=False)`, so weight decay and the moments still move it.
     pub fn step(&mut self) -> Result<()> {
         let AdamWConfig { lr, beta1, beta2, eps, weight_decay } = self.cfg;
         tch::no_grad(|| -> Result<()> {

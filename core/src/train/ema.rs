@@ -23,7 +23,8 @@ impl Default for EmaConfig {
 }
 
 /// Shadow copies of every variable of a `VarStore`, under the same names. Trainable variables
-/// are averaged; the others (buffers such as CLIP statistics) are copied as they are.
+/// are averaged (in f32 for f16 / bf16 models); the others (buffers such as CLIP statistics)
+/// are copied as they are.
 pub struct Ema {
     cfg: EmaConfig,
     /// (name, shadow, averaged?) sorted by name.
@@ -56,7 +57,12 @@ impl Ema {
             vars.into_iter()
                 .map(|(n, t)| {
                     let avg = t.requires_grad() && t.is_floating_point();
-                    let mut s = t.f_zeros_like()?;
+                    // A half-precision shadow would round away updates of (1 - 0.9999) * delta.
+                    let kind = match t.kind() {
+                        Kind::Half | Kind::BFloat16 if avg => Kind::Float,
+                        k => k,
+                    };
+                    let mut s = t.f_zeros_like()?.f_to_kind(kind)?;
                     s.f_copy_(&t)?;
                     Ok((n, s, avg))
                 })
