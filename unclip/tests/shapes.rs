@@ -257,6 +257,7 @@ fn checker_fails_swapped_binding() {
 #[test]
 fn checker_fails_wrong_shape_size_and_color() {
     let g = SceneGenerator::new(Split::Train, 51).with_kinds(&[PromptKind::Single]);
+    let mut sizes = 0;
     for i in 0..150 {
         let s = g.scene(i);
         let o = s.objects[0];
@@ -270,9 +271,12 @@ fn checker_fails_wrong_shape_size_and_color() {
         let mut wrong = s.clone();
         wrong.objects[0].size = if o.size == Size::Small { Size::Large } else { Size::Small };
         let r = check_wrong(&s, &wrong, 64);
-        assert!(r.size != Some(true), "{}", caption(&s));
+        let stated = s.spec().objects[0].size.is_some();
+        assert_eq!(r.size, stated.then_some(false), "{}", caption(&s));
+        sizes += usize::from(stated);
         assert_eq!(r.shape, Some(true));
     }
+    assert!(sizes > 50, "only {sizes} captions state a size");
 }
 
 #[test]
