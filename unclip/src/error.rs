@@ -17,6 +17,14 @@ pub enum Error {
     Decoder(#[from] unclip_decoder::Error),
     #[error("{0}")]
     Pipeline(String),
+    /// A folder that is not a (complete) unCLIP checkpoint: every problem found.
+    #[error("{} is not a usable unCLIP checkpoint:\n  - {}", dir.display(), problems.join("\n  - "))]
+    Checkpoint { dir: std::path::PathBuf, problems: Vec<String> },
+    /// A component that failed to load (missing/misshapen tensors, bad config...).
+    #[error("component {name} ({}): {source}", dir.display())]
+    Component { name: String, dir: std::path::PathBuf, source: Box<Error> },
+    #[error("image {path}: {reason}")]
+    Image { path: String, reason: String },
     #[error("invalid input: {0}")]
     Input(String),
 }

@@ -4,15 +4,51 @@
 //! prompt --clip--> text embedding --prior--> image embedding --decoder--> 64 px --upsamplers--> 256 px
 //! ```
 //!
+//! - [`traits`]: the stage interfaces ([`TextEncoder`], [`ImageEncoder`], [`Prior`],
+//!   [`Decoder`], [`Upsampler`]; samplers through [`scheduler::Scheduler`]), implemented for
+//!   this workspace's models in [`stages`];
+//! - [`loading`]: [`Unclip::from_pretrained`] / [`Unclip::save_pretrained`] for diffusers-layout
+//!   Karlo folders, with per-component device and dtype ([`LoadOptions`]);
+//! - [`pipeline`]: text-to-image ([`TextToImage`]), per-step callbacks, intermediate results;
+//! - [`variation`], [`manipulate`], [`rerank`]: image variations (also from DDIM inversion),
+//!   interpolation, text diffs, CLIP reranking;
+//! - [`output`]: tensors to `RgbImage`, `ndarray` and PNG.
+//!
+//! ```no_run
+//! # fn main() -> unclip::Result<()> {
+//! use unclip::{LoadOptions, TextToImage, Unclip, output};
+//! let mut model = Unclip::from_pretrained("karlo-v1-alpha", &LoadOptions::default())?;
+//! let req = TextToImage { seed: Some(0), ..TextToImage::new("a photo of a corgi") };
+//! let out = model.text_to_image(&req, &mut |s| eprintln!("{:?} {}/{}", s.stage, s.step + 1, s.total))?;
+//! output::save_pngs(&out.images, std::path::Path::new("out"), "corgi-")?;
+//! # Ok(()) }
+//! ```
+//!
 //! The stage crates are re-exported: [`clip`], [`prior`], [`decoder`], [`scheduler`], [`core`].
 
 pub mod error;
+pub mod loading;
+pub mod manipulate;
+pub mod output;
+pub mod pipeline;
+pub mod rerank;
 pub mod shapes;
+pub mod stages;
+pub mod traits;
+pub mod variation;
 
 pub use error::{Error, Result};
+pub use loading::LoadOptions;
+pub use manipulate::{Endpoint, slerp, text_diff_embedding};
+pub use pipeline::{
+    Candidates, DecodeOptions, Generation, Stage, StepInfo, TextToImage, Unclip, no_progress,
+};
+pub use rerank::Ranked;
+pub use traits::{Decoder, DecoderStep, ImageEncoder, Prior, TextEncoder, TextEncoding, Upsampler};
 pub use unclip_clip as clip;
 pub use unclip_core as core;
 pub use unclip_core::tch;
 pub use unclip_decoder as decoder;
 pub use unclip_prior as prior;
 pub use unclip_scheduler as scheduler;
+pub use variation::{Start, Variations};

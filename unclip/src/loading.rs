@@ -1,0 +1,463 @@
+//! `from_pretrained` / `save_pretrained` for diffusers-layout unCLIP folders (`model_index.json`,
+//! one folder per component), as `kakaobrain/karlo-v1-alpha` and
+//! `karlo-v1-alpha-image-variations` are published. Device and dtype are chosen per component.
+
+use crate::pipeline::Unclip;
+use crate::stages::{ClipImageEncoder, ClipTextEncoder, KarloDecoder, KarloPrior, KarloUpsampler};
+use crate::{Error, Result};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind};
+use unclip_clip::{ClipModel, ClipTokenizer, ImageProcessor, ProcessorConfig, Towers};
+use unclip_decoder::checkpoint;
+use unclip_prior::PriorTransformer;
+use unclip_scheduler::{
+    DdimScheduler, DdimSchedulerConfig, DdpmScheduler, DdpmSchedulerConfig, DpmSolverConfig,
+    DpmSolverMultistepScheduler, Scheduler, UnCLIPScheduler, UnCLIPSchedulerConfig, VarianceType,
+};
+
+/// Component folder names of the two Karlo pipelines.
+pub const TEXT_TO_IMAGE: &str = "UnCLIPPipeline";
+pub const IMAGE_VARIATION: &str = "UnCLIPImageVariationPipeline";
+const SCHEDULERS: [&str; 3] = ["prior_scheduler", "decoder_scheduler", "super_res_scheduler"];
+
+/// Where each component is loaded: a default device and dtype, overridable per component
+/// (names as the folders: `text_encoder`, `image_encoder`, `prior`, `text_proj`, `decoder`,
+/// `super_res_first`, `super_res_last`).
+///
+/// ```no_run
+/// # use unclip::{LoadOptions, tch::{Device, Kind}};
+/// // UNets in f16 on the GPU, CLIP in f32 on the CPU.
+/// let opts = LoadOptions::new(Device::Cuda(0), Kind::Half)
+///     .component("text_encoder", Device::Cpu, Kind::Float)
+///     .component("image_encoder", Device::Cpu, Kind::Float);
+/// ```
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    device: Device,
+    kind: Kind,
+    overrides: BTreeMap<String, (Device, Kind)>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self::new(Device::Cpu, Kind::Float)
+    }
+}
+
+impl LoadOptions {
+    pub fn new(device: Device, kind: Kind) -> Self {
+        Self { device, kind, overrides: BTreeMap::new() }
+    }
+
+    /// Device and dtype of one component.
+    pub fn component(mut self, name: &str, device: Device, kind: Kind) -> Self {
+        self.overrides.insert(name.to_string(), (device, kind));
+        self
+    }
+
+    /// Device and dtype `name` is loaded with.
+    pub fn for_component(&self, name: &str) -> (Device, Kind) {
+        self.overrides.get(name).copied().unwrap_or((self.device, self.kind))
+    }
+
+    fn check(&self) -> Result<()> {
+        let known = [
+            "text_encoder",
+            "image_encoder",
+            "prior",
+            "text_proj",
+            "decoder",
+            "super_res_first",
+            "super_res_last",
+        ];
+        for (name, (_, kind)) in self
+            .overrides
+            .iter()
+            .chain(std::iter::once((&String::new(), &(self.device, self.kind))))
+        {
+            if !name.is_empty() && !known.contains(&name.as_str()) {
+                return Err(Error::Input(format!(
+                    "unknown component {name:?} in load options (known: {})",
+                    known.join(", ")
+                )));
+            }
+            if !matches!(kind, Kind::Float | Kind::Half | Kind::BFloat16) {
+                return Err(Error::Input(format!("dtype must be f32, f16 or bf16, got {kind:?}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The files a component folder must have.
+fn required_files(component: &str) -> &'static [&'static str] {
+    match component {
+        "tokenizer" => &[],
+        "text_encoder" | "image_encoder" => &["config.json", "model.safetensors"],
+        "feature_extractor" => &["preprocessor_config.json"],
+        c if c.ends_with("scheduler") => &["scheduler_config.json"],
+        _ => &["config.json", "diffusion_pytorch_model.safetensors"],
+    }
+}
+
+/// The components a pipeline class needs.
+fn required_components(class: &str) -> &'static [&'static str] {
+    match class {
+        IMAGE_VARIATION => &[
+            "tokenizer",
+            "text_encoder",
+            "image_encoder",
+            "feature_extractor",
+            "text_proj",
+            "decoder",
+            "super_res_first",
+            "super_res_last",
+            "decoder_scheduler",
+            "super_res_scheduler",
+        ],
+        _ => &[
+            "tokenizer",
+            "text_encoder",
+            "prior",
+            "text_proj",
+            "decoder",
+            "super_res_first",
+            "super_res_last",
+            "prior_scheduler",
+            "decoder_scheduler",
+            "super_res_scheduler",
+        ],
+    }
+}
+
+/// Reads `model_index.json` and checks that every component folder and file is there; the error
+/// lists everything missing at once.
+pub fn inspect(dir: &Path) -> Result<(String, Value)> {
+    let index_path = dir.join("model_index.json");
+    if !dir.is_dir() {
+        return Err(Error::Checkpoint {
+            dir: dir.to_path_buf(),
+            problems: vec!["the folder does not exist".into()],
+        });
+    }
+    if !index_path.is_file() {
+        return Err(Error::Checkpoint {
+            dir: dir.to_path_buf(),
+            problems: vec!["no model_index.json: not a diffusers pipeline folder".into()],
+        });
+    }
+    let index: Value = unclip_core::config::read_json(&index_path)?;
+    let class = index.get("_class_name").and_then(Value::as_str).unwrap_or("").to_string();
+    if class != TEXT_TO_IMAGE && class != IMAGE_VARIATION {
+        return Err(Error::Checkpoint {
+            dir: dir.to_path_buf(),
+            problems: vec![format!(
+                "model_index.json names pipeline {class:?}, not {TEXT_TO_IMAGE} or {IMAGE_VARIATION}"
+            )],
+        });
+    }
+    let mut problems = Vec::new();
+    for &comp in required_components(&class) {
+        if index.get(comp).is_none() {
+            problems.push(format!("model_index.json does not list {comp}"));
+        }
+        let sub = dir.join(comp);
+        if !sub.is_dir() {
+            problems.push(format!("missing folder {comp}/"));
+            continue;
+        }
+        for f in required_files(comp) {
+            if !sub.join(f).is_file() {
+                problems.push(format!("missing {comp}/{f}"));
+            }
+        }
+        if comp == "tokenizer"
+            && !sub.join("tokenizer.json").is_file()
+            && !(sub.join("vocab.json").is_file() && sub.join("merges.txt").is_file())
+        {
+            problems.push("missing tokenizer/vocab.json + merges.txt (or tokenizer.json)".into());
+        }
+    }
+    if problems.is_empty() {
+        Ok((class, index))
+    } else {
+        Err(Error::Checkpoint { dir: dir.to_path_buf(), problems })
+    }
+}
+
+/// A scheduler from its `scheduler_config.json` (`_class_name` picks the sampler), and whether it
+/// consumes a learned variance (2x channels).
+pub fn load_scheduler(path: &Path) -> Result<(Box<dyn Scheduler>, bool, Value)> {
+    let value: Value = unclip_core::config::read_json(path)?;
+    let class = value.get("_class_name").and_then(Value::as_str).unwrap_or("UnCLIPScheduler");
+    let learned = |v: VarianceType| matches!(v, VarianceType::Learned | VarianceType::LearnedRange);
+    let (s, l): (Box<dyn Scheduler>, bool) = match class {
+        "UnCLIPScheduler" => {
+            let cfg = UnCLIPSchedulerConfig::from_file(path)?;
+            let l = learned(cfg.variance_type);
+            (Box::new(UnCLIPScheduler::new(cfg)?), l)
+        }
+        "DDPMScheduler" => {
+            let cfg = DdpmSchedulerConfig::from_file(path)?;
+            let l = learned(cfg.variance_type);
+            (Box::new(DdpmScheduler::new(cfg)?), l)
+        }
+        "DDIMScheduler" => {
+            (Box::new(DdimScheduler::new(DdimSchedulerConfig::from_file(path)?)?), false)
+        }
+        "DPMSolverMultistepScheduler" => {
+            (Box::new(DpmSolverMultistepScheduler::new(DpmSolverConfig::from_file(path)?)?), false)
+        }
+        other => {
+            return Err(Error::Checkpoint {
+                dir: path.to_path_buf(),
+                problems: vec![format!("unsupported scheduler class {other:?}")],
+            });
+        }
+    };
+    Ok((s, l, value))
+}
+
+/// transformers' `CLIPImageProcessor` config for `side`-pixel models (what
+/// [`ProcessorConfig::clip`] does).
+fn clip_processor_json(side: usize) -> Value {
+    json!({
+        "image_processor_type": "CLIPImageProcessor",
+        "do_convert_rgb": true,
+        "do_resize": true,
+        "size": {"shortest_edge": side},
+        "resample": 3,
+        "do_center_crop": true,
+        "crop_size": {"height": side, "width": side},
+        "do_rescale": true,
+        "rescale_factor": 1.0 / 255.0,
+        "do_normalize": true,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+    })
+}
+
+fn karlo_scheduler_config(name: &str) -> Value {
+    let (variance, prediction, range) = match name {
+        "prior_scheduler" => ("fixed_small_log", "sample", 5.0),
+        "decoder_scheduler" => ("learned_range", "epsilon", 1.0),
+        _ => ("fixed_small_log", "epsilon", 1.0),
+    };
+    json!({
+        "_class_name": "UnCLIPScheduler",
+        "beta_schedule": "squaredcos_cap_v2",
+        "clip_sample": true,
+        "clip_sample_range": range,
+        "num_train_timesteps": 1000,
+        "prediction_type": prediction,
+        "variance_type": variance,
+    })
+}
+
+fn component_err<'a>(name: &'a str, dir: &'a Path) -> impl Fn(Error) -> Error + 'a {
+    move |e| Error::Component {
+        name: name.to_string(),
+        dir: dir.to_path_buf(),
+        source: Box::new(e),
+    }
+}
+
+impl Unclip {
+    /// Loads a diffusers-layout unCLIP folder (`UnCLIPPipeline` or
+    /// `UnCLIPImageVariationPipeline`). A folder that is not one, or that lacks components or
+    /// files, is an error listing every problem; a component whose tensors are missing or
+    /// misshapen is an error naming the component and the tensors.
+    pub fn from_pretrained(dir: impl AsRef<Path>, opts: &LoadOptions) -> Result<Self> {
+        let dir = dir.as_ref();
+        opts.check()?;
+        let (class, _) = inspect(dir)?;
+        let sub = |c: &str| dir.join(c);
+
+        let text_encoder = {
+            let (device, kind) = opts.for_component("text_encoder");
+            let d = sub("text_encoder");
+            let load = || -> Result<ClipTextEncoder> {
+                let model = ClipModel::load(&d, Towers::Text, device, kind)?;
+                let tokenizer = ClipTokenizer::from_dir(&sub("tokenizer"))?;
+                Ok(ClipTextEncoder { tokenizer, model })
+            };
+            load().map_err(component_err("text_encoder", &d))?
+        };
+        let prior = if class == TEXT_TO_IMAGE {
+            let (device, kind) = opts.for_component("prior");
+            let d = sub("prior");
+            let (vs, model) = PriorTransformer::from_pretrained(&d, device, kind)
+                .map_err(|e| component_err("prior", &d)(e.into()))?;
+            Some(Box::new(KarloPrior { vs, model }) as Box<dyn crate::traits::Prior>)
+        } else {
+            None
+        };
+        let image_encoder = if sub("image_encoder").is_dir() {
+            let (device, kind) = opts.for_component("image_encoder");
+            let d = sub("image_encoder");
+            let load = || -> Result<ClipImageEncoder> {
+                let model = ClipModel::load(&d, Towers::Vision, device, kind)?;
+                let pj = sub("feature_extractor").join("preprocessor_config.json");
+                let processor_json: Value =
+                    if pj.is_file() { unclip_core::config::read_json(&pj)? } else { Value::Null };
+                let processor = if pj.is_file() {
+                    ImageProcessor::new(ProcessorConfig::from_value(&processor_json)?)
+                } else {
+                    let side = model.vision_config().map(|v| v.image_size).unwrap_or(224);
+                    ImageProcessor::new(ProcessorConfig::clip(side as usize))
+                };
+                Ok(ClipImageEncoder { processor, processor_json, model, kind })
+            };
+            Some(Box::new(load().map_err(component_err("image_encoder", &d))?)
+                as Box<dyn crate::traits::ImageEncoder>)
+        } else {
+            None
+        };
+        let decoder = {
+            let (device, kind) = opts.for_component("decoder");
+            let d = sub("decoder");
+            let unet = checkpoint::load(&d, device, kind)
+                .map_err(|e| component_err("decoder", &d)(e.into()))?;
+            let (device, kind) = opts.for_component("text_proj");
+            let d = sub("text_proj");
+            let text_proj = checkpoint::load(&d, device, kind)
+                .map_err(|e| component_err("text_proj", &d)(e.into()))?;
+            KarloDecoder { unet, text_proj }
+        };
+        let upsampler = {
+            let (device, kind) = opts.for_component("super_res_first");
+            let d = sub("super_res_first");
+            let first = checkpoint::load(&d, device, kind)
+                .map_err(|e| component_err("super_res_first", &d)(e.into()))?;
+            let (device, kind) = opts.for_component("super_res_last");
+            let d = sub("super_res_last");
+            let last = checkpoint::load(&d, device, kind)
+                .map_err(|e| component_err("super_res_last", &d)(e.into()))?;
+            KarloUpsampler { first, last: Some(last) }
+        };
+
+        let mut configs = BTreeMap::new();
+        let mut scheds = Vec::new();
+        let mut learned = false;
+        for name in SCHEDULERS {
+            let path = sub(name).join("scheduler_config.json");
+            let (s, l, v) = if path.is_file() {
+                load_scheduler(&path).map_err(component_err(name, &path))?
+            } else {
+                // The variation pipeline has no prior scheduler: Karlo's.
+                load_scheduler_value(karlo_scheduler_config(name))?
+            };
+            if name == "decoder_scheduler" {
+                learned = l;
+            }
+            configs.insert(name.to_string(), v);
+            scheds.push(s);
+        }
+        let mut scheds = scheds.into_iter();
+        let mut pipe = Unclip::new(
+            Box::new(text_encoder),
+            prior,
+            Box::new(decoder),
+            Some(Box::new(upsampler)),
+            scheds.next().expect("3 schedulers"),
+            scheds.next().expect("3 schedulers"),
+            scheds.next().expect("3 schedulers"),
+        );
+        pipe.image_encoder = image_encoder;
+        pipe.decoder_learned_variance = learned;
+        pipe.scheduler_configs = configs;
+        pipe.source_class = class;
+        Ok(pipe)
+    }
+
+    /// Writes the pipeline in the diffusers layout: `model_index.json`, one folder per component
+    /// (weights in their loaded dtype), the scheduler configs it was loaded with (Karlo's for
+    /// samplers it was built without). A stage that cannot be saved is an error.
+    pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|e| unclip_core::Error::io(dir, e))?;
+        let sub = |c: &str| -> PathBuf { dir.join(c) };
+        let mut index = serde_json::Map::new();
+        let class = if self.prior.is_some() { TEXT_TO_IMAGE } else { IMAGE_VARIATION };
+        index.insert("_class_name".into(), json!(class));
+        index.insert("_diffusers_version".into(), json!("0.42.1"));
+        let mut add = |name: &str, lib: &str, cls: &str| {
+            index.insert(name.into(), json!([lib, cls]));
+        };
+        self.text_encoder.save_tokenizer(&sub("tokenizer"))?;
+        add("tokenizer", "transformers", "CLIPTokenizer");
+        self.text_encoder.save_pretrained(&sub("text_encoder"))?;
+        add("text_encoder", "transformers", "CLIPTextModelWithProjection");
+        if let Some(p) = &self.prior {
+            p.save_pretrained(&sub("prior"))?;
+            add("prior", "diffusers", "PriorTransformer");
+        }
+        if let Some(e) = &self.image_encoder {
+            e.save_pretrained(&sub("image_encoder"), &sub("feature_extractor"))?;
+            add("image_encoder", "transformers", "CLIPVisionModelWithProjection");
+            add("feature_extractor", "transformers", "CLIPImageProcessor");
+        }
+        self.decoder.save_pretrained(&sub("decoder"), &sub("text_proj"))?;
+        add("decoder", "diffusers", "UNet2DConditionModel");
+        add("text_proj", "unclip", "UnCLIPTextProjModel");
+        if let Some(u) = &self.upsampler {
+            u.save_pretrained(&sub("super_res_first"), &sub("super_res_last"))?;
+            add("super_res_first", "diffusers", "UNet2DModel");
+            add("super_res_last", "diffusers", "UNet2DModel");
+        }
+        for name in SCHEDULERS {
+            if name == "prior_scheduler" && self.prior.is_none() {
+                continue;
+            }
+            let v = self
+                .scheduler_configs
+                .get(name)
+                .cloned()
+                .unwrap_or_else(|| karlo_scheduler_config(name));
+            let cls = v.get("_class_name").and_then(Value::as_str).unwrap_or("UnCLIPScheduler");
+            add(name, "diffusers", cls);
+            std::fs::create_dir_all(sub(name)).map_err(|e| unclip_core::Error::io(sub(name), e))?;
+            unclip_core::config::write_json(&sub(name).join("scheduler_config.json"), &v)?;
+        }
+        unclip_core::config::write_json(&dir.join("model_index.json"), &Value::Object(index))?;
+        Ok(())
+    }
+}
+
+fn load_scheduler_value(v: Value) -> Result<(Box<dyn Scheduler>, bool, Value)> {
+    let cfg: UnCLIPSchedulerConfig = serde_json::from_value(v.clone())
+        .map_err(|e| Error::Pipeline(format!("built-in scheduler config: {e}")))?;
+    let learned = cfg.variance_type == VarianceType::LearnedRange;
+    Ok((Box::new(UnCLIPScheduler::new(cfg)?), learned, v))
+}
+
+impl Unclip {
+    /// Adds a CLIP image encoder (for variations, interpolation, text diffs and reranking) from
+    /// a transformers folder (`config.json` + `model.safetensors`, a vision or full CLIP model)
+    /// and an optional folder with `preprocessor_config.json` (default: CLIP's processor at the
+    /// model's image size). It must share the text encoder's embedding space.
+    pub fn load_image_encoder(
+        &mut self,
+        encoder_dir: &Path,
+        processor_dir: Option<&Path>,
+        device: Device,
+        kind: Kind,
+    ) -> Result<()> {
+        let err = component_err("image_encoder", encoder_dir);
+        let model = ClipModel::load(encoder_dir, Towers::Vision, device, kind)
+            .map_err(|e| err(e.into()))?;
+        let pj = processor_dir.unwrap_or(encoder_dir).join("preprocessor_config.json");
+        let (processor, processor_json) = if pj.is_file() {
+            let v: Value = unclip_core::config::read_json(&pj)?;
+            (ImageProcessor::new(ProcessorConfig::from_value(&v)?), v)
+        } else {
+            let side = model.vision_config().map(|v| v.image_size).unwrap_or(224) as usize;
+            (ImageProcessor::new(ProcessorConfig::clip(side)), clip_processor_json(side))
+        };
+        self.image_encoder =
+            Some(Box::new(ClipImageEncoder { processor, processor_json, model, kind }));
+        Ok(())
+    }
+}

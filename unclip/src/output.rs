@@ -1,0 +1,110 @@
+//! Generated images as `image::RgbImage`s, `ndarray` arrays and PNG files. 8-bit conversion is
+//! diffusers' `(x * 255).round()` with numpy's rounding (half to even).
+
+use crate::{Error, Result};
+use image::RgbImage;
+use ndarray::Array4;
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+/// One value in [0, 1] to 8 bits as numpy rounds `x * 255` (ties to even), in float32.
+pub fn quantize(v: f32) -> u8 {
+    round_u8(v * 255.0f32)
+}
+
+fn round_u8(x: f32) -> u8 {
+    x.round_ties_even().clamp(0.0, 255.0) as u8
+}
+
+fn check(images: &Tensor) -> Result<(usize, usize, usize)> {
+    match images.size().as_slice() {
+        &[b, 3, h, w] => Ok((b as usize, h as usize, w as usize)),
+        s => Err(Error::Input(format!("images must be (B, 3, H, W), got {s:?}"))),
+    }
+}
+
+/// (B, H, W, 3) float32 values of (B, 3, H, W) images (diffusers' `output_type="np"`).
+pub fn to_ndarray(images: &Tensor) -> Result<Array4<f32>> {
+    let (b, h, w) = check(images)?;
+    let nhwc = images
+        .f_to_device(Device::Cpu)?
+        .f_to_kind(Kind::Float)?
+        .f_permute([0, 2, 3, 1])?
+        .f_contiguous()?;
+    let data = Vec::<f32>::try_from(nhwc.f_flatten(0, -1)?)?;
+    Array4::from_shape_vec((b, h, w, 3), data)
+        .map_err(|e| Error::Pipeline(format!("array shape: {e}")))
+}
+
+/// 8-bit RGB images of (B, 3, H, W) tensors with values in [0, 1].
+pub fn to_rgb_images(images: &Tensor) -> Result<Vec<RgbImage>> {
+    let arr = to_ndarray(images)?;
+    let (b, h, w, _) = arr.dim();
+    (0..b)
+        .map(|i| {
+            let px: Vec<u8> =
+                arr.index_axis(ndarray::Axis(0), i).iter().map(|&v| quantize(v)).collect();
+            RgbImage::from_raw(w as u32, h as u32, px)
+                .ok_or_else(|| Error::Pipeline("image buffer size".into()))
+        })
+        .collect()
+}
+
+/// Saves each image as `dir/{prefix}{index}.png` (creating `dir`); returns the paths.
+pub fn save_pngs(images: &Tensor, dir: &Path, prefix: &str) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).map_err(|e| unclip_core::Error::io(dir, e))?;
+    let mut paths = Vec::new();
+    for (i, img) in to_rgb_images(images)?.iter().enumerate() {
+        let path = dir.join(format!("{prefix}{i}.png"));
+        img.save(&path).map_err(|e| Error::Image {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        paths.push(path);
+    }
+    Ok(paths)
+}
+
+/// Reads an image file (any format the `image` crate decodes), with a clear error.
+pub fn open_image(path: &Path) -> Result<image::DynamicImage> {
+    image::open(path)
+        .map_err(|e| Error::Image { path: path.display().to_string(), reason: e.to_string() })
+}
+
+/// (1, 3, H, W) float32 in [0, 1] of a decoded image.
+pub fn image_to_tensor(img: &image::DynamicImage) -> Result<Tensor> {
+    let rgb = img.to_rgb8();
+    let (w, h) = (rgb.width() as i64, rgb.height() as i64);
+    Ok(Tensor::f_from_slice(rgb.as_raw())?
+        .f_view([h, w, 3])?
+        .f_permute([2, 0, 1])?
+        .f_to_kind(Kind::Float)?
+        .f_div_scalar(255.0)?
+        .f_unsqueeze(0)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounds_half_to_even() {
+        assert_eq!(round_u8(0.5), 0);
+        assert_eq!(round_u8(1.5), 2);
+        assert_eq!(round_u8(2.5), 2);
+        assert_eq!(round_u8(3.5), 4);
+        assert_eq!(quantize(1.0), 255);
+        assert_eq!(quantize(-0.1), 0);
+    }
+
+    #[test]
+    fn layouts_agree() {
+        let t = Tensor::rand([2, 3, 4, 5], (Kind::Float, Device::Cpu));
+        let arr = to_ndarray(&t).unwrap();
+        let imgs = to_rgb_images(&t).unwrap();
+        let v = t.double_value(&[1, 2, 3, 4]) as f32;
+        assert_eq!(arr[[1, 3, 4, 2]], v);
+        assert_eq!(imgs[1].get_pixel(4, 3)[2], quantize(v));
+        assert!(to_ndarray(&Tensor::zeros([2, 4, 4], (Kind::Float, Device::Cpu))).is_err());
+    }
+}

@@ -1,0 +1,516 @@
+//! The unCLIP pipeline object and text-to-image generation: prompt(s) -> CLIP text embeddings ->
+//! prior (guided) -> image embedding -> decoder (guided) -> 64 px -> super-resolution.
+//!
+//! The diffusion loops run here, over the stage traits, in UnCLIPPipeline's order: with
+//! [`TorchNoise`] on the CPU the same seed draws the same noise as diffusers (spec section 1).
+
+use crate::traits::{
+    Decoder, ImageEncoder, Prior, TextConditioning, TextEncoder, TextEncoding, Upsampler,
+};
+use crate::{Error, Result};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use tch::{Device, Kind, Tensor};
+use unclip_scheduler::{NoiseSource, Scheduler, TorchNoise};
+
+/// Which loop a step belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Prior,
+    Decoder,
+    SuperRes,
+    /// DDIM inversion of an input image (variations from the image itself).
+    Inversion,
+}
+
+/// What the per-step callback sees (for progress bars, previews and inspection).
+#[derive(Debug)]
+pub struct StepInfo<'a> {
+    pub stage: Stage,
+    /// 0-based index of the step just taken.
+    pub step: usize,
+    pub total: usize,
+    pub timestep: i64,
+    /// The (guided) model output the sampler consumed.
+    pub model_output: &'a Tensor,
+    /// The latents after the step.
+    pub latents: &'a Tensor,
+}
+
+/// A no-op per-step callback.
+pub fn no_progress(_: &StepInfo) {}
+
+/// Text-to-image settings. Defaults are UnCLIPPipeline's (25/25/7 steps, guidance 4 and 8).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TextToImage {
+    pub prompts: Vec<String>,
+    /// The unconditional prompt of classifier-free guidance (diffusers: always "").
+    pub negative_prompt: String,
+    pub num_images_per_prompt: usize,
+    pub prior_steps: usize,
+    pub prior_guidance_scale: f64,
+    /// Best-of-N: sample this many image embeddings per image and keep the one closest to the
+    /// prompt's CLIP text embedding (1: off; then the draws equal diffusers').
+    pub prior_candidates: usize,
+    pub decoder_steps: usize,
+    pub decoder_guidance_scale: f64,
+    pub super_res_steps: usize,
+    /// Seeds libtorch's generator (same seed, same images); `None` continues its current state.
+    pub seed: Option<u64>,
+}
+
+impl Default for TextToImage {
+    fn default() -> Self {
+        Self {
+            prompts: Vec::new(),
+            negative_prompt: String::new(),
+            num_images_per_prompt: 1,
+            prior_steps: 25,
+            prior_guidance_scale: 4.0,
+            prior_candidates: 1,
+            decoder_steps: 25,
+            decoder_guidance_scale: 8.0,
+            super_res_steps: 7,
+            seed: None,
+        }
+    }
+}
+
+impl TextToImage {
+    pub fn new<S: Into<String>>(prompt: S) -> Self {
+        Self { prompts: vec![prompt.into()], ..Self::default() }
+    }
+}
+
+/// Decoder and super-resolution settings (shared by every way of getting an image embedding).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DecodeOptions {
+    pub decoder_steps: usize,
+    pub decoder_guidance_scale: f64,
+    pub super_res_steps: usize,
+    pub seed: Option<u64>,
+}
+
+impl Default for DecodeOptions {
+    fn default() -> Self {
+        Self { decoder_steps: 25, decoder_guidance_scale: 8.0, super_res_steps: 7, seed: None }
+    }
+}
+
+pub(crate) fn check_steps(what: &str, n: usize) -> Result<()> {
+    if n == 0 {
+        return Err(Error::Input(format!("{what} must be at least 1")));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_guidance(what: &str, g: f64) -> Result<()> {
+    if !g.is_finite() || g <= 0.0 {
+        return Err(Error::Input(format!("{what} must be finite and > 0, got {g}")));
+    }
+    Ok(())
+}
+
+impl DecodeOptions {
+    pub(crate) fn validate(&self) -> Result<()> {
+        check_steps("decoder_steps", self.decoder_steps)?;
+        check_steps("super_res_steps", self.super_res_steps)?;
+        check_guidance("decoder_guidance_scale", self.decoder_guidance_scale)
+    }
+}
+
+/// Best-of-N details of a text-to-image run.
+#[derive(Debug)]
+pub struct Candidates {
+    /// (N, B, D): every sampled image embedding.
+    pub embeddings: Tensor,
+    /// (N, B): cosine similarity of each to its prompt's text embedding.
+    pub scores: Tensor,
+    /// (B,): the kept candidate.
+    pub chosen: Tensor,
+}
+
+/// Images and the intermediate results that led to them.
+#[derive(Debug)]
+pub struct Generation {
+    /// (B, 3, H, W) float32 in [0, 1] on the CPU (see [`crate::output`] for images and arrays).
+    pub images: Tensor,
+    /// (B, 3, h, w) the decoder's image in [-1, 1] (before super-resolution).
+    pub image_small: Tensor,
+    /// (B, D) the CLIP image embeddings the decoder was conditioned on.
+    pub image_embeddings: Tensor,
+    /// For each image, the index of its prompt (or input image).
+    pub source_index: Vec<usize>,
+    pub candidates: Option<Candidates>,
+    /// Things the user should know (e.g. truncated prompts).
+    pub warnings: Vec<String>,
+}
+
+/// An unCLIP model: the stages and their samplers. Any stage can be replaced by assigning the
+/// public fields (e.g. another prior, a DDIM decoder sampler, no upsampler).
+pub struct Unclip {
+    pub text_encoder: Box<dyn TextEncoder>,
+    /// Absent in image-variation checkpoints.
+    pub prior: Option<Box<dyn Prior>>,
+    pub decoder: Box<dyn Decoder>,
+    /// `None`: the decoder's image is the output.
+    pub upsampler: Option<Box<dyn Upsampler>>,
+    /// Needed for image variations, interpolation, text diffs and reranking.
+    pub image_encoder: Option<Box<dyn ImageEncoder>>,
+    pub prior_scheduler: Box<dyn Scheduler>,
+    pub decoder_scheduler: Box<dyn Scheduler>,
+    pub super_res_scheduler: Box<dyn Scheduler>,
+    /// Whether `decoder_scheduler` consumes the decoder's learned-variance channels (Karlo's
+    /// learned_range sampler); otherwise only the first half of the channels is passed.
+    pub decoder_learned_variance: bool,
+    pub(crate) scheduler_configs: BTreeMap<String, Value>,
+    pub(crate) source_class: String,
+}
+
+impl std::fmt::Debug for Unclip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Unclip")
+            .field("class", &self.source_class)
+            .field("prior", &self.prior.is_some())
+            .field("upsampler", &self.upsampler.is_some())
+            .field("image_encoder", &self.image_encoder.is_some())
+            .finish()
+    }
+}
+
+/// Runs one reverse-diffusion loop, calling `model(x_in, t, step, last)` per step.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_loop(
+    stage: Stage,
+    scheduler: &mut dyn Scheduler,
+    mut x: Tensor,
+    noise: &mut dyn NoiseSource,
+    progress: &mut dyn FnMut(&StepInfo),
+    mut model: impl FnMut(&Tensor, i64, usize, bool) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let ts = scheduler.timesteps().to_vec();
+    let n = ts.len();
+    for (i, &t) in ts.iter().enumerate() {
+        let x_in = scheduler.scale_model_input(&x, t)?;
+        let out = model(&x_in, t, i, i + 1 == n)?;
+        x = scheduler.step(&out, t, &x, noise)?;
+        progress(&StepInfo {
+            stage,
+            step: i,
+            total: n,
+            timestep: t,
+            model_output: &out,
+            latents: &x,
+        });
+    }
+    Ok(x)
+}
+
+/// `u + s * (c - u)` on the first `c` channels of the two halves; the conditional half's other
+/// channels (a learned variance) are kept.
+pub(crate) fn guide(out: &Tensor, scale: f64, channels: Option<i64>) -> Result<Tensor> {
+    let halves = out.f_chunk(2, 0)?;
+    let (u, k) = (&halves[0], &halves[1]);
+    match channels {
+        Some(c) if k.size()[1] > c => {
+            let (eu, ek) = (u.f_narrow(1, 0, c)?, k.f_narrow(1, 0, c)?);
+            let eps = eu.f_add(&ek.f_sub(&eu)?.f_mul_scalar(scale)?)?;
+            Ok(Tensor::f_cat(&[eps, k.f_narrow(1, c, k.size()[1] - c)?], 1)?)
+        }
+        _ => Ok(u.f_add(&k.f_sub(u)?.f_mul_scalar(scale)?)?),
+    }
+}
+
+pub(crate) fn noise_for(seed: Option<u64>) -> TorchNoise {
+    match seed {
+        Some(s) => TorchNoise::new(s),
+        None => TorchNoise::unseeded(),
+    }
+}
+
+/// Each tensor's rows repeated `n` times in place (row i -> rows i*n .. i*n+n), as
+/// `repeat_interleave` in diffusers' `num_images_per_prompt`.
+pub(crate) fn interleave(text: &TextConditioning, n: i64) -> Result<TextConditioning> {
+    let r = |t: &Tensor| t.f_repeat_interleave_self_int(n, 0, None);
+    Ok(TextConditioning::new(r(&text.text_embeds)?, r(&text.hidden_states)?, r(&text.mask)?)?)
+}
+
+impl Unclip {
+    /// Composes a pipeline from stages (for checkpoints: [`Unclip::from_pretrained`]).
+    pub fn new(
+        text_encoder: Box<dyn TextEncoder>,
+        prior: Option<Box<dyn Prior>>,
+        decoder: Box<dyn Decoder>,
+        upsampler: Option<Box<dyn Upsampler>>,
+        prior_scheduler: Box<dyn Scheduler>,
+        decoder_scheduler: Box<dyn Scheduler>,
+        super_res_scheduler: Box<dyn Scheduler>,
+    ) -> Self {
+        Self {
+            text_encoder,
+            prior,
+            decoder,
+            upsampler,
+            image_encoder: None,
+            prior_scheduler,
+            decoder_scheduler,
+            super_res_scheduler,
+            decoder_learned_variance: true,
+            scheduler_configs: BTreeMap::new(),
+            source_class: String::new(),
+        }
+    }
+
+    /// Encodes prompts (CLIP text outputs, truncation warnings).
+    pub fn encode_prompts(&self, prompts: &[&str]) -> Result<TextEncoding> {
+        self.text_encoder.encode(prompts)
+    }
+
+    /// Guidance text for B images: `[uncond x B, cond]` when guided, else `cond`.
+    pub(crate) fn guidance_text(
+        &self,
+        cond: &TextConditioning,
+        negative: &str,
+        guided: bool,
+    ) -> Result<TextConditioning> {
+        if !guided {
+            return Ok(cond.clone());
+        }
+        let uncond = self.text_encoder.encode(&[negative])?.conditioning;
+        Ok(uncond.expand_to(cond.batch())?.cat(cond)?)
+    }
+
+    /// Prompts to images.
+    pub fn text_to_image(
+        &mut self,
+        req: &TextToImage,
+        progress: &mut dyn FnMut(&StepInfo),
+    ) -> Result<Generation> {
+        if req.prompts.is_empty() {
+            return Err(Error::Input("no prompts given".into()));
+        }
+        if let Some(i) = req.prompts.iter().position(|p| p.trim().is_empty()) {
+            return Err(Error::Input(format!(
+                "prompt {i} is empty (the empty prompt is the unconditional one; use image \
+                 variations or pass a description)"
+            )));
+        }
+        check_steps("num_images_per_prompt", req.num_images_per_prompt)?;
+        check_steps("prior_candidates", req.prior_candidates)?;
+        check_steps("prior_steps", req.prior_steps)?;
+        check_guidance("prior_guidance_scale", req.prior_guidance_scale)?;
+        let dec = DecodeOptions {
+            decoder_steps: req.decoder_steps,
+            decoder_guidance_scale: req.decoder_guidance_scale,
+            super_res_steps: req.super_res_steps,
+            seed: None,
+        };
+        dec.validate()?;
+        if self.prior.is_none() {
+            return Err(Error::Pipeline(
+                "this model has no prior (an image-variation checkpoint): text-to-image needs one"
+                    .into(),
+            ));
+        }
+        let mut noise = noise_for(req.seed);
+        let prompts: Vec<&str> = req.prompts.iter().map(String::as_str).collect();
+        let enc = self.text_encoder.encode(&prompts)?;
+        let n = req.num_images_per_prompt as i64;
+        let cond = interleave(&enc.conditioning, n)?;
+        // One guidance flag for both stages, as UnCLIPPipeline.
+        let guided = req.prior_guidance_scale > 1.0 || req.decoder_guidance_scale > 1.0;
+        let text = self.guidance_text(&cond, &req.negative_prompt, guided)?;
+
+        let (image_embeddings, candidates) =
+            self.sample_prior(&cond, &text, guided, req, &mut noise, progress)?;
+        let (image_small, images) =
+            self.decode_with(&image_embeddings, &text, guided, &dec, &mut noise, progress, None)?;
+        let source_index =
+            (0..prompts.len()).flat_map(|i| std::iter::repeat_n(i, n as usize)).collect();
+        Ok(Generation {
+            images,
+            image_small,
+            image_embeddings,
+            source_index,
+            candidates,
+            warnings: enc.warnings,
+        })
+    }
+
+    /// The prior's image embeddings (best-of-N applied) without callbacks.
+    pub(crate) fn prior_embeddings(
+        &mut self,
+        cond: &TextConditioning,
+        text: &TextConditioning,
+        req: &TextToImage,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Tensor> {
+        check_steps("prior_steps", req.prior_steps)?;
+        check_guidance("prior_guidance_scale", req.prior_guidance_scale)?;
+        let guided = text.batch() != cond.batch();
+        Ok(self.sample_prior(cond, text, guided, req, noise, &mut no_progress)?.0)
+    }
+
+    fn sample_prior(
+        &mut self,
+        cond: &TextConditioning,
+        text: &TextConditioning,
+        guided: bool,
+        req: &TextToImage,
+        noise: &mut dyn NoiseSource,
+        progress: &mut dyn FnMut(&StepInfo),
+    ) -> Result<(Tensor, Option<Candidates>)> {
+        let prior = self.prior.as_deref().ok_or_else(|| Error::Pipeline("no prior".into()))?;
+        let k = req.prior_candidates as i64;
+        let b = cond.batch();
+        // Candidates block after block: row j*B + i is candidate j of image i.
+        let text = if k > 1 {
+            if guided {
+                let half = |t: &Tensor, from: i64| t.f_narrow(0, from, b);
+                let un = TextConditioning::new(
+                    half(&text.text_embeds, 0)?,
+                    half(&text.hidden_states, 0)?,
+                    half(&text.mask, 0)?,
+                )?;
+                un.repeat(k)?.cat(&cond.repeat(k)?)?
+            } else {
+                cond.repeat(k)?
+            }
+        } else {
+            text.clone()
+        };
+        let rows = k * b;
+        self.prior_scheduler.set_timesteps(req.prior_steps)?;
+        let sigma = self.prior_scheduler.init_noise_sigma();
+        let x = noise
+            .randn(&[rows, prior.embedding_dim()], prior.kind(), prior.device())
+            .f_mul_scalar(sigma)?;
+        let g = req.prior_guidance_scale;
+        let latents = run_loop(
+            Stage::Prior,
+            self.prior_scheduler.as_mut(),
+            x,
+            noise,
+            progress,
+            |x, t, _, _| {
+                let x_in = if guided { Tensor::f_cat(&[x, x], 0)? } else { x.shallow_clone() };
+                let out = prior.predict(&x_in, t, &text)?;
+                if guided { guide(&out, g, None) } else { Ok(out) }
+            },
+        )?;
+        let embeds = prior.post_process(&latents)?;
+        if k == 1 {
+            return Ok((embeds, None));
+        }
+        let all = embeds.f_view([k, b, -1])?;
+        let (chosen, scores) = unclip_prior::sampling::select_best(&all, &cond.text_embeds)?;
+        let d = all.size()[2];
+        let idx =
+            chosen.f_view([1, b, 1])?.f_expand([1, b, d], false)?.f_to_device(all.device())?;
+        let best = all.f_gather(0, &idx, false)?.f_squeeze_dim(0)?;
+        Ok((best, Some(Candidates { embeddings: all, scores, chosen })))
+    }
+
+    /// Decoder + super-resolution for image embeddings (B, D), conditioned on the text of the
+    /// given prompts (one per row, or one for all; "" as in image variations).
+    pub fn decode(
+        &mut self,
+        image_embeddings: &Tensor,
+        prompts: &[&str],
+        opts: &DecodeOptions,
+        progress: &mut dyn FnMut(&StepInfo),
+    ) -> Result<(Tensor, Tensor)> {
+        opts.validate()?;
+        let b = check_embeddings(image_embeddings)?;
+        let enc = self.text_encoder.encode(prompts)?;
+        let cond = enc.conditioning.expand_to(b)?;
+        let guided = opts.decoder_guidance_scale > 1.0;
+        let text = self.guidance_text(&cond, "", guided)?;
+        let mut noise = noise_for(opts.seed);
+        self.decode_with(image_embeddings, &text, guided, opts, &mut noise, progress, None)
+    }
+
+    /// The decoder and super-resolution loops. `start`: initial decoder latents and the sampler
+    /// to use instead of `decoder_scheduler` (DDIM after an inversion).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn decode_with(
+        &mut self,
+        image_embeddings: &Tensor,
+        text: &TextConditioning,
+        guided: bool,
+        opts: &DecodeOptions,
+        noise: &mut dyn NoiseSource,
+        progress: &mut dyn FnMut(&StepInfo),
+        start: Option<(Tensor, &mut dyn Scheduler)>,
+    ) -> Result<(Tensor, Tensor)> {
+        let b = check_embeddings(image_embeddings)?;
+        let (c, h, w) = self.decoder.sample_shape()?;
+        let step = self.decoder.prepare(image_embeddings, text, guided)?;
+        let (learned, scale) = (self.decoder_learned_variance, opts.decoder_guidance_scale);
+        let (device, kind) = (self.decoder.device(), self.decoder.kind());
+        let model = |x: &Tensor, t: i64, learned: bool| -> Result<Tensor> {
+            let x_in = if guided { Tensor::f_cat(&[x, x], 0)? } else { x.shallow_clone() };
+            let out = step.predict(&x_in, t)?;
+            let out = if guided { guide(&out, scale, Some(c))? } else { out };
+            if !learned && out.size()[1] > c { Ok(out.f_narrow(1, 0, c)?) } else { Ok(out) }
+        };
+        let small = match start {
+            Some((x, sched)) => {
+                sched.set_timesteps(opts.decoder_steps)?;
+                let x = x.f_to_device(device)?.f_to_kind(kind)?;
+                run_loop(Stage::Decoder, sched, x, noise, progress, |x, t, _, _| {
+                    model(x, t, false)
+                })?
+            }
+            None => {
+                self.decoder_scheduler.set_timesteps(opts.decoder_steps)?;
+                let sigma = self.decoder_scheduler.init_noise_sigma();
+                let x = noise.randn(&[b, c, h, w], kind, device).f_mul_scalar(sigma)?;
+                run_loop(
+                    Stage::Decoder,
+                    self.decoder_scheduler.as_mut(),
+                    x,
+                    noise,
+                    progress,
+                    |x, t, _, _| model(x, t, learned),
+                )?
+            }
+        };
+        drop(step);
+        let small = small.f_clamp(-1.0, 1.0)?;
+        let last = match self.upsampler.as_deref() {
+            Some(up) => {
+                let (c2, h2, w2) = up.sample_shape()?;
+                self.super_res_scheduler.set_timesteps(opts.super_res_steps)?;
+                let sigma = self.super_res_scheduler.init_noise_sigma();
+                let x =
+                    noise.randn(&[b, c2, h2, w2], up.kind(), up.device()).f_mul_scalar(sigma)?;
+                let low = up.condition(&small)?;
+                run_loop(
+                    Stage::SuperRes,
+                    self.super_res_scheduler.as_mut(),
+                    x,
+                    noise,
+                    progress,
+                    |x, t, _, last| up.predict(x, &low, t, last),
+                )?
+            }
+            None => small.shallow_clone(),
+        };
+        let images = last
+            .f_to_kind(Kind::Float)?
+            .f_mul_scalar(0.5)?
+            .f_add_scalar(0.5)?
+            .f_clamp(0.0, 1.0)?
+            .f_to_device(Device::Cpu)?;
+        Ok((small, images))
+    }
+}
+
+pub(crate) fn check_embeddings(e: &Tensor) -> Result<i64> {
+    let s = e.size();
+    if s.len() != 2 || s[0] == 0 {
+        return Err(Error::Input(format!("image embeddings must be (B, D) with B > 0, got {s:?}")));
+    }
+    Ok(s[0])
+}

@@ -1,0 +1,65 @@
+//! CLIP reranking: generate K images per prompt and order them by CLIP similarity to the prompt
+//! (the image encoder's embedding of each image against the prompt's text embedding).
+
+use crate::pipeline::{Generation, StepInfo, TextToImage, Unclip};
+use crate::{Error, Result};
+use tch::{Kind, Tensor};
+
+/// Reranked images of one run.
+#[derive(Debug)]
+pub struct Ranked {
+    /// The generation, images reordered per prompt from most to least similar.
+    pub generation: Generation,
+    /// Cosine similarity of each (reordered) image to its prompt.
+    pub scores: Vec<f64>,
+}
+
+impl Unclip {
+    /// Generates `k` images per prompt and returns them ordered by CLIP similarity to their
+    /// prompt, best first. Needs an image encoder in the same CLIP space as the text encoder.
+    pub fn generate_reranked(
+        &mut self,
+        req: &TextToImage,
+        k: usize,
+        progress: &mut dyn FnMut(&StepInfo),
+    ) -> Result<Ranked> {
+        if k == 0 {
+            return Err(Error::Input("reranking needs at least one image per prompt".into()));
+        }
+        if self.image_encoder.is_none() {
+            return Err(Error::Pipeline(
+                "reranking needs an image encoder (Unclip::load_image_encoder)".into(),
+            ));
+        }
+        let req = TextToImage { num_images_per_prompt: k, ..req.clone() };
+        let g = self.text_to_image(&req, progress)?;
+        let prompts: Vec<&str> = req.prompts.iter().map(String::as_str).collect();
+        let text = self.text_encoder.encode(&prompts)?.conditioning.text_embeds;
+        let enc = self.image_encoder.as_deref().expect("checked above");
+        let img = enc.embed_tensor(&g.images)?.f_to_kind(Kind::Float)?;
+        let text = text
+            .f_to_device(img.device())?
+            .f_to_kind(Kind::Float)?
+            .f_repeat_interleave_self_int(k as i64, 0, None)?;
+        let sims = Vec::<f64>::try_from(
+            Tensor::f_cosine_similarity(&img, &text, 1, 1e-8)?.f_to_kind(Kind::Double)?,
+        )?;
+        let mut order = Vec::with_capacity(sims.len());
+        for p in 0..prompts.len() {
+            let mut idx: Vec<usize> = (p * k..(p + 1) * k).collect();
+            idx.sort_by(|&a, &b| sims[b].total_cmp(&sims[a]));
+            order.extend(idx);
+        }
+        let index = Tensor::f_from_slice(&order.iter().map(|&i| i as i64).collect::<Vec<_>>())?;
+        let pick = |t: &Tensor| t.f_index_select(0, &index.f_to_device(t.device())?);
+        let generation = Generation {
+            images: pick(&g.images)?,
+            image_small: pick(&g.image_small)?,
+            image_embeddings: pick(&g.image_embeddings)?,
+            source_index: order.iter().map(|&i| g.source_index[i]).collect(),
+            candidates: g.candidates,
+            warnings: g.warnings,
+        };
+        Ok(Ranked { generation, scores: order.iter().map(|&i| sims[i]).collect() })
+    }
+}
