@@ -432,7 +432,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         match AnyConfig::read(&dir.join("text_eos/config.json")).unwrap() {
-            AnyConfig::Text(t) => assert_eq!(t.eos_rule().unwrap(), EosRule::FirstId(999)),
+            AnyConfig::Text(t) => assert_eq!(t.eos_rule().unwrap(), EosRule::FirstId(500)),
             other => panic!("{other:?}"),
         }
         assert!(matches!(
