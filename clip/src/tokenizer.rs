@@ -60,6 +60,7 @@ pub struct ClipTokenizer {
     bos_id: i64,
     eos_id: i64,
     pad_id: i64,
+    unk: String,
     context_length: usize,
 }
 
@@ -189,7 +190,7 @@ impl ClipTokenizer {
         let unk = cfg.unk.unwrap_or_else(|| default(EOS));
         let pad = cfg.pad.unwrap_or_else(|| default(EOS));
         // Added as special tokens, so their text in a prompt maps to their id (transformers does the same).
-        inner.add_special_tokens(&[bos.clone(), eos.clone(), unk, pad.clone()]);
+        inner.add_special_tokens(&[bos.clone(), eos.clone(), unk.clone(), pad.clone()]);
         let id = |t: &AddedToken| {
             inner.token_to_id(&t.content).map(i64::from).ok_or_else(|| {
                 Error::Tokenizer(format!("special token {:?} is not in the vocabulary", t.content))
@@ -199,6 +200,7 @@ impl ClipTokenizer {
             bos_id: id(&bos)?,
             eos_id: id(&eos)?,
             pad_id: id(&pad)?,
+            unk: unk.content.clone(),
             context_length: cfg.model_max_length.unwrap_or(77),
             inner,
         })
@@ -312,7 +314,7 @@ impl ClipTokenizer {
             "tokenizer_class": "CLIPTokenizer",
             "bos_token": self.inner.id_to_token(self.bos_id as u32),
             "eos_token": self.inner.id_to_token(self.eos_id as u32),
-            "unk_token": self.inner.id_to_token(self.eos_id as u32),
+            "unk_token": self.unk,
             "pad_token": self.inner.id_to_token(self.pad_id as u32),
             "model_max_length": self.context_length,
         });

@@ -103,3 +103,26 @@ fn truncation_is_reported_or_refused() {
     );
     assert!(ClipTokenizer::from_dir(&fixture_path("clip/nowhere")).is_err());
 }
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        /// Any text gives a full-length encoding that starts with bos, holds exactly one real eos
+        /// before the padding, and reports truncation exactly when tokens were dropped.
+        #[test]
+        fn any_text_encodes_well_formed(text in "\\PC{0,200}") {
+            let tok = ClipTokenizer::from_dir(&fixture_path("clip/tiny_tokenizer")).unwrap().with_context_length(24).unwrap();
+            let e = tok.encode(&text, Truncation::Truncate).unwrap();
+            prop_assert_eq!(e.ids.len(), 24);
+            prop_assert_eq!(e.ids[0], tok.bos_id());
+            let used: usize = e.attention_mask.iter().sum::<i64>() as usize;
+            prop_assert_eq!(e.ids[used - 1], tok.eos_id());
+            prop_assert!(e.ids[used..].iter().all(|&i| i == tok.pad_id()));
+            prop_assert_eq!(e.truncated, e.original_len > 24);
+            prop_assert_eq!(used, e.original_len.min(24));
+        }
+    }
+}
