@@ -12,6 +12,14 @@ use unclip_core::train::*;
 
 const FIXTURE: &str = "train/reference.safetensors";
 
+/// libtorch's generator is global to the process: tests that seed it or draw from it run one at
+/// a time, or parallel tests would interleave their draws.
+static RNG: Mutex<()> = Mutex::new(());
+
+fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Same names as fixtures/gen_train.py's `Tiny`: proj_in -> LayerNorm -> tanh -> proj_out.
 struct Tiny {
     proj_in: nn::Linear,
@@ -159,6 +167,7 @@ fn schedules_match_transformers() {
 
 #[test]
 fn non_finite_steps_are_skipped_without_touching_weights() {
+    let _rng = rng_lock();
     tch::manual_seed(1);
     let vs = VarStore::new(Device::Cpu);
     let m = Tiny::new(vs.root(), 4, 8, 3);
@@ -319,6 +328,7 @@ fn snapshot(run: &Run) -> Vec<(String, Tensor)> {
 
 #[test]
 fn interrupted_and_resumed_run_is_bit_identical() {
+    let _rng = rng_lock();
     let straight_dir = tmp_dir("straight");
     let mut straight = open_run(&straight_dir, 1);
     assert_eq!(straight.start, 0);
@@ -378,6 +388,7 @@ fn interrupted_and_resumed_run_is_bit_identical() {
 
 #[test]
 fn checkpoint_errors_are_reported() {
+    let _rng = rng_lock();
     let dir = tmp_dir("ckpt-errors");
     tch::manual_seed(3);
     let vs = VarStore::new(Device::Cpu);
@@ -504,6 +515,7 @@ fn progress_degrades_to_periodic_lines() {
 
 #[test]
 fn ema_of_a_half_model_averages_in_f32() {
+    let _rng = rng_lock();
     tch::manual_seed(5);
     let mut vs = VarStore::new(Device::Cpu);
     let _ = Tiny::new(vs.root(), 4, 8, 3);
@@ -523,4 +535,89 @@ fn ema_of_a_half_model_averages_in_f32() {
     ema.copy_to(&vs).unwrap();
     assert_eq!(vs.variables()["proj_in.weight"].kind(), Kind::Half);
     assert!(Ema::new(&vs, EmaConfig { decay: 1.5, warmup: true }).is_err());
+}
+
+fn loop_config() -> LoopConfig {
+    LoopConfig {
+        total_steps: TOTAL,
+        seed: SEED,
+        schedule: sched(),
+        optimizer: AdamWConfig { weight_decay: 0.05, ..Default::default() },
+        ema: Some(EmaConfig { decay: 0.95, warmup: true }),
+        max_grad_norm: Some(1.0),
+        checkpoint_every: 3,
+        keep_last: 2,
+    }
+}
+
+/// Runs a `TrainLoop` in `dir` up to `until` steps (a fresh process each call).
+fn loop_run(
+    dir: &std::path::Path,
+    init_seed: i64,
+    until: u64,
+) -> (VarStore, Option<Vec<(String, Tensor)>>) {
+    tch::manual_seed(init_seed);
+    let vs = VarStore::new(Device::Cpu);
+    let model = Tiny::new(vs.root(), 4, 16, 3);
+    let meta = serde_json::json!({ "recipe": "tiny" });
+    let mut run =
+        TrainLoop::open(dir, &vs, loop_config(), default_no_decay, &[], meta, "tiny").unwrap();
+    assert_eq!(run.metadata()["recipe"], "tiny");
+    run.set_progress(Progress::lines(
+        "tiny",
+        run.start_step(),
+        TOTAL,
+        Box::new(std::io::sink()),
+        Duration::ZERO,
+    ));
+    let (x, y) = data();
+    for step in run.remaining().take_while(|s| *s < until) {
+        run.begin_step(step).unwrap();
+        let idx: Vec<i64> =
+            batch_indices(64, 8, SEED, step).unwrap().into_iter().map(|i| i as i64).collect();
+        let idx = Tensor::from_slice(&idx);
+        let xb = x.index_select(0, &idx) + Tensor::randn([8, 4], (Kind::Float, Device::Cpu)) * 0.1;
+        let loss = mse(&model, &xb, &y.index_select(0, &idx));
+        run.end_step(step, &vs, &loss, &[]).unwrap();
+    }
+    if until < TOTAL {
+        return (vs, None);
+    }
+    let ema = run.ema().unwrap().tensors(None).unwrap();
+    run.finish(&vs, &dir.join("shipped.safetensors"), None).unwrap();
+    (vs, Some(ema))
+}
+
+#[test]
+fn train_loop_resumes_exactly_and_ships_the_ema() {
+    let _rng = rng_lock();
+    let a = tmp_dir("loop-straight");
+    let (vs_a, ema_a) = loop_run(&a, 1, TOTAL);
+    let b = tmp_dir("loop-resumed");
+    let _ = loop_run(&b, 1, 5); // interrupted after step 5; last checkpoint at 3
+    let (vs_b, ema_b) = loop_run(&b, 77, TOTAL);
+    for (name, t) in vs_a.variables() {
+        assert!(t.equal(&vs_b.variables()[&name]), "{name}");
+    }
+    for ((n, ta), (_, tb)) in ema_a.unwrap().iter().zip(ema_b.as_ref().unwrap()) {
+        assert!(ta.equal(tb), "ema {n}");
+    }
+    // Each step logged once; the shipped file is the EMA under the model's names.
+    let log = read_csv(&b.join("loss.csv")).unwrap();
+    assert_eq!(log.column("step").unwrap(), (1..=TOTAL).map(|s| s as f64).collect::<Vec<_>>());
+    let secs = log.column("secs").unwrap();
+    assert!(secs.windows(2).all(|w| w[1] >= w[0]), "secs go on across the resume: {secs:?}");
+    assert!(b.join("loss.png").exists());
+    let shipped = unclip_core::weights::read_tensors(&b.join("shipped.safetensors")).unwrap();
+    for (n, t) in ema_b.unwrap() {
+        assert!(shipped[&n].equal(&t), "shipped {n}");
+    }
+    // Resuming with another seed would not repeat the run: refused.
+    let other = LoopConfig { seed: SEED + 1, ..loop_config() };
+    let vs = VarStore::new(Device::Cpu);
+    let _ = Tiny::new(vs.root(), 4, 16, 3);
+    let err = TrainLoop::open(&b, &vs, other, |_| false, &[], serde_json::Value::Null, "x");
+    assert!(err.unwrap_err().to_string().contains("seed"));
+    std::fs::remove_dir_all(&a).unwrap();
+    std::fs::remove_dir_all(&b).unwrap();
 }

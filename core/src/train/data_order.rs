@@ -19,7 +19,9 @@ pub fn step_seed(seed: u64, step: u64) -> u64 {
 }
 
 /// Seeds libtorch's global generators (CPU and CUDA) for step `step`; call it at the start of
-/// every step, before anything draws random numbers.
+/// every step, before anything draws random numbers. The generators are per process: two runs
+/// training at once in one process (e.g. parallel tests) interleave their draws and lose
+/// reproducibility.
 pub fn seed_step(seed: u64, step: u64) {
     // libtorch takes the seed as a signed 64-bit value; the bits are what matter.
     tch::manual_seed(step_seed(seed, step) as i64);

@@ -7,9 +7,10 @@
 //! - [`Checkpointer`]: atomic periodic checkpoints with a `latest.json` written last, resume;
 //! - [`seed_step`] / [`batch_indices`]: randomness and data order as functions of the step, so a
 //!   resumed run repeats an uninterrupted one bit for bit on the CPU;
-//! - [`CsvLogger`], [`plot_loss_curve`], [`Progress`]: loss log, loss picture, progress bar.
+//! - [`CsvLogger`], [`plot_loss_curve`], [`Progress`]: loss log, loss picture, progress bar;
+//! - [`TrainLoop`]: all of the above wired together; a recipe supplies each step's loss.
 //!
-//! A loop, sketched:
+//! A loop from the pieces, sketched (or the same with [`TrainLoop`] in a few lines):
 //!
 //! ```no_run
 //! # use unclip_core::train::*;
@@ -50,6 +51,7 @@ mod data_order;
 mod ema;
 mod plot;
 mod progress;
+mod run;
 mod schedule;
 
 pub use adamw::{AdamW, AdamWConfig, StepOutcome, default_no_decay};
@@ -60,4 +62,5 @@ pub use data_order::{batch_indices, epoch_permutation, seed_step, step_seed};
 pub use ema::{Ema, EmaConfig};
 pub use plot::{PlotOptions, moving_average, plot_loss_csv, plot_loss_curve};
 pub use progress::Progress;
+pub use run::{LoopConfig, TrainLoop};
 pub use schedule::LrSchedule;
