@@ -473,6 +473,10 @@ fn loss_curve_png() {
     assert!(count(&|r, b| r < 60 && b > 130) > 500, "moving average missing");
     assert!(count(&|r, b| (100..220).contains(&r) && b - r > 25) > 500, "raw series missing");
     assert!(plot_loss_curve(&points[..1], &path, &PlotOptions::default()).is_err());
+    // A short run within one decade (labelled at 1, 2, 5, 10).
+    let short: Vec<(f64, f64)> = (1..=12).map(|s| (s as f64, 5.0 / (s as f64).sqrt())).collect();
+    let opts = PlotOptions { width: 480, height: 300, ..Default::default() };
+    plot_loss_curve(&short, &dir.join("unclip-core-loss-short.png"), &opts).unwrap();
     let ma = moving_average(&[1.0, 3.0, 5.0, 7.0], 2);
     assert_eq!(ma, [1.0, 2.0, 4.0, 6.0]);
 }

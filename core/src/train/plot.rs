@@ -115,12 +115,12 @@ fn text(img: &mut RgbImage, x: i64, y: i64, s: &str, color: Rgb<u8>) {
     }
 }
 
-/// A power of ten as a short label: `0.01`, `1`, `100`, `1e-5`.
-fn decade_label(e: i32) -> String {
+/// `m * 10^e` (m a digit) as a short label: `0.02`, `1`, `500`, `2e-5`.
+fn tick_label(m: u32, e: i32) -> String {
     match e {
-        0..=3 => format!("1{}", "0".repeat(e as usize)),
-        -3..=-1 => format!("0.{}1", "0".repeat((-e - 1) as usize)),
-        _ => format!("1e{e}"),
+        0..=3 => format!("{m}{}", "0".repeat(e as usize)),
+        -3..=-1 => format!("0.{}{m}", "0".repeat((-e - 1) as usize)),
+        _ => format!("{m}e{e}"),
     }
 }
 
@@ -182,10 +182,15 @@ pub fn plot_loss_curve(points: &[(f64, f64)], path: &Path, opts: &PlotOptions) -
             for m in 2..10 {
                 let ym = py(m as f64 * 10f64.powi(e)).round() as i64;
                 hline(&mut img, ym, left, right, MINOR);
+                // Few decades: label 2 and 5 too, or the axis would carry two numbers.
+                if e_hi - e_lo <= 2 && (m == 2 || m == 5) {
+                    let label = tick_label(m, e);
+                    text(&mut img, left - 6 - 8 * label.len() as i64, ym - 4, &label, TEXT);
+                }
             }
         }
         hline(&mut img, y, left, right, GRID);
-        let label = decade_label(e);
+        let label = tick_label(1, e);
         text(&mut img, left - 6 - 8 * label.len() as i64, y - 4, &label, TEXT);
     }
     // Vertical grid at 1-2-5 steps.
@@ -249,4 +254,20 @@ pub fn plot_loss_csv(csv: &Path, png: &Path, opts: &PlotOptions) -> Result<()> {
         Error::InvalidArgument(format!("{}: no step/loss columns", csv.display()))
     })?;
     plot_loss_curve(&series, png, opts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_and_steps() {
+        assert_eq!(
+            [tick_label(1, -2), tick_label(5, -1), tick_label(2, 0), tick_label(1, 3)],
+            ["0.01", "0.5", "2", "1000"]
+        );
+        assert_eq!(tick_label(2, -5), "2e-5");
+        assert_eq!(nice_step(600.0, 6.0), 100.0);
+        assert_eq!(nice_step(9.0, 6.0), 2.0);
+    }
 }
