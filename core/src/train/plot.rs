@@ -221,10 +221,10 @@ pub fn plot_loss_curve(points: &[(f64, f64)], path: &Path, opts: &PlotOptions) -
     series(&mut img, &losses, 1.0, RAW);
     series(&mut img, &smooth, 2.0, SMOOTH);
 
-    let title = opts
-        .title
-        .clone()
-        .unwrap_or_else(|| format!("loss (log scale): raw, and mean of last {window} steps"));
+    let title = opts.title.clone().unwrap_or_else(|| match window {
+        1 => "loss (log scale)".to_string(),
+        w => format!("loss (log scale): raw, and mean of last {w} steps"),
+    });
     text(&mut img, left, 10, &title, TEXT);
     text(&mut img, right - 32, bottom + 24, "step", TEXT);
     // Legend swatches, top right.
