@@ -275,9 +275,9 @@ impl Upsampler for KarloUpsampler {
             _ => &self.first.model,
         };
         let x = on(sample, self.device(), self.kind())?;
-        Ok(tch::no_grad(|| -> Result<Tensor> {
+        tch::no_grad(|| -> Result<Tensor> {
             Ok(unet.forward(&Tensor::f_cat(&[&x, low_res], 1)?, &Tensor::from(t), None)?)
-        })?)
+        })
     }
 
     fn save_pretrained(&self, first_dir: &Path, last_dir: &Path) -> Result<()> {

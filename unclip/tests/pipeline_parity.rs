@@ -42,7 +42,7 @@ fn check_super_res_teacher_forced(
     let steps = fx["super_res_model_out"].size()[0] as usize;
     let mut seed = TorchNoise::new(0);
     for shape in draws_before {
-        seed.randn(shape, Kind::Float, Device::Cpu);
+        let _ = seed.randn(shape, Kind::Float, Device::Cpu);
     }
     let init = seed.randn(&[b, 3, 32, 32], Kind::Float, Device::Cpu);
     assert!(init.equal(&fx["super_res_latents"].get(0)), "super-res initial draw differs");
@@ -88,7 +88,13 @@ impl Recorded {
         self.check_at(fx, stage, TOL, TOL)
     }
 
-    fn check_at(&self, fx: &HashMap<String, Tensor>, stage: &'static str, tol_out: f64, tol_lat: f64) {
+    fn check_at(
+        &self,
+        fx: &HashMap<String, Tensor>,
+        stage: &'static str,
+        tol_out: f64,
+        tol_lat: f64,
+    ) {
         let outs = Tensor::stack(&self.outs[stage], 0);
         let lat = Tensor::stack(&self.latents[stage], 0);
         let ref_out = &fx[&format!("{stage}_model_out")];
@@ -126,7 +132,13 @@ fn text_to_image_matches_diffusers() {
     let unc = model.encode_prompts(&[""]).unwrap();
     assert!(unc.input_ids.equal(&fx["uncond_input_ids"]));
     assert!(unc.conditioning.mask.to_kind(Kind::Int64).equal(&fx["uncond_attention_mask"]));
-    assert_close("uncond text_embeds", &unc.conditioning.text_embeds, &fx["uncond_text_embeds"], TOL, 0.0);
+    assert_close(
+        "uncond text_embeds",
+        &unc.conditioning.text_embeds,
+        &fx["uncond_text_embeds"],
+        TOL,
+        0.0,
+    );
 
     // Draw order: the first draw of the seed is the prior's initial latents.
     let first = TorchNoise::new(0).randn(&[4, 32], Kind::Float, Device::Cpu);
@@ -149,7 +161,14 @@ fn text_to_image_matches_diffusers() {
     assert_close("image_embeddings", &out.image_embeddings, &fx["image_embeddings"], TOL, 0.0);
     rec.check(&fx, "decoder");
     assert_close("image_small", &out.image_small, &fx["image_small"], TOL, 0.0);
-    let draws = [vec![4, 32], vec![4, 32], vec![4, 32], vec![4, 3, 16, 16], vec![4, 3, 16, 16], vec![4, 3, 16, 16]];
+    let draws = [
+        vec![4, 32],
+        vec![4, 32],
+        vec![4, 32],
+        vec![4, 3, 16, 16],
+        vec![4, 3, 16, 16],
+        vec![4, 3, 16, 16],
+    ];
     check_super_res_teacher_forced(&mut model, &fx, &fx["image_small"], &draws, 4);
     rec.check_at(&fx, "super_res", 2e-3, 2e-2);
     let nhwc = out.images.permute([0, 2, 3, 1]);
