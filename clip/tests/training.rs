@@ -200,3 +200,32 @@ fn trainer_checks_input_and_clamps_temperature() {
             .unwrap();
     assert!(ClipTrainer::new(&text_only, TrainConfig::default()).is_err());
 }
+
+#[test]
+fn same_seed_same_training_on_cpu() {
+    let tok = ClipTokenizer::from_dir(&fixture_path("clip/tiny_tokenizer"))
+        .unwrap()
+        .with_context_length(16)
+        .unwrap();
+    let run = || {
+        tch::manual_seed(7);
+        let m = model(&tok, Device::Cpu);
+        let mut t = ClipTrainer::new(&m, TrainConfig::default()).unwrap();
+        let enc = tok
+            .encode_batch(
+                &["a red square", "a blue square", "a green square"],
+                Truncation::Error,
+                Device::Cpu,
+            )
+            .unwrap();
+        let px = images(&[0, 2, 1], Device::Cpu);
+        let losses: Vec<f64> = (0..3)
+            .map(|_| t.step(&m, &enc.input_ids, Some(&enc.attention_mask), &px).unwrap())
+            .collect();
+        (losses, m.var_store().variables()["visual_projection.weight"].copy())
+    };
+    let (a, wa) = run();
+    let (b, wb) = run();
+    assert_eq!(a, b);
+    assert!(wa.equal(&wb));
+}
