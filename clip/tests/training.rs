@@ -9,6 +9,14 @@ use unclip_clip::{
 };
 use unclip_core::testing::fixture_path;
 
+/// libtorch's random generator is global and tests run on parallel threads: tests that seed it
+/// hold this lock so their random draws are not interleaved.
+static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 const COLORS: [(&str, [f64; 3]); 6] = [
     ("red", [0.9, 0.1, 0.1]),
     ("green", [0.1, 0.8, 0.2]),
@@ -161,11 +169,13 @@ fn train_and_check(device: Device) {
 
 #[test]
 fn contrastive_training_learns_colors_cpu() {
+    let _rng = rng_lock();
     train_and_check(Device::Cpu);
 }
 
 #[test]
 fn contrastive_training_learns_colors_cuda() {
+    let _rng = rng_lock();
     if !tch::Cuda::is_available() {
         eprintln!("no CUDA: skipped");
         return;
@@ -175,6 +185,7 @@ fn contrastive_training_learns_colors_cuda() {
 
 #[test]
 fn trainer_checks_input_and_clamps_temperature() {
+    let _rng = rng_lock();
     let tok = ClipTokenizer::from_dir(&fixture_path("clip/tiny_tokenizer"))
         .unwrap()
         .with_context_length(16)
@@ -203,6 +214,7 @@ fn trainer_checks_input_and_clamps_temperature() {
 
 #[test]
 fn same_seed_same_training_on_cpu() {
+    let _rng = rng_lock();
     let tok = ClipTokenizer::from_dir(&fixture_path("clip/tiny_tokenizer"))
         .unwrap()
         .with_context_length(16)
