@@ -1,6 +1,10 @@
-//! Flags shared by every example (device and dtype selection).
+//! Flags shared by every example (device and dtype selection, the model folder, seed, output
+//! folder) and the progress bars of the unCLIP examples.
 
 use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+use unclip::{LoadOptions, Stage, StepInfo, Unclip};
 use unclip_core::tch::{Device, Kind};
 
 /// `--device` and `--dtype`, as every example takes them.
@@ -24,6 +28,109 @@ impl RuntimeArgs {
     pub fn dtype(&self) -> unclip_core::Result<Kind> {
         unclip_core::parse_dtype(&self.dtype)
     }
+}
+
+/// The model and run flags of the unCLIP examples.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// A diffusers-layout unCLIP folder (e.g. a download of kakaobrain/karlo-v1-alpha).
+    #[arg(long)]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub rt: RuntimeArgs,
+    /// Device of the CLIP encoders (default: --device), e.g. `cpu` to leave GPU memory to the UNets.
+    #[arg(long)]
+    pub clip_device: Option<String>,
+    /// A CLIP image encoder folder (config.json + model.safetensors, in the text encoder's space),
+    /// for models without one (karlo-v1-alpha): e.g. karlo-v1-alpha-image-variations/image_encoder.
+    /// Its preprocessor_config.json is looked for beside it, then in ../feature_extractor.
+    #[arg(long)]
+    pub image_encoder: Option<PathBuf>,
+    /// Same seed, same images.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output folder for the PNGs.
+    #[arg(long, default_value = "out")]
+    pub out: PathBuf,
+}
+
+impl ModelArgs {
+    /// Loads the model: UNets and prior on --device in --dtype, CLIP on --clip-device (f32 on the
+    /// CPU, else --dtype).
+    pub fn load(&self) -> anyhow::Result<Unclip> {
+        let (device, kind) = (self.rt.device()?, self.rt.dtype()?);
+        let clip_device = match &self.clip_device {
+            Some(d) => unclip_core::select_device(Some(d))?,
+            None => device,
+        };
+        let clip_kind = if clip_device == Device::Cpu { Kind::Float } else { kind };
+        let opts = LoadOptions::new(device, kind)
+            .component("text_encoder", clip_device, clip_kind)
+            .component("image_encoder", clip_device, clip_kind);
+        let mut model = Unclip::from_pretrained(&self.model, &opts)?;
+        if let Some(dir) = &self.image_encoder {
+            let beside = dir.join("preprocessor_config.json");
+            let sibling = dir.join("..").join("feature_extractor");
+            let processor = if beside.is_file() {
+                None
+            } else if sibling.join("preprocessor_config.json").is_file() {
+                Some(sibling)
+            } else {
+                None
+            };
+            model.load_image_encoder(dir, processor.as_deref(), clip_device, clip_kind)?;
+        }
+        Ok(model)
+    }
+}
+
+/// One progress bar, restarted for every sampling stage.
+pub struct Progress {
+    bar: ProgressBar,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} ({elapsed})")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        Self { bar }
+    }
+}
+
+impl Progress {
+    /// The per-step callback to hand to the pipeline.
+    pub fn update(&mut self, s: &StepInfo) {
+        if s.step == 0 {
+            self.bar.reset();
+            self.bar.set_length(s.total as u64);
+            self.bar.set_message(match s.stage {
+                Stage::Prior => "prior",
+                Stage::Decoder => "decoder",
+                Stage::SuperRes => "super-res",
+                Stage::Inversion => "inversion",
+            });
+        }
+        self.bar.set_position(s.step as u64 + 1);
+    }
+
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+/// Prints the run's warnings and writes the images as `out/{prefix}{i}.png`.
+pub fn save(g: &unclip::Generation, out: &std::path::Path, prefix: &str) -> anyhow::Result<()> {
+    for w in &g.warnings {
+        eprintln!("warning: {w}");
+    }
+    for p in unclip::output::save_pngs(&g.images, out, prefix)? {
+        println!("wrote {}", p.display());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,0 +1,80 @@
+//! Text to image with an unCLIP (Karlo) folder: prior -> decoder -> super-resolution.
+//!
+//! `cargo run --release --example text_to_image -- --model karlo-v1-alpha --prompt "a corgi playing a trumpet"`
+
+use clap::Parser;
+use unclip::TextToImage;
+use unclip_examples::{ModelArgs, Progress, save};
+
+#[derive(Parser)]
+#[command(about = "Generates images from prompts with an unCLIP (Karlo) model")]
+struct Cli {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt (repeat the flag for several).
+    #[arg(long, required = true)]
+    prompt: Vec<String>,
+    /// The unconditional prompt of classifier-free guidance.
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
+    #[arg(long, default_value_t = 1)]
+    num_images: usize,
+    #[arg(long, default_value_t = 25)]
+    prior_steps: usize,
+    #[arg(long, default_value_t = 4.0)]
+    prior_guidance: f64,
+    /// Best-of-N: prior candidates per image, the one closest to the prompt is kept.
+    #[arg(long, default_value_t = 1)]
+    candidates: usize,
+    #[arg(long, default_value_t = 25)]
+    decoder_steps: usize,
+    #[arg(long, default_value_t = 8.0)]
+    decoder_guidance: f64,
+    #[arg(long, default_value_t = 7)]
+    super_res_steps: usize,
+    /// Generate this many per prompt and keep them ordered by CLIP similarity (needs an image
+    /// encoder, see --image-encoder).
+    #[arg(long)]
+    rerank: Option<usize>,
+    /// Also write the decoder's 64 px images.
+    #[arg(long)]
+    save_small: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut model = cli.model.load()?;
+    let req = TextToImage {
+        prompts: cli.prompt.clone(),
+        negative_prompt: cli.negative_prompt.clone(),
+        num_images_per_prompt: cli.num_images,
+        prior_steps: cli.prior_steps,
+        prior_guidance_scale: cli.prior_guidance,
+        prior_candidates: cli.candidates,
+        decoder_steps: cli.decoder_steps,
+        decoder_guidance_scale: cli.decoder_guidance,
+        super_res_steps: cli.super_res_steps,
+        seed: Some(cli.model.seed),
+    };
+    let mut bar = Progress::default();
+    let g = match cli.rerank {
+        Some(k) => {
+            let r = model.generate_reranked(&req, k, &mut |s| bar.update(s))?;
+            for (i, s) in r.scores.iter().enumerate() {
+                println!(
+                    "image {i}: prompt {} CLIP similarity {s:.4}",
+                    r.generation.source_index[i]
+                );
+            }
+            r.generation
+        }
+        None => model.text_to_image(&req, &mut |s| bar.update(s))?,
+    };
+    bar.finish();
+    save(&g, &cli.model.out, "image-")?;
+    if cli.save_small {
+        let small = (g.image_small.shallow_clone() * 0.5 + 0.5).clamp(0.0, 1.0);
+        unclip::output::save_pngs(&small, &cli.model.out, "small-")?;
+    }
+    Ok(())
+}
