@@ -52,9 +52,9 @@ impl Default for DdimInverseSchedulerConfig {
 }
 
 impl DdimInverseSchedulerConfig {
-    /// Reads a diffusers `scheduler_config.json`.
+    /// Reads a diffusers `scheduler_config.json` (unknown keys ignored, missing ones default).
     pub fn from_file(path: &Path) -> Result<Self> {
-        Ok(unclip_core::config::read_json(path)?)
+        crate::from_config::read_config(path)
     }
 }
 

@@ -54,9 +54,9 @@ impl Default for DdpmSchedulerConfig {
 }
 
 impl DdpmSchedulerConfig {
-    /// Reads a diffusers `scheduler_config.json`.
+    /// Reads a diffusers `scheduler_config.json` (unknown keys ignored, missing ones default).
     pub fn from_file(path: &Path) -> Result<Self> {
-        Ok(unclip_core::config::read_json(path)?)
+        crate::from_config::read_config(path)
     }
 }
 

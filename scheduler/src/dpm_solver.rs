@@ -103,9 +103,9 @@ impl Default for DpmSolverConfig {
 }
 
 impl DpmSolverConfig {
-    /// Reads a diffusers `scheduler_config.json`.
+    /// Reads a diffusers `scheduler_config.json` (unknown keys ignored, missing ones default).
     pub fn from_file(path: &Path) -> Result<Self> {
-        Ok(unclip_core::config::read_json(path)?)
+        crate::from_config::read_config(path)
     }
 
     fn validate(&self) -> Result<()> {

@@ -33,8 +33,10 @@ impl Fixture {
     }
 }
 
+/// Asserts parity within (ATOL, RTOL) and logs the worst difference (`--nocapture` shows it).
 pub fn close(what: &str, ours: &Tensor, reference: &Tensor) {
     unclip_core::testing::assert_close(what, ours, reference, ATOL, RTOL);
+    println!("{what}: max |diff| {:.3e}", unclip_core::testing::max_abs_diff(ours, reference));
 }
 
 /// out = x·a(t) + b(t), a = 0.5 + 0.3 cos(t/100), b = 0.1 sin(t/50), plus variance channels:
