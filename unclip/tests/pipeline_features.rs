@@ -401,3 +401,58 @@ fn outputs_write_pngs() {
     assert_eq!(arr.dim(), (1, 32, 32, 3));
     let _ = std::fs::remove_dir_all(&d);
 }
+
+#[test]
+fn negative_prompt_and_unguided_runs() {
+    let _g = lock();
+    let mut m = t2i();
+    let base = m.text_to_image(&small("horse"), &mut no_progress).unwrap();
+    let explicit = TextToImage { negative_prompt: String::new(), ..small("horse") };
+    assert!(m.text_to_image(&explicit, &mut no_progress).unwrap().images.equal(&base.images));
+    let neg = TextToImage { negative_prompt: "a red house".into(), ..small("horse") };
+    let other = m.text_to_image(&neg, &mut no_progress).unwrap();
+    assert!(max_abs_diff(&other.image_embeddings, &base.image_embeddings) > 1e-4);
+    // Both scales <= 1: no guidance batch, the prior sees one row per image. A user-supplied
+    // prior wrapping the loaded one records what it is given.
+    struct Counting {
+        inner: Box<dyn unclip::Prior>,
+        rows: std::rc::Rc<std::cell::RefCell<Vec<i64>>>,
+    }
+    impl unclip::Prior for Counting {
+        fn embedding_dim(&self) -> i64 {
+            self.inner.embedding_dim()
+        }
+        fn device(&self) -> Device {
+            self.inner.device()
+        }
+        fn kind(&self) -> Kind {
+            self.inner.kind()
+        }
+        fn predict(
+            &self,
+            x: &Tensor,
+            t: i64,
+            text: &unclip::traits::TextConditioning,
+        ) -> unclip::Result<Tensor> {
+            self.rows.borrow_mut().push(x.size()[0]);
+            self.inner.predict(x, t, text)
+        }
+        fn post_process(&self, x: &Tensor) -> unclip::Result<Tensor> {
+            self.inner.post_process(x)
+        }
+        fn save_pretrained(&self, dir: &Path) -> unclip::Result<()> {
+            self.inner.save_pretrained(dir)
+        }
+    }
+    let rows = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+    let inner = m.prior.take().unwrap();
+    m.prior = Some(Box::new(Counting { inner, rows: rows.clone() }));
+    m.text_to_image(&small("horse"), &mut no_progress).unwrap();
+    assert_eq!(*rows.borrow(), [2, 2]);
+    rows.borrow_mut().clear();
+    let plain =
+        TextToImage { prior_guidance_scale: 1.0, decoder_guidance_scale: 0.5, ..small("horse") };
+    let out = m.text_to_image(&plain, &mut no_progress).unwrap();
+    assert_eq!(*rows.borrow(), [1, 1]);
+    assert!(bool::try_from(out.images.isfinite().all()).unwrap());
+}
