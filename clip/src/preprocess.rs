@@ -2,8 +2,8 @@
 //! (transparency composited onto white), resize the shortest edge with PIL's antialiased bicubic
 //! filter, center crop, rescale to [0, 1], normalize with CLIP's mean and std.
 //!
-//! The resampler follows Pillow's fixed-point algorithm (horizontal pass, then vertical, each
-//! rounded to 8 bits), so results match PIL to the last bit rather than approximately.
+//! The resampler follows Pillow's fixed-point algorithm (two separable passes, each rounded to 8
+//! bits, in Pillow 13's order), so results match PIL to the last bit rather than approximately.
 
 use crate::{Error, Result};
 use image::DynamicImage;
@@ -274,41 +274,60 @@ fn clip8(v: i64) -> u8 {
 }
 
 /// Resizes like `PIL.Image.resize((width, height), filter)` on an RGB image.
+///
+/// Pillow 13 runs the vertical pass first when the image loses more than twice as many rows as
+/// columns (`max(H - h, 0) > 2 max(W - w, 0)`), else the horizontal pass first; each pass rounds
+/// to 8 bits, so the order matters by up to 1/255. The rule was measured against the installed
+/// Pillow (every order on hundreds of random sizes); with it the results are bit-identical.
 pub fn resize(img: &Rgb8, width: usize, height: usize, filter: Filter) -> Result<Rgb8> {
     if width == 0 || height == 0 {
         return Err(Error::Image(format!("cannot resize to {width}x{height}")));
     }
-    let mut cur = img.clone();
-    let half = 1i64 << (PRECISION_BITS - 1);
-    if width != cur.width {
-        let c = coeffs(cur.width, width, filter);
-        let mut out = vec![0u8; width * cur.height * 3];
-        for y in 0..cur.height {
-            let row = &cur.data[y * cur.width * 3..(y + 1) * cur.width * 3];
-            for (x, ((xmin, n), k)) in c.bounds.iter().zip(&c.weights).enumerate() {
-                for ch in 0..3 {
-                    let taps = row[xmin * 3 + ch..].iter().step_by(3).take(*n);
-                    let ss = half + taps.zip(k).map(|(&v, &w)| i64::from(v) * w).sum::<i64>();
-                    out[(y * width + x) * 3 + ch] = clip8(ss);
-                }
+    let shrink_rows = img.height.saturating_sub(height);
+    let shrink_cols = img.width.saturating_sub(width);
+    Ok(if shrink_rows > 2 * shrink_cols {
+        resize_horizontal(&resize_vertical(img, height, filter), width, filter)
+    } else {
+        resize_vertical(&resize_horizontal(img, width, filter), height, filter)
+    })
+}
+
+const HALF: i64 = 1 << (PRECISION_BITS - 1);
+
+fn resize_horizontal(img: &Rgb8, width: usize, filter: Filter) -> Rgb8 {
+    if width == img.width {
+        return img.clone();
+    }
+    let c = coeffs(img.width, width, filter);
+    let mut out = vec![0u8; width * img.height * 3];
+    for y in 0..img.height {
+        let row = &img.data[y * img.width * 3..(y + 1) * img.width * 3];
+        for (x, ((xmin, n), k)) in c.bounds.iter().zip(&c.weights).enumerate() {
+            for ch in 0..3 {
+                let taps = row[xmin * 3 + ch..].iter().step_by(3).take(*n);
+                let ss = HALF + taps.zip(k).map(|(&v, &w)| i64::from(v) * w).sum::<i64>();
+                out[(y * width + x) * 3 + ch] = clip8(ss);
             }
         }
-        cur = Rgb8 { width, height: cur.height, data: out };
     }
-    if height != cur.height {
-        let c = coeffs(cur.height, height, filter);
-        let w = cur.width;
-        let mut out = vec![0u8; w * height * 3];
-        for (y, ((ymin, n), k)) in c.bounds.iter().zip(&c.weights).enumerate() {
-            for x in 0..w * 3 {
-                let taps = cur.data[ymin * w * 3 + x..].iter().step_by(w * 3).take(*n);
-                let ss = half + taps.zip(k).map(|(&v, &w)| i64::from(v) * w).sum::<i64>();
-                out[y * w * 3 + x] = clip8(ss);
-            }
+    Rgb8 { width, height: img.height, data: out }
+}
+
+fn resize_vertical(img: &Rgb8, height: usize, filter: Filter) -> Rgb8 {
+    if height == img.height {
+        return img.clone();
+    }
+    let c = coeffs(img.height, height, filter);
+    let stride = img.width * 3;
+    let mut out = vec![0u8; stride * height];
+    for (y, ((ymin, n), k)) in c.bounds.iter().zip(&c.weights).enumerate() {
+        for x in 0..stride {
+            let taps = img.data[ymin * stride + x..].iter().step_by(stride).take(*n);
+            let ss = HALF + taps.zip(k).map(|(&v, &w)| i64::from(v) * w).sum::<i64>();
+            out[y * stride + x] = clip8(ss);
         }
-        cur = Rgb8 { width: w, height, data: out };
     }
-    Ok(cur)
+    Rgb8 { width: img.width, height, data: out }
 }
 
 /// transformers' `get_resize_output_image_size` for a shortest-edge size: (height, width).
