@@ -355,3 +355,40 @@ impl Scheduler for DpmSolverMultistepScheduler {
         Ok(prev.to_kind(model_output.kind()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::TorchNoise;
+    use tch::Device;
+
+    #[test]
+    fn steps_must_come_in_order_and_set_timesteps_restarts() {
+        let mut s = DpmSolverMultistepScheduler::new(DpmSolverConfig::default()).unwrap();
+        s.set_timesteps(5).unwrap();
+        let ts = s.timesteps().to_vec();
+        let x = Tensor::ones([1, 2, 3], (Kind::Float, Device::Cpu));
+        let mut n = TorchNoise::unseeded();
+        assert!(matches!(s.step(&x, ts[1], &x, &mut n), Err(Error::InvalidInput(_))));
+        let a = s.step(&x, ts[0], &x, &mut n).unwrap();
+        assert!(matches!(s.step(&x, ts[0], &x, &mut n), Err(Error::InvalidInput(_))));
+        s.set_timesteps(5).unwrap();
+        assert!(s.step(&x, ts[0], &x, &mut n).unwrap().equal(&a));
+        let half = x.to_kind(Kind::Half);
+        assert_eq!(s.step(&half, ts[1], &x, &mut n).unwrap().kind(), Kind::Half);
+    }
+
+    #[test]
+    fn lambda_min_clipped_reads_null_and_cuts_the_tail() {
+        let c: DpmSolverConfig = serde_json::from_str(r#"{"lambda_min_clipped": null}"#).unwrap();
+        assert_eq!(c.lambda_min_clipped, f64::NEG_INFINITY);
+        let cfg = DpmSolverConfig {
+            lambda_min_clipped: -5.1,
+            beta_schedule: BetaSchedule::SquaredcosCapV2,
+            ..Default::default()
+        };
+        let mut s = DpmSolverMultistepScheduler::new(cfg).unwrap();
+        s.set_timesteps(10).unwrap();
+        assert!(s.timesteps()[0] < 999);
+    }
+}

@@ -79,16 +79,9 @@ impl VlbLoss {
         Self { num_train_timesteps: n, tables }
     }
 
-    /// Table `row` at `t`, shaped to broadcast over `like`.
-    fn take(&self, row: i64, t: &Tensor, like: &Tensor) -> Tensor {
-        let mut shape = vec![-1i64];
-        shape.resize(like.dim(), 1);
-        self.tables
-            .get(row)
-            .to_device(like.device())
-            .index_select(0, t)
-            .to_kind(like.kind())
-            .reshape(&shape)
+    /// Every table at `t` in one transfer and one gather: [8, B] in `like`'s kind and device.
+    fn gather(&self, t: &Tensor, like: &Tensor) -> Tensor {
+        self.tables.to_device(like.device()).index_select(1, t).to_kind(like.kind())
     }
 
     /// The VLB term per batch item (shape [B], bits per dimension, in `model_output`'s kind;
@@ -121,23 +114,22 @@ impl VlbLoss {
         let (x0, x_t) = (&f64(x0), &f64(x_t));
         let v = f64(&v.expect("learned split"));
         let pred = f64(&pred.detach());
+        let at_t = self.gather(&t, x_t);
+        let mut bshape = vec![-1i64];
+        bshape.resize(x_t.dim(), 1);
+        let take = |row: i64| at_t.get(row).reshape(&bshape);
 
         let pred_x0 = match prediction {
-            PredictionType::Epsilon => {
-                self.take(SQRT_RECIP_AC, &t, x_t) * x_t
-                    - self.take(SQRT_RECIPM1_AC, &t, x_t) * &pred
-            }
+            PredictionType::Epsilon => take(SQRT_RECIP_AC) * x_t - take(SQRT_RECIPM1_AC) * &pred,
             PredictionType::Sample => pred,
-            PredictionType::VPrediction => {
-                self.take(SQRT_AC, &t, x_t) * x_t - self.take(SQRT_1M_AC, &t, x_t) * &pred
-            }
+            PredictionType::VPrediction => take(SQRT_AC) * x_t - take(SQRT_1M_AC) * &pred,
         };
-        let c0 = self.take(COEF_X0, &t, x_t);
-        let ct = self.take(COEF_XT, &t, x_t);
+        let c0 = take(COEF_X0);
+        let ct = take(COEF_XT);
         let true_mean = &c0 * x0 + &ct * x_t;
         let model_mean = c0 * pred_x0 + ct * x_t;
-        let min_log = self.take(LOG_VAR_MIN, &t, x_t);
-        let max_log = self.take(LOG_VAR_MAX, &t, x_t);
+        let min_log = take(LOG_VAR_MIN);
+        let max_log = take(LOG_VAR_MAX);
         let frac = (v + 1.0) / 2.0;
         let model_log_var = &frac * max_log + (1.0f64 - &frac) * &min_log;
 

@@ -198,6 +198,14 @@ fn dpm_solver_matches_diffusers() {
             "learned_range",
             DpmSolverConfig { variance_type: Some(VarianceType::LearnedRange), ..d.clone() },
         ),
+        (
+            "lambda_clip",
+            DpmSolverConfig {
+                beta_schedule: BetaSchedule::SquaredcosCapV2,
+                lambda_min_clipped: -5.1,
+                ..d.clone()
+            },
+        ),
     ];
     for (name, cfg) in cases {
         for (pn, pred) in PREDICTIONS {
