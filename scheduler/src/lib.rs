@@ -32,7 +32,7 @@ pub use ddpm::{DdpmScheduler, DdpmSchedulerConfig};
 pub use dpm_solver::{DpmSolverConfig, DpmSolverMultistepScheduler, FinalSigmas, SolverType};
 pub use error::{Error, Result};
 pub use from_config::{scheduler_from_file, scheduler_from_json};
-pub use noise::{NoiseSource, TorchNoise};
+pub use noise::{NoiseSource, TorchNoise, global_rng_lock};
 pub use schedule::{BetaSchedule, NoiseSchedule};
 pub use step::{StepOutput, dynamic_threshold};
 pub use training::{HYBRID_VLB_WEIGHT, HybridLoss, VlbLoss};

@@ -15,6 +15,15 @@ pub trait NoiseSource {
     }
 }
 
+/// libtorch has one global CPU generator, and [`TorchNoise`] seeds and draws from it: threads
+/// that interleave seeding and drawing (the tests of one binary run in parallel threads) get
+/// each other's numbers. Hold this lock from `TorchNoise::new(seed)` to the last draw that must
+/// be reproducible.
+pub fn global_rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Noise from libtorch's default CPU generator (seeded by [`TorchNoise::new`]), drawn in f32 on
 /// the CPU and then moved: with the same seed and draw order this reproduces diffusers' draws
 /// from a `torch.Generator("cpu")`, on any device.
@@ -53,6 +62,7 @@ mod tests {
 
     #[test]
     fn same_seed_same_noise() {
+        let _lock = global_rng_lock();
         let a = TorchNoise::new(7).randn(&[3, 4], Kind::Float, Device::Cpu);
         let b = TorchNoise::new(7).randn(&[3, 4], Kind::Float, Device::Cpu);
         assert!(a.equal(&b));

@@ -10,13 +10,9 @@ pub const RTOL: f64 = 1e-6;
 /// Absolute floor for values near 0.
 pub const ATOL: f64 = 1e-6;
 
-/// `TorchNoise` draws from libtorch's one global CPU generator, so tests that seed it and draw
-/// must not interleave: each such test holds this lock (tests of one binary run in threads).
-pub static RNG_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// Takes [`RNG_LOCK`] (ignoring poisoning by another failed test).
+/// Serializes tests that seed and draw from libtorch's global generator.
 pub fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
-    RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+    unclip_scheduler::global_rng_lock()
 }
 
 pub struct Fixture(pub HashMap<String, Tensor>);
