@@ -291,6 +291,19 @@ mod tests {
     }
 
     #[test]
+    fn sampled_timesteps_are_uniform_over_the_schedule() {
+        let s = NoiseSchedule::new(BetaSchedule::Linear, 10, 1e-4, 0.02).unwrap();
+        let t = {
+            let _lock = crate::global_rng_lock();
+            s.sample_timesteps(100_000, Device::Cpu, &mut crate::TorchNoise::new(1))
+        };
+        assert_eq!((t.size(), t.kind()), (vec![100_000], Kind::Int64));
+        let counts = Vec::<i64>::try_from(t.bincount(None::<Tensor>, 10)).unwrap();
+        // Each bin expects 10 000 (sd 95); 600 is over 6 sd.
+        assert!(counts.iter().all(|&c| (c - 10_000).abs() < 600), "{counts:?}");
+    }
+
+    #[test]
     fn add_noise_checks_inputs() {
         let s = NoiseSchedule::karlo();
         let x = Tensor::zeros([2, 3], (Kind::Float, Device::Cpu));
