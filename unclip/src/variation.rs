@@ -13,7 +13,7 @@ use tch::Tensor;
 use unclip_decoder::upsample::resize_bicubic_aa;
 use unclip_scheduler::{
     BetaSchedule, DdimInverseScheduler, DdimInverseSchedulerConfig, DdimScheduler,
-    DdimSchedulerConfig, NoiseSource, TimestepSpacing,
+    DdimSchedulerConfig, NoiseSource, Scheduler, TimestepSpacing,
 };
 
 /// Where the decoder starts.
@@ -163,15 +163,13 @@ impl Unclip {
             return Err(Error::Input(format!("eta must be finite and >= 0, got {eta}")));
         }
         let b = embeds.size()[0];
-        let (inv, mut fwd) = ddim_pair(eta)?;
-        let mut inv = inv;
+        let (mut inv, mut fwd) = ddim_pair(eta)?;
         let cond = self.text_encoder.encode(&[""])?.conditioning.expand_to(b)?;
         let (c, device, kind) =
             (self.decoder.sample_shape()?.0, self.decoder.device(), self.decoder.kind());
         let xt = {
             // Inversion runs conditional only: guidance would not be inverted by the reverse pass.
             let step = self.decoder.prepare(embeds, &cond, false)?;
-            use unclip_scheduler::Scheduler;
             inv.set_timesteps(opts.decoder_steps)?;
             let x = x0.f_to_device(device)?.f_to_kind(kind)?;
             run_loop(Stage::Inversion, &mut inv, x, noise, progress, |x, t, _, _| {
