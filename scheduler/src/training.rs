@@ -84,12 +84,12 @@ impl VlbLoss {
         self.tables.to_device(like.device()).index_select(1, t).to_kind(like.kind())
     }
 
-    /// The VLB term per batch item (shape [B], bits per dimension, in `model_output`'s kind;
+    /// The VLB term per batch item (shape `[B]`, bits per dimension, in `model_output`'s kind;
     /// computed in f64).
     ///
     /// `model_output` has 2C channels: the prediction (of `prediction` type) then the
     /// `learned_range` channels v ∈ [−1, 1]; `x0` is the clean sample, `x_t` its noised version
-    /// at timesteps `t` (int, [B]).
+    /// at timesteps `t` (int, `[B]`).
     pub fn vb_bits(
         &self,
         model_output: &Tensor,
@@ -146,7 +146,7 @@ impl VlbLoss {
         Ok(nll.where_self(&t.eq(0), &kl).to_kind(out_kind))
     }
 
-    /// L_hybrid = L_simple + `vlb_weight`·L_vlb, with L_vlb = T·E_t[L_t] estimated by uniformly
+    /// L_hybrid = L_simple + `vlb_weight`·L_vlb, with L_vlb = T·`E_t[L_t]` estimated by uniformly
     /// sampled t (so the VLB term is weighted `vlb_weight·T`; 1 for T = 1000 and
     /// [`HYBRID_VLB_WEIGHT`], as improved DDPM's rescaled MSE). `target` is what the
     /// prediction channels should output ([`NoiseSchedule::target`]).
