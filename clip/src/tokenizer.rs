@@ -184,6 +184,9 @@ impl ClipTokenizer {
     }
 
     fn with_specials(mut inner: Tokenizer, cfg: SpecialConfig) -> Result<Self> {
+        // Padding and truncation are done here (and reported); a tokenizer.json may carry its own.
+        inner.with_padding(None);
+        inner.with_truncation(None).map_err(tok_err("truncation"))?;
         let default = |s: &str| AddedToken::from(s, true).normalized(false);
         let bos = cfg.bos.unwrap_or_else(|| default(BOS));
         let eos = cfg.eos.unwrap_or_else(|| default(EOS));

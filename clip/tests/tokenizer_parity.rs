@@ -61,6 +61,23 @@ fn tokenizer_json_folder() {
         .unwrap();
     check(&tok, &load_fixture("clip/tiny_tokenizer_ids.safetensors"));
 
+    // A tokenizer.json that carries its own padding and truncation settings gives the same ids
+    // (both are done, and reported, by ClipTokenizer).
+    let dir = std::env::temp_dir().join(format!("unclip-clip-tokpad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = fixture_path("clip/tiny_tokenizer");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer.json")).unwrap())
+            .unwrap();
+    json["truncation"] = serde_json::json!({"direction": "Right", "max_length": 5, "strategy": "LongestFirst", "stride": 0});
+    json["padding"] = serde_json::json!({"strategy": {"Fixed": 40}, "direction": "Right",
+        "pad_to_multiple_of": null, "pad_id": 0, "pad_type_id": 0, "pad_token": "!"});
+    std::fs::write(dir.join("tokenizer.json"), json.to_string()).unwrap();
+    std::fs::copy(src.join("tokenizer_config.json"), dir.join("tokenizer_config.json")).unwrap();
+    let padded = ClipTokenizer::from_dir(&dir).unwrap().with_context_length(32).unwrap();
+    check(&padded, &load_fixture("clip/tiny_tokenizer_ids.safetensors"));
+    std::fs::remove_dir_all(&dir).unwrap();
+
     // Our own tokenizer.json round-trips to the same ids.
     let dir = std::env::temp_dir().join(format!("unclip-clip-tok-{}", std::process::id()));
     let real = ClipTokenizer::from_dir(&fixture_path("clip/tokenizer")).unwrap();
