@@ -41,6 +41,7 @@ impl Activation {
         })
     }
 
+    /// Applies the activation elementwise.
     pub fn forward(self, x: &tch::Tensor) -> tch::Tensor {
         match self {
             Activation::QuickGelu => x * (x * 1.702).sigmoid(),
@@ -184,9 +185,8 @@ impl TextConfig {
         match &self.eos_token_id {
             Some(TokenIds::One(2)) => Ok(EosRule::ArgmaxId),
             Some(TokenIds::One(id)) => Ok(EosRule::FirstId(*id)),
-            Some(TokenIds::Many(ids)) if ids.len() == 1 => {
-                Ok(if ids[0] == 2 { EosRule::FirstId(2) } else { EosRule::FirstId(ids[0]) })
-            }
+            // A one-element list never takes the legacy branch in transformers (`[2] != 2`).
+            Some(TokenIds::Many(ids)) if ids.len() == 1 => Ok(EosRule::FirstId(ids[0])),
             other => Err(Error::Config(format!(
                 "text_config.eos_token_id must be one token id, found {other:?}"
             ))),
