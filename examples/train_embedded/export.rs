@@ -1,0 +1,221 @@
+//! The trained stages as one diffusers-layout unCLIP folder (`model_index.json`, one folder per
+//! component, f16 weights), exactly what `unclip::Unclip::from_pretrained` loads; it is loaded
+//! back and sampled once as a check.
+
+use crate::decoder_stage::{TEXT_PROJ, UNET};
+use crate::stage::{Ctx, WEIGHTS, write_bytes};
+use anyhow::Context;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor, nn::VarStore};
+use unclip::clip::{AnyConfig, ClipModel, Towers};
+use unclip::core::weights::{Unexpected, load_tensors, read_tensors};
+use unclip::decoder::checkpoint::{self, Component};
+use unclip::decoder::{UNet2DConditionModel, UNet2DModel, UnCLIPTextProjModel};
+use unclip::prior::{PriorConfig, PriorTransformer};
+use unclip::{LoadOptions, TextToImage, Unclip};
+
+fn write_json(path: &Path, v: &Value) -> anyhow::Result<()> {
+    write_bytes(path, serde_json::to_string_pretty(v)?.as_bytes())
+}
+
+/// Karlo's sampler configs: x0-predicting prior, learned-range decoder, fixed super-res.
+fn scheduler_config(variance: &str, prediction: &str, range: f64) -> Value {
+    json!({
+        "_class_name": "UnCLIPScheduler",
+        "_diffusers_version": "0.42.1",
+        "beta_schedule": "squaredcos_cap_v2",
+        "clip_sample": true,
+        "clip_sample_range": range,
+        "num_train_timesteps": 1000,
+        "prediction_type": prediction,
+        "variance_type": variance,
+    })
+}
+
+/// One tower of the trained CLIP as a transformers `CLIP*ModelWithProjection` folder.
+fn save_tower(clip_dir: &Path, towers: Towers, dest: &Path) -> anyhow::Result<()> {
+    let AnyConfig::Clip(full) = AnyConfig::read(&clip_dir.join("config.json"))? else {
+        anyhow::bail!("{} is not a two-tower CLIP config", clip_dir.display());
+    };
+    let config = match towers {
+        Towers::Text => AnyConfig::Text(full.text_config),
+        _ => AnyConfig::Vision(full.vision_config),
+    };
+    let model = ClipModel::new(config, towers, Device::Cpu, Kind::Float)?;
+    model.load_weights(&clip_dir.join(WEIGHTS), Unexpected::Ignore)?;
+    model.save(dest, Some(Kind::Half))?;
+    Ok(())
+}
+
+/// A diffusers component from `config` with the tensors under `prefix.` of `tensors`.
+fn save_component<M: Component>(
+    config: Value,
+    tensors: &HashMap<String, Tensor>,
+    prefix: Option<&str>,
+    source: &str,
+    dest: &Path,
+) -> anyhow::Result<()> {
+    let cfg: M::Config = serde_json::from_value(config)?;
+    let loaded = checkpoint::init::<M>(&cfg, Device::Cpu, Kind::Float)?;
+    let own: HashMap<String, Tensor> = match prefix {
+        Some(p) => tensors
+            .iter()
+            .filter_map(|(k, v)| {
+                k.strip_prefix(&format!("{p}.")).map(|n| (n.to_string(), v.shallow_clone()))
+            })
+            .collect(),
+        None => tensors.iter().map(|(k, v)| (k.clone(), v.shallow_clone())).collect(),
+    };
+    load_tensors(&loaded.vs, &own, source, Unexpected::Error)?;
+    std::fs::create_dir_all(dest)?;
+    checkpoint::save(&loaded, dest, Some(Kind::Half))?;
+    Ok(())
+}
+
+fn stage_weights(ctx: &Ctx, stage: &str) -> anyhow::Result<PathBuf> {
+    let p = ctx.out.join(stage).join(WEIGHTS);
+    anyhow::ensure!(p.exists(), "stage {stage} has not finished ({} missing)", p.display());
+    Ok(p)
+}
+
+/// Writes `<out>/model/` and checks it loads and samples; returns its path.
+pub fn run(ctx: &Ctx) -> anyhow::Result<PathBuf> {
+    let r = &ctx.recipe;
+    let dir = ctx.out.join("model");
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    let sub = |c: &str| dir.join(c);
+    // Tokenizer: CLIP's files as trained.
+    std::fs::create_dir_all(sub("tokenizer"))?;
+    for f in ["vocab.json", "merges.txt", "tokenizer_config.json"] {
+        std::fs::copy(ctx.out.join("tokenizer").join(f), sub("tokenizer").join(f))
+            .with_context(|| format!("copying tokenizer/{f}"))?;
+    }
+    let clip_dir = ctx.out.join("clip");
+    stage_weights(ctx, "clip")?;
+    save_tower(&clip_dir, Towers::Text, &sub("text_encoder"))?;
+    save_tower(&clip_dir, Towers::Vision, &sub("image_encoder"))?;
+    let side = r.low_res;
+    write_json(
+        &sub("feature_extractor").join("preprocessor_config.json"),
+        &json!({
+            "image_processor_type": "CLIPImageProcessor",
+            "do_convert_rgb": true,
+            "do_resize": true,
+            "size": {"shortest_edge": side},
+            "resample": 3,
+            "do_center_crop": true,
+            "crop_size": {"height": side, "width": side},
+            "do_rescale": true,
+            "rescale_factor": 1.0 / 255.0,
+            "do_normalize": true,
+            "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711],
+        }),
+    )?;
+    // Prior.
+    let cfg: PriorConfig = serde_json::from_value(r.prior_config())?;
+    let vs = VarStore::new(Device::Cpu);
+    let prior = PriorTransformer::new(vs.root(), &cfg)?;
+    unclip::core::weights::load_file(&vs, &stage_weights(ctx, "prior")?, Unexpected::Error)?;
+    prior.save_pretrained(&vs, &sub("prior"), Some(Kind::Half))?;
+    // Decoder and text projection, trained in one store under two prefixes.
+    let path = stage_weights(ctx, "decoder")?;
+    let dec = read_tensors(&path)?;
+    let src = path.display().to_string();
+    save_component::<UNet2DConditionModel>(
+        r.decoder_config(),
+        &dec,
+        Some(UNET),
+        &src,
+        &sub("decoder"),
+    )?;
+    save_component::<UnCLIPTextProjModel>(
+        r.text_proj_config(),
+        &dec,
+        Some(TEXT_PROJ),
+        &src,
+        &sub("text_proj"),
+    )?;
+    // One upsampler serves as both Karlo super-res UNets (the last one runs the final step).
+    let path = stage_weights(ctx, "upsampler")?;
+    let up = read_tensors(&path)?;
+    let src = path.display().to_string();
+    for name in ["super_res_first", "super_res_last"] {
+        save_component::<UNet2DModel>(r.upsampler_config(), &up, None, &src, &sub(name))?;
+    }
+    for (name, v) in [
+        ("prior_scheduler", scheduler_config("fixed_small_log", "sample", 5.0)),
+        ("decoder_scheduler", scheduler_config("learned_range", "epsilon", 1.0)),
+        ("super_res_scheduler", scheduler_config("fixed_small_log", "epsilon", 1.0)),
+    ] {
+        write_json(&sub(name).join("scheduler_config.json"), &v)?;
+    }
+    let index = json!({
+        "_class_name": "UnCLIPPipeline",
+        "_diffusers_version": "0.42.1",
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+        "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+        "feature_extractor": ["transformers", "CLIPImageProcessor"],
+        "prior": ["diffusers", "PriorTransformer"],
+        "text_proj": ["unclip", "UnCLIPTextProjModel"],
+        "decoder": ["diffusers", "UNet2DConditionModel"],
+        "super_res_first": ["diffusers", "UNet2DModel"],
+        "super_res_last": ["diffusers", "UNet2DModel"],
+        "prior_scheduler": ["diffusers", "UnCLIPScheduler"],
+        "decoder_scheduler": ["diffusers", "UnCLIPScheduler"],
+        "super_res_scheduler": ["diffusers", "UnCLIPScheduler"],
+    });
+    write_json(&dir.join("model_index.json"), &index)?;
+    check(&dir, ctx)?;
+    Ok(dir)
+}
+
+/// Loads the folder through the facade, reports its size and samples one prompt.
+fn check(dir: &Path, ctx: &Ctx) -> anyhow::Result<()> {
+    let bytes = folder_bytes(dir)?;
+    println!("export: {} ({:.1} MB)", dir.display(), bytes as f64 / 1e6);
+    let mut model = Unclip::from_pretrained(dir, &LoadOptions::new(ctx.device, Kind::Float))?;
+    let prompt = "a small red circle in the top left on a white background";
+    let req = TextToImage { seed: Some(0), ..TextToImage::new(prompt) };
+    let out = model.text_to_image(&req, &mut unclip::no_progress)?;
+    let pngs = unclip::output::save_pngs(&out.images, &ctx.out, "export-sample-")?;
+    println!("export: loaded back and sampled {prompt:?} -> {:?} {pngs:?}", out.images.size());
+    Ok(())
+}
+
+fn folder_bytes(dir: &Path) -> anyhow::Result<u64> {
+    let mut n = 0;
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let m = e.metadata()?;
+        n += if m.is_dir() { folder_bytes(&e.path())? } else { m.len() };
+    }
+    Ok(n)
+}
+
+/// Copies the exported folder to `dest` (replacing it).
+pub fn install(src: &Path, dest: &Path) -> anyhow::Result<()> {
+    if dest.exists() {
+        std::fs::remove_dir_all(dest)?;
+    }
+    copy_dir(src, dest)
+}
+
+fn copy_dir(src: &Path, dest: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dest)?;
+    for e in std::fs::read_dir(src)? {
+        let e = e?;
+        let to = dest.join(e.file_name());
+        if e.metadata()?.is_dir() {
+            copy_dir(&e.path(), &to)?;
+        } else {
+            std::fs::copy(e.path(), &to)?;
+        }
+    }
+    Ok(())
+}

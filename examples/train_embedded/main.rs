@@ -1,0 +1,110 @@
+//! The training recipe of the embedded default model: a small but complete unCLIP trained end to
+//! end on the captioned shapes of `unclip::shapes`, with this library's own training steps, in
+//! the paper's order: tokenizer, CLIP, prior, decoder (32 px), upsampler (32 -> 64 px).
+//!
+//! ```sh
+//! cargo run --release --example train_embedded -- --stage all --out runs/shapes
+//! cargo run --release --example train_embedded -- --stage all --out runs/quick --quick
+//! ```
+//!
+//! Every stage writes into `<out>/<stage>/`: `loss.csv`, `loss.png`, periodic checkpoints
+//! (`step-*/`, `latest.json`) and its shipped weights (EMA). Running the same command again
+//! resumes each unfinished stage from its newest checkpoint and skips finished ones. At the end
+//! the diffusers-layout folder `<out>/model/` is written (f16) and loaded back through
+//! `unclip::Unclip::from_pretrained` as a check.
+
+mod clip_stage;
+mod data;
+mod decoder_stage;
+mod export;
+mod prior_stage;
+mod recipe;
+mod stage;
+mod tokenizer;
+mod upsampler_stage;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use std::path::PathBuf;
+use unclip_examples::RuntimeArgs;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum StageArg {
+    All,
+    Tokenizer,
+    Clip,
+    Prior,
+    Decoder,
+    Upsampler,
+    Export,
+}
+
+#[derive(Parser)]
+#[command(about = "Trains the embedded shapes unCLIP (tokenizer, CLIP, prior, decoder, upsampler)")]
+struct Cli {
+    /// Which stage to run (each needs the earlier ones' outputs); `all` runs every unfinished one.
+    #[arg(long, value_enum, default_value = "all")]
+    stage: StageArg,
+    /// Run folder (checkpoints, logs, the exported model).
+    #[arg(long, default_value = "runs/shapes")]
+    out: PathBuf,
+    /// A few steps per stage with the same sizes: checks that everything runs end to end.
+    #[arg(long)]
+    quick: bool,
+    /// Multiply every stage's step count (e.g. 0.5 for a shorter run).
+    #[arg(long, default_value_t = 1.0)]
+    steps_scale: f64,
+    /// Only measure seconds per step of each stage (a few steps each in a scratch folder) and
+    /// print the estimated duration of the full recipe.
+    #[arg(long)]
+    estimate: bool,
+    /// libtorch CPU threads (keep it small on shared machines).
+    #[arg(long, default_value_t = 2)]
+    threads: i32,
+    /// Where to copy the exported model folder at the end (e.g. models/shapes).
+    #[arg(long)]
+    install: Option<PathBuf>,
+    #[command(flatten)]
+    rt: RuntimeArgs,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tch::set_num_threads(cli.threads);
+    tch::set_num_interop_threads(1);
+    let device = cli.rt.device()?;
+    let mut recipe = if cli.quick { recipe::Recipe::quick() } else { recipe::Recipe::full() };
+    recipe.scale_steps(cli.steps_scale);
+    if cli.estimate {
+        return stage::estimate(&recipe, &cli.out, device);
+    }
+    std::fs::create_dir_all(&cli.out).with_context(|| format!("creating {}", cli.out.display()))?;
+    recipe.write_or_check(&cli.out)?;
+    let ctx = stage::Ctx::new(cli.out.clone(), recipe, device);
+    let all = cli.stage == StageArg::All;
+    let started = std::time::Instant::now();
+    if all || cli.stage == StageArg::Tokenizer {
+        tokenizer::run(&ctx)?;
+    }
+    if all || cli.stage == StageArg::Clip {
+        clip_stage::run(&ctx)?;
+    }
+    if all || cli.stage == StageArg::Prior {
+        prior_stage::run(&ctx)?;
+    }
+    if all || cli.stage == StageArg::Decoder {
+        decoder_stage::run(&ctx)?;
+    }
+    if all || cli.stage == StageArg::Upsampler {
+        upsampler_stage::run(&ctx)?;
+    }
+    if all || cli.stage == StageArg::Export {
+        let dir = export::run(&ctx)?;
+        if let Some(dest) = &cli.install {
+            export::install(&dir, dest)?;
+            println!("installed the model at {}", dest.display());
+        }
+    }
+    println!("done in {:.1} min", started.elapsed().as_secs_f64() / 60.0);
+    Ok(())
+}

@@ -1,0 +1,295 @@
+//! Sizes, step counts and optimizer settings of every stage, and the component configs built from
+//! them. The recipe is stored in `<out>/recipe.json`; resuming with a different one is refused,
+//! since it would silently change the run.
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::path::Path;
+use unclip::core::train::{AdamWConfig, EmaConfig, LoopConfig, LrSchedule};
+
+/// One stage's optimization settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Optim {
+    pub steps: u64,
+    pub batch: usize,
+    pub lr: f64,
+    pub warmup: u64,
+    pub weight_decay: f64,
+    pub ema_decay: f64,
+    pub checkpoint_every: u64,
+}
+
+impl Optim {
+    /// The core training loop's settings: warmup, cosine decay to a tenth, clipping at 1.
+    pub fn loop_config(&self, seed: u64) -> LoopConfig {
+        LoopConfig {
+            total_steps: self.steps,
+            seed,
+            schedule: LrSchedule::WarmupCosine {
+                peak: self.lr,
+                floor: self.lr * 0.1,
+                warmup_steps: self.warmup.min(self.steps),
+                total_steps: self.steps,
+            },
+            optimizer: AdamWConfig {
+                lr: self.lr,
+                weight_decay: self.weight_decay,
+                ..Default::default()
+            },
+            ema: Some(EmaConfig { decay: self.ema_decay, warmup: true }),
+            max_grad_norm: Some(1.0),
+            checkpoint_every: self.checkpoint_every,
+            keep_last: 2,
+        }
+    }
+}
+
+/// Everything that determines a run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Recipe {
+    pub seed: u64,
+    /// Training scenes are indices `0..train_scenes` of the train split's generator.
+    pub train_scenes: usize,
+    /// Decoder resolution and upsampler output resolution.
+    pub low_res: i64,
+    pub high_res: i64,
+    /// Token budget of every caption (the longest shapes caption has 19 tokens).
+    pub context_length: usize,
+    /// Target vocabulary size of the trained BPE (256 bytes x 2 + merges + 2 specials).
+    pub vocab_size: usize,
+    /// CLIP width (text hidden = projection = prior and decoder conditioning width).
+    pub clip_dim: i64,
+    pub clip_layers: i64,
+    pub vision_patch: i64,
+    pub prior_layers: i64,
+    pub decoder_channels: Vec<i64>,
+    pub upsampler_channels: Vec<i64>,
+    /// Side of the random high-res crops the upsampler trains on.
+    pub upsampler_crop: i64,
+    pub clip: Optim,
+    pub prior: Optim,
+    pub decoder: Optim,
+    pub upsampler: Optim,
+}
+
+fn optim(steps: u64, batch: usize, lr: f64, ema_decay: f64) -> Optim {
+    Optim {
+        steps,
+        batch,
+        lr,
+        warmup: (steps / 20).clamp(1, 500),
+        weight_decay: 0.01,
+        ema_decay,
+        checkpoint_every: (steps / 10).clamp(1, 500),
+    }
+}
+
+impl Recipe {
+    /// The shipped model's recipe (sized for a few hours on a 2-core CPU).
+    pub fn full() -> Self {
+        Self {
+            seed: 0,
+            train_scenes: 200_000,
+            low_res: 32,
+            high_res: 64,
+            context_length: 24,
+            vocab_size: 1024,
+            clip_dim: 128,
+            clip_layers: 3,
+            vision_patch: 4,
+            prior_layers: 4,
+            decoder_channels: vec![64, 128, 192],
+            upsampler_channels: vec![32, 64, 96],
+            upsampler_crop: 32,
+            clip: optim(3000, 128, 1e-3, 0.999),
+            prior: optim(4000, 128, 3e-4, 0.999),
+            decoder: optim(8000, 32, 3e-4, 0.999),
+            upsampler: optim(3000, 16, 3e-4, 0.999),
+        }
+    }
+
+    /// The same model with a few steps per stage.
+    pub fn quick() -> Self {
+        let mut r = Self::full();
+        for (o, batch) in
+            [(&mut r.clip, 16), (&mut r.prior, 16), (&mut r.decoder, 4), (&mut r.upsampler, 4)]
+        {
+            *o = Optim { steps: 6, batch, warmup: 2, checkpoint_every: 3, ..o.clone() };
+        }
+        r
+    }
+
+    pub fn scale_steps(&mut self, factor: f64) {
+        if factor == 1.0 {
+            return;
+        }
+        for o in [&mut self.clip, &mut self.prior, &mut self.decoder, &mut self.upsampler] {
+            o.steps = ((o.steps as f64 * factor).round() as u64).max(1);
+            o.warmup = o.warmup.min(o.steps);
+            o.checkpoint_every = o.checkpoint_every.min(o.steps);
+        }
+    }
+
+    /// Writes `<out>/recipe.json`, or checks that the run there used this recipe.
+    pub fn write_or_check(&self, out: &Path) -> anyhow::Result<()> {
+        let path = out.join("recipe.json");
+        if path.exists() {
+            let old: Recipe = unclip::core::config::read_json(&path)?;
+            if &old != self {
+                bail!(
+                    "{} was started with another recipe (other flags?); use a new --out folder",
+                    path.display()
+                );
+            }
+            return Ok(());
+        }
+        unclip::core::config::write_json(&path, self).context("writing recipe.json")?;
+        Ok(())
+    }
+
+    /// transformers' `CLIPModel` config (both towers share the width; text hidden = projection,
+    /// as the prior and the decoder's text projection need).
+    pub fn clip_config(&self, vocab_size: usize, bos: i64, eos: i64, pad: i64) -> Value {
+        let d = self.clip_dim;
+        json!({
+            "model_type": "clip",
+            "projection_dim": d,
+            "logit_scale_init_value": 2.6592,
+            "text_config": {
+                "vocab_size": vocab_size,
+                "hidden_size": d,
+                "intermediate_size": 4 * d,
+                "projection_dim": d,
+                "num_hidden_layers": self.clip_layers,
+                "num_attention_heads": 4,
+                "max_position_embeddings": self.context_length,
+                "hidden_act": "quick_gelu",
+                "layer_norm_eps": 1e-5,
+                "pad_token_id": pad,
+                "bos_token_id": bos,
+                "eos_token_id": eos,
+            },
+            "vision_config": {
+                "hidden_size": d,
+                "intermediate_size": 4 * d,
+                "projection_dim": d,
+                "num_hidden_layers": self.clip_layers,
+                "num_attention_heads": 4,
+                "num_channels": 3,
+                "image_size": self.low_res,
+                "patch_size": self.vision_patch,
+                "hidden_act": "quick_gelu",
+                "layer_norm_eps": 1e-5,
+            },
+        })
+    }
+
+    /// diffusers' `PriorTransformer` config in Karlo's layout.
+    pub fn prior_config(&self) -> Value {
+        json!({
+            "_class_name": "PriorTransformer",
+            "num_attention_heads": 4,
+            "attention_head_dim": self.clip_dim / 4,
+            "num_layers": self.prior_layers,
+            "embedding_dim": self.clip_dim,
+            "num_embeddings": self.context_length,
+            "additional_embeddings": 4,
+            "dropout": 0.0,
+            "time_embed_act_fn": "silu",
+            "norm_in_type": null,
+            "embedding_proj_norm_type": null,
+            "encoder_hid_proj_type": "linear",
+            "added_emb_type": "prd",
+            "time_embed_dim": null,
+            "embedding_proj_dim": null,
+            "clip_embed_dim": null,
+        })
+    }
+
+    fn time_embed_dim(&self) -> i64 {
+        self.decoder_channels[0] * 4
+    }
+
+    /// diffusers' `UNet2DConditionModel` config in Karlo's decoder layout (learned variance:
+    /// 6 output channels; scale-shift time conditioning; simple cross-attention below the top).
+    pub fn decoder_config(&self) -> Value {
+        let n = self.decoder_channels.len();
+        let down: Vec<&str> = (0..n)
+            .map(|i| if i == 0 { "ResnetDownsampleBlock2D" } else { "SimpleCrossAttnDownBlock2D" })
+            .collect();
+        let up: Vec<&str> = (0..n)
+            .map(|i| if i + 1 == n { "ResnetUpsampleBlock2D" } else { "SimpleCrossAttnUpBlock2D" })
+            .collect();
+        json!({
+            "_class_name": "UNet2DConditionModel",
+            "act_fn": "silu",
+            "attention_head_dim": 32,
+            "block_out_channels": self.decoder_channels,
+            "center_input_sample": false,
+            "class_embed_type": "identity",
+            "cross_attention_dim": self.clip_dim,
+            "down_block_types": down,
+            "downsample_padding": 1,
+            "dual_cross_attention": false,
+            "flip_sin_to_cos": true,
+            "freq_shift": 0,
+            "in_channels": 3,
+            "layers_per_block": 2,
+            "mid_block_scale_factor": 1,
+            "mid_block_type": "UNetMidBlock2DSimpleCrossAttn",
+            "norm_eps": 1e-5,
+            "norm_num_groups": 32,
+            "only_cross_attention": false,
+            "out_channels": 6,
+            "resnet_time_scale_shift": "scale_shift",
+            "sample_size": self.low_res,
+            "time_embedding_type": "positional",
+            "up_block_types": up,
+            "upcast_attention": false,
+            "use_linear_projection": false,
+        })
+    }
+
+    /// diffusers' `UnCLIPTextProjModel` config matching the decoder.
+    pub fn text_proj_config(&self) -> Value {
+        json!({
+            "_class_name": "UnCLIPTextProjModel",
+            "clip_embeddings_dim": self.clip_dim,
+            "clip_extra_context_tokens": 4,
+            "cross_attention_dim": self.clip_dim,
+            "time_embed_dim": self.time_embed_dim(),
+        })
+    }
+
+    /// diffusers' `UNet2DModel` config of Karlo's super-resolution UNets (low-res image
+    /// concatenated to the noisy sample; no attention, so it can train on crops).
+    pub fn upsampler_config(&self) -> Value {
+        let n = self.upsampler_channels.len();
+        json!({
+            "_class_name": "UNet2DModel",
+            "act_fn": "silu",
+            "add_attention": false,
+            "attention_head_dim": null,
+            "block_out_channels": self.upsampler_channels,
+            "center_input_sample": false,
+            "class_embed_type": null,
+            "down_block_types": vec!["ResnetDownsampleBlock2D"; n],
+            "downsample_padding": 1,
+            "dropout": 0.0,
+            "flip_sin_to_cos": true,
+            "freq_shift": 0,
+            "in_channels": 6,
+            "layers_per_block": 2,
+            "mid_block_scale_factor": 1,
+            "mid_block_type": "UNetMidBlock2D",
+            "norm_eps": 1e-5,
+            "norm_num_groups": 32,
+            "out_channels": 3,
+            "resnet_time_scale_shift": "scale_shift",
+            "sample_size": self.high_res,
+            "time_embedding_type": "positional",
+            "up_block_types": vec!["ResnetUpsampleBlock2D"; n],
+        })
+    }
+}
