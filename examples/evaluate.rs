@@ -1,1 +1,270 @@
-fn main() {}
+//! Evaluates a trained shapes unCLIP (e.g. the embedded default model, `models/shapes`) on
+//! held-out prompts of `unclip::shapes`: generates through the facade pipeline, grades every image
+//! with the analytic checker (`unclip::shapes::check`) and prints the accuracy table, then our
+//! CLIP's scores: CLIP score (cosine of prompt and generated image) and zero-shot shape / color /
+//! background accuracy on held-out renders and on the generated images.
+//!
+//! `cargo run --release --example evaluate -- --model models/shapes`
+
+use anyhow::Context;
+use clap::Parser;
+use std::path::PathBuf;
+use unclip::clip::normalize;
+use unclip::shapes::{
+    Color, EvalTable, PromptKind, SceneGenerator, Shape, Spec, Split, caption, check, render,
+};
+use unclip::tch::{Kind, Tensor};
+use unclip::{LoadOptions, TextToImage, Unclip};
+use unclip_examples::RuntimeArgs;
+
+#[derive(Parser)]
+#[command(about = "Generates held-out shapes prompts with a trained unCLIP and grades the images")]
+struct Cli {
+    /// The diffusers-layout model folder.
+    #[arg(long, default_value = "models/shapes")]
+    model: PathBuf,
+    /// Held-out single-object prompts.
+    #[arg(long, default_value_t = 200)]
+    single: usize,
+    /// Held-out two-object binding prompts ("a red circle and a blue square ...").
+    #[arg(long, default_value_t = 50)]
+    binding: usize,
+    /// Held-out relation prompts ("... to the left of ...").
+    #[arg(long, default_value_t = 50)]
+    relation: usize,
+    /// Held-out negation prompts ("..., no squares, ...").
+    #[arg(long, default_value_t = 50)]
+    negation: usize,
+    /// Prompts per pipeline call.
+    #[arg(long, default_value_t = 25)]
+    batch: usize,
+    #[arg(long, default_value_t = 25)]
+    prior_steps: usize,
+    #[arg(long, default_value_t = 25)]
+    decoder_steps: usize,
+    #[arg(long, default_value_t = 7)]
+    super_res_steps: usize,
+    #[arg(long, default_value_t = 4.0)]
+    prior_guidance: f64,
+    #[arg(long, default_value_t = 8.0)]
+    decoder_guidance: f64,
+    /// Seed of the prompts (held-out generator) and of the sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Folder for the generated PNGs and prompts.txt (none when absent).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// libtorch CPU threads.
+    #[arg(long, default_value_t = 2)]
+    threads: i32,
+    #[command(flatten)]
+    rt: RuntimeArgs,
+}
+
+/// A held-out prompt, the facts it states, and the ground-truth render of its scene.
+struct Case {
+    prompt: String,
+    spec: Spec,
+    render: Tensor,
+}
+
+fn cases(seed: u64, kind: PromptKind, n: usize, side: u32) -> anyhow::Result<Vec<Case>> {
+    let generator = SceneGenerator::new(Split::HeldOut, seed).with_kinds(&[kind]);
+    (0..n as u64)
+        .map(|i| {
+            let scene = generator.scene(i);
+            let img = render(&scene, side);
+            let render = unclip::output::image_to_tensor(&image::DynamicImage::ImageRgb8(img))?;
+            Ok(Case { prompt: caption(&scene), spec: scene.spec(), render })
+        })
+        .collect()
+}
+
+/// Our CLIP's view of prompts and images.
+struct ClipProbe<'a> {
+    model: &'a Unclip,
+}
+
+impl ClipProbe<'_> {
+    fn text(&self, prompts: &[String]) -> anyhow::Result<Tensor> {
+        let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+        let mut out = Vec::new();
+        for chunk in refs.chunks(256) {
+            let enc = self.model.text_encoder.encode(chunk)?;
+            out.push(enc.conditioning.text_embeds.f_to_kind(Kind::Float)?);
+        }
+        Ok(normalize(&Tensor::f_cat(&out, 0)?)?)
+    }
+
+    /// Images (B, 3, H, W) in [0, 1].
+    fn images(&self, images: &Tensor) -> anyhow::Result<Tensor> {
+        let enc = self.model.image_encoder.as_ref().context("the model has no image_encoder/")?;
+        let mut out = Vec::new();
+        for chunk in images.f_split(256, 0)? {
+            out.push(enc.embed_tensor(&chunk)?.f_to_kind(Kind::Float)?);
+        }
+        Ok(normalize(&Tensor::f_cat(&out, 0)?)?.f_to_device(unclip::tch::Device::Cpu)?)
+    }
+
+    /// Mean cosine of matching rows, and of rows paired with the next row's (a baseline).
+    fn scores(&self, prompts: &[String], images: &Tensor) -> anyhow::Result<(f64, f64)> {
+        let t = self.text(prompts)?.f_to_device(unclip::tch::Device::Cpu)?;
+        let i = self.images(images)?;
+        let matched = t.f_mul(&i)?.f_sum_dim_intlist(1, false, Kind::Float)?.f_mean(Kind::Float)?;
+        let shifted = t.f_roll([1], [0])?;
+        let other =
+            shifted.f_mul(&i)?.f_sum_dim_intlist(1, false, Kind::Float)?.f_mean(Kind::Float)?;
+        Ok((matched.f_double_value(&[])?, other.f_double_value(&[])?))
+    }
+
+    /// Zero-shot accuracy on single-object images: for each attribute, the caption variants that
+    /// differ from the truth only in that attribute, and the fraction whose true variant scores
+    /// highest. Returns (shape, color, background) accuracies.
+    fn zero_shot(&self, specs: &[&Spec], images: &Tensor) -> anyhow::Result<[f64; 3]> {
+        let img = self.images(images)?;
+        let mut hits = [0usize; 3];
+        let mut n = 0;
+        for (row, spec) in specs.iter().enumerate() {
+            let (Some(bg), Some(obj)) = (spec.background, spec.objects.first()) else { continue };
+            let Some(color) = obj.color else { continue };
+            let text = |c: Color, s: Shape, b: Color| {
+                format!("a {} {} on a {} background", c.name(), s.name(), b.name())
+            };
+            let shapes: Vec<(bool, String)> =
+                Shape::ALL.iter().map(|&s| (s == obj.shape, text(color, s, bg))).collect();
+            let colors: Vec<(bool, String)> = Color::ALL
+                .iter()
+                .filter(|&&c| c != bg)
+                .map(|&c| (c == color, text(c, obj.shape, bg)))
+                .collect();
+            let bgs: Vec<(bool, String)> = Color::ALL
+                .iter()
+                .filter(|&&b| b != color)
+                .map(|&b| (b == bg, text(color, obj.shape, b)))
+                .collect();
+            let im = img.f_get(row as i64)?;
+            for (k, labels) in [shapes, colors, bgs].iter().enumerate() {
+                let prompts: Vec<String> = labels.iter().map(|(_, p)| p.clone()).collect();
+                let sims = self.text(&prompts)?.f_to_device(unclip::tch::Device::Cpu)?.f_mv(&im)?;
+                let best = sims.f_argmax(0, false)?.f_int64_value(&[])? as usize;
+                hits[k] += usize::from(labels[best].0);
+            }
+            n += 1;
+        }
+        let n = n.max(1) as f64;
+        Ok(hits.map(|h| h as f64 / n))
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    unclip::tch::set_num_threads(cli.threads);
+    let (device, kind) = (cli.rt.device()?, cli.rt.dtype()?);
+    let mut model = Unclip::from_pretrained(&cli.model, &LoadOptions::new(device, kind))
+        .with_context(|| format!("loading {}", cli.model.display()))?;
+    let (_, side, _) =
+        model.upsampler.as_ref().map_or(model.decoder.sample_shape(), |u| u.sample_shape())?;
+    anyhow::ensure!(cli.batch > 0, "--batch must be at least 1");
+
+    let mut all = Vec::new();
+    for (kind, n) in [
+        (PromptKind::Single, cli.single),
+        (PromptKind::Binding, cli.binding),
+        (PromptKind::Relation, cli.relation),
+        (PromptKind::Negation, cli.negation),
+    ] {
+        all.extend(cases(cli.seed, kind, n, side as u32)?);
+    }
+    anyhow::ensure!(!all.is_empty(), "no prompts to evaluate");
+
+    let started = std::time::Instant::now();
+    let mut generated = Vec::new();
+    for (b, chunk) in all.chunks(cli.batch).enumerate() {
+        let req = TextToImage {
+            prompts: chunk.iter().map(|c| c.prompt.clone()).collect(),
+            prior_steps: cli.prior_steps,
+            prior_guidance_scale: cli.prior_guidance,
+            decoder_steps: cli.decoder_steps,
+            decoder_guidance_scale: cli.decoder_guidance,
+            super_res_steps: cli.super_res_steps,
+            seed: Some(cli.seed.wrapping_add(b as u64)),
+            ..TextToImage::default()
+        };
+        let out = model.text_to_image(&req, &mut unclip::no_progress)?;
+        generated.push(out.images.f_to_kind(Kind::Float)?);
+        eprintln!(
+            "generated {}/{} ({:.0} s)",
+            (b * cli.batch + chunk.len()).min(all.len()),
+            all.len(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    let images = Tensor::f_cat(&generated, 0)?;
+    let rgb = unclip::output::to_rgb_images(&images)?;
+
+    let mut table = EvalTable::new();
+    for (case, img) in all.iter().zip(&rgb) {
+        table.add(&check(img, &case.spec));
+    }
+    println!("\nchecker on {} generated held-out images ({side} px):\n{table}", all.len());
+    let single = Some(PromptKind::Single);
+    use unclip::shapes::Attribute as A;
+    for (attr, target) in
+        [(A::Background, 0.95), (A::Color, 0.90), (A::Shape, 0.80), (A::Position, 0.80)]
+    {
+        if let Some(acc) = table.accuracy(attr, single) {
+            let verdict = if acc >= target { "meets" } else { "below" };
+            println!(
+                "single-object {:<10} {:>5.1}% ({verdict} the {:.0}% target)",
+                attr.name(),
+                100.0 * acc,
+                100.0 * target
+            );
+        }
+    }
+    if let Some(acc) = table.accuracy(A::Binding, Some(PromptKind::Binding)) {
+        println!("binding                  {:>5.1}% (aim: 70%)", 100.0 * acc);
+    }
+
+    let probe = ClipProbe { model: &model };
+    let prompts: Vec<String> = all.iter().map(|c| c.prompt.clone()).collect();
+    let renders =
+        Tensor::f_cat(&all.iter().map(|c| c.render.shallow_clone()).collect::<Vec<_>>(), 0)?;
+    let (gen_score, gen_other) = probe.scores(&prompts, &images)?;
+    let (real_score, real_other) = probe.scores(&prompts, &renders)?;
+    println!(
+        "\nCLIP score (mean cosine of our CLIP, prompt vs image; other = next prompt's image):"
+    );
+    println!("  generated images   {gen_score:.3} (other {gen_other:.3})");
+    println!("  ground-truth renders {real_score:.3} (other {real_other:.3})");
+    let singles: Vec<usize> =
+        (0..all.len()).filter(|&i| all[i].spec.kind() == PromptKind::Single).collect();
+    if !singles.is_empty() {
+        let idx = Tensor::from_slice(&singles.iter().map(|&i| i as i64).collect::<Vec<_>>());
+        let specs: Vec<&Spec> = singles.iter().map(|&i| &all[i].spec).collect();
+        let real = probe.zero_shot(&specs, &renders.f_index_select(0, &idx)?)?;
+        let gen_ = probe.zero_shot(&specs, &images.f_index_select(0, &idx)?)?;
+        println!(
+            "\nzero-shot accuracy of our CLIP on {} single-object prompts' images:",
+            specs.len()
+        );
+        println!("  {:<22} {:>7} {:>7} {:>11}", "", "shape", "color", "background");
+        for (name, a) in [("held-out renders", real), ("generated images", gen_)] {
+            println!(
+                "  {name:<22} {:>6.1}% {:>6.1}% {:>10.1}%",
+                100.0 * a[0],
+                100.0 * a[1],
+                100.0 * a[2]
+            );
+        }
+    }
+    if let Some(dir) = &cli.out {
+        unclip::output::save_pngs(&images, dir, "eval-")?;
+        let list: String =
+            prompts.iter().enumerate().map(|(i, p)| format!("eval-{i}: {p}\n")).collect();
+        std::fs::write(dir.join("prompts.txt"), list)?;
+        println!("\nimages and prompts.txt in {}", dir.display());
+    }
+    println!("({:.1} min)", started.elapsed().as_secs_f64() / 60.0);
+    Ok(())
+}

@@ -11,6 +11,8 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
     let dir = ctx.out.join("clip");
     std::fs::create_dir_all(&dir)?;
     let cfg = ctx.recipe.clip_config(tok.vocab_size(), tok.bos_id(), tok.eos_id(), tok.pad_id());
+    // Same seed, same initial weights (a resumed run loads them from its checkpoint).
+    tch::manual_seed(ctx.recipe.seed as i64);
     let model = ClipModel::new(AnyConfig::from_value(cfg)?, Towers::Both, ctx.device, Kind::Float)?;
     let json = serde_json::to_string_pretty(&model.config_json())?;
     write_bytes(&dir.join("config.json"), json.as_bytes())?;

@@ -23,6 +23,8 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
     let proj_cfg: TextProjConfig = serde_json::from_value(ctx.recipe.text_proj_config())?;
     unet_cfg.validate()?;
     proj_cfg.validate()?;
+    // Same seed, same initial weights (a resumed run loads them from its checkpoint).
+    tch::manual_seed(ctx.recipe.seed as i64);
     let vs = VarStore::new(device);
     let unet = UNet2DConditionModel::new(vs.root() / UNET, &unet_cfg)?;
     let text_proj = UnCLIPTextProjModel::new(vs.root() / TEXT_PROJ, &proj_cfg)?;

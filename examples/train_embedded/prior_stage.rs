@@ -18,6 +18,8 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
     let data = ctx.data();
     let device = ctx.device;
     let cfg: PriorConfig = serde_json::from_value(ctx.recipe.prior_config())?;
+    // Same seed, same initial weights (a resumed run loads them from its checkpoint).
+    tch::manual_seed(ctx.recipe.seed as i64);
     let vs = VarStore::new(device);
     let mut model = PriorTransformer::new(vs.root(), &cfg)?;
     // Deterministic, so a resumed run fits the same values (the checkpoint holds them too).

@@ -14,6 +14,8 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
     let r = &ctx.recipe;
     let cfg: UNet2DConfig = serde_json::from_value(r.upsampler_config())?;
     cfg.validate()?;
+    // Same seed, same initial weights (a resumed run loads them from its checkpoint).
+    tch::manual_seed(ctx.recipe.seed as i64);
     let vs = VarStore::new(device);
     let unet = UNet2DModel::new(vs.root(), &cfg)?;
     let trainer = UpsamplerTrainer::new(
