@@ -1,5 +1,6 @@
 //! The towers built from Karlo's configs (openai/clip-vit-large-patch14 text and vision) have
-//! exactly the tensor names and shapes of the real checkpoints (shared/reference/karlo-tensor-names.txt).
+//! exactly the tensor names and shapes of the real checkpoints (fixtures/data/karlo-tensor-names.txt,
+//! listed from the Karlo layouts by diffusers/transformers on the meta device).
 //! One layer is built (to stay light); layer 0 and every non-layer tensor are compared, and the
 //! per-layer count is checked against the file's totals.
 
@@ -8,11 +9,9 @@ use std::collections::BTreeMap;
 use tch::{Device, Kind};
 use unclip_clip::{AnyConfig, ClipModel, Towers};
 
-fn section(name: &str) -> Option<BTreeMap<String, Vec<i64>>> {
-    // The workspace's shared/ folder sits beside the checkout (/work/shared next to /work/main).
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/reference/karlo-tensor-names.txt");
-    let text = std::fs::read_to_string(&path).ok()?;
+fn section(name: &str) -> BTreeMap<String, Vec<i64>> {
+    let path = unclip_core::testing::fixture_path("karlo-tensor-names.txt");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let mut out = BTreeMap::new();
     let mut inside = false;
     for line in text.lines() {
@@ -25,7 +24,8 @@ fn section(name: &str) -> Option<BTreeMap<String, Vec<i64>>> {
             out.insert(n.to_string(), serde_json::from_str(shape).unwrap());
         }
     }
-    Some(out)
+    assert!(!out.is_empty(), "no section {name} in {}", path.display());
+    out
 }
 
 fn built(cfg: serde_json::Value) -> BTreeMap<String, Vec<i64>> {
@@ -36,10 +36,7 @@ fn built(cfg: serde_json::Value) -> BTreeMap<String, Vec<i64>> {
 }
 
 fn compare(name: &str, ours: BTreeMap<String, Vec<i64>>, layers: usize) {
-    let Some(reference) = section(name) else {
-        eprintln!("karlo-tensor-names.txt not found: skipped");
-        return;
-    };
+    let reference = section(name);
     let in_layer = |n: &str| n.contains(".layers.");
     let keep = |n: &str| !in_layer(n) || n.contains(".layers.0.");
     let want: BTreeMap<_, _> =

@@ -14,7 +14,7 @@
 //!
 //! ```no_run
 //! # use unclip_core::train::*;
-//! # fn loss_of(vs: &tch::nn::VarStore, idx: &[usize]) -> tch::Tensor { unimplemented!() }
+//! # fn loss_of(vs: &tch::nn::VarStore, idx: &[usize]) -> tch::Tensor { vs.trainable_variables()[0].sum(tch::Kind::Float) * idx.len() as f64 }
 //! # fn main() -> unclip_core::Result<()> {
 //! let vs = tch::nn::VarStore::new(tch::Device::Cpu); // ... the model's layers on vs.root()
 //! let (seed, total) = (0, 1000);
