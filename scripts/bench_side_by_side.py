@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""unclip-rs next to diffusers 0.42.1 / torch 2.13.0 on the same unCLIP folders: one sampler step of
+each stage and the whole text-to-image pipeline, plus each process's peak memory, as one table.
+
+Ours: benches/side_by_side.rs (release build); theirs: scripts/bench/theirs.py. Both load the same
+safetensors into f32 on the CPU, use the same thread count (tch::set_num_threads /
+torch.set_num_threads) and the same steps, and time the same work (see the two files). Every
+configuration runs in a fresh process per side, so each peak RSS belongs to one configuration;
+the two sides alternate (ours, theirs, then theirs, ours, ...) so both see the same machine load.
+Each timing is the median over its repetitions within a run, then the minimum over rounds.
+
+Configurations: `tiny` (fixtures/data/pipeline/text2img, diffusers' test-sized components),
+`embedded` (models/shapes/, skipped when absent), `karlo` (Karlo's real configs with random
+weights, written once by scripts/bench/make_karlo_random.py into target/bench/karlo-random; the
+architecture is Karlo's, only the step counts are reduced to fit a small CPU).
+
+usage: .venv/bin/python scripts/bench_side_by_side.py [--configs tiny,embedded,karlo] [--threads 1]
+       [--rounds 2] [--out benches/side_by_side.md]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+OURS = os.path.join(ROOT, "target", "release", "side_by_side")
+KARLO_DIR = os.path.join(ROOT, "target", "bench", "karlo-random")
+
+# name -> (folder, steps prior/decoder/super-res, warmup, reps, pipeline reps, time super_res_last too)
+CONFIGS = {
+    "tiny": (os.path.join(ROOT, "fixtures", "data", "pipeline", "text2img"), "25,25,7", 3, 21, 3, True),
+    "embedded": (os.path.join(ROOT, "models", "shapes"), "25,25,7", 2, 11, 2, True),
+    "karlo": (KARLO_DIR, "2,2,1", 1, 1, 1, False),
+}
+ROWS = [("prior_step", "prior step (guided, 2 rows)"), ("decoder_step", "decoder step (guided, 2 rows)"),
+        ("super_res_first_step", "super_res_first step"), ("super_res_last_step", "super_res_last step"),
+        ("pipeline", "whole pipeline")]
+
+
+def run(cmd):
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{p.stderr[-3000:]}")
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("{")][-1]
+    return json.loads(line)
+
+
+def fmt_s(s):
+    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default="tiny,embedded,karlo")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", default=None, help="also write the table (markdown) here")
+    a = ap.parse_args()
+
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "unclip-benches", "--bin", "side_by_side"],
+                   cwd=ROOT, check=True)
+    import torch, diffusers  # noqa: E401  (versions for the header)
+    header = (f"diffusers {diffusers.__version__}, torch {torch.__version__}, CPU f32, "
+              f"{a.threads} thread(s) each, {a.rounds} interleaved round(s)")
+    lines = [header, "", "| config | what | ours | diffusers | ours / diffusers |", "|---|---|---|---|---|"]
+    raw = {}
+    for name in a.configs.split(","):
+        folder, steps, warmup, reps, preps, sr_last = CONFIGS[name]
+        if name == "karlo" and not os.path.isdir(folder):
+            subprocess.run([PY, os.path.join(ROOT, "scripts", "bench", "make_karlo_random.py"), folder], check=True)
+        if not os.path.isfile(os.path.join(folder, "model_index.json")):
+            print(f"skipping {name}: no pipeline folder at {folder}", file=sys.stderr)
+            continue
+        args = ["--model", folder, "--threads", str(a.threads), "--warmup", str(warmup), "--reps", str(reps),
+                "--pipeline-reps", str(preps), "--steps", steps] + (["--sr-last"] if sr_last else [])
+        ours_cmd = [OURS] + args + ["--json"]
+        theirs_cmd = [PY, os.path.join(ROOT, "scripts", "bench", "theirs.py")] + args
+        results = {"ours": [], "theirs": []}
+        for r in range(a.rounds):
+            order = [("ours", ours_cmd), ("theirs", theirs_cmd)]
+            for side, cmd in (order if r % 2 == 0 else order[::-1]):
+                print(f"{name} round {r + 1}: {side}", file=sys.stderr, flush=True)
+                results[side].append(run(cmd))
+        raw[name] = results
+        best = {side: {k: min(x[k] for x in v) for k in v[0]} for side, v in results.items()}
+        peak = {side: max(x["peak_rss_bytes"] for x in v) for side, v in results.items()}
+        for key, label in ROWS:
+            if key not in best["ours"] or key not in best["theirs"]:
+                continue
+            o, t = best["ours"][key], best["theirs"][key]
+            if key == "pipeline":
+                label += f" ({steps.replace(',', '/')} steps)"
+            lines.append(f"| {name} | {label} | {fmt_s(o)} | {fmt_s(t)} | {o / t:.2f} |")
+        o, t = peak["ours"] / 2**20, peak["theirs"] / 2**20
+        lines.append(f"| {name} | peak RSS (whole process) | {o:.0f} MiB | {t:.0f} MiB | {o / t:.2f} |")
+    table = "\n".join(lines)
+    print(table)
+    os.makedirs(os.path.join(ROOT, "target", "bench"), exist_ok=True)
+    with open(os.path.join(ROOT, "target", "bench", "side_by_side.json"), "w") as f:
+        json.dump(raw, f, indent=1)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
