@@ -8,7 +8,8 @@ torch.set_num_threads) and the same steps, and time the same work (see the two f
 configuration runs in a fresh process per side, so each peak RSS belongs to one configuration;
 the two sides alternate (ours, theirs, then theirs, ours, ...) so both see the same machine load.
 Each timing is the median over its repetitions within a run, then the minimum over rounds
-(karlo: one round, one timed call per step without warm-up; whole pipeline 2/2/2 steps, the fewest UnCLIPScheduler allows).
+(karlo: one round, one timed call per step after one warm-up call for the prior and decoder, none
+for the upsampler (a call takes about a minute); whole pipeline 2/2/2 steps, the fewest UnCLIPScheduler allows).
 
 Configurations: `tiny` (fixtures/data/pipeline/text2img, diffusers' test-sized components),
 `embedded` (models/shapes/, skipped when absent), `karlo` (Karlo's real configs with random
@@ -29,11 +30,12 @@ PY = sys.executable
 OURS = os.path.join(ROOT, "target", "release", "side_by_side")
 KARLO_DIR = os.path.join(ROOT, "target", "bench", "karlo-random")
 
-# name -> (folder, steps prior/decoder/super-res, warmup, reps, pipeline reps, time super_res_last too)
+# name -> (folder, steps prior/decoder/super-res, warmup (prior, decoder), warmup (upsamplers), reps,
+#          pipeline reps, time super_res_last too)
 CONFIGS = {
-    "tiny": (os.path.join(ROOT, "fixtures", "data", "pipeline", "text2img"), "25,25,7", 3, 21, 3, True),
-    "embedded": (os.path.join(ROOT, "models", "shapes"), "25,25,7", 2, 11, 2, True),
-    "karlo": (KARLO_DIR, "2,2,2", 0, 1, 1, False),
+    "tiny": (os.path.join(ROOT, "fixtures", "data", "pipeline", "text2img"), "25,25,7", 3, 3, 21, 3, True),
+    "embedded": (os.path.join(ROOT, "models", "shapes"), "25,25,7", 2, 2, 11, 2, True),
+    "karlo": (KARLO_DIR, "2,2,2", 1, 0, 1, 1, False),
 }
 ROWS = [("prior_step", "prior step (guided, 2 rows)"), ("decoder_step", "decoder step (guided, 2 rows)"),
         ("super_res_first_step", "super_res_first step"), ("super_res_last_step", "super_res_last step"),
@@ -68,13 +70,13 @@ def main():
     lines = [header, "", "| config | what | ours | diffusers | ours / diffusers |", "|---|---|---|---|---|"]
     raw = {}
     for name in a.configs.split(","):
-        folder, steps, warmup, reps, preps, sr_last = CONFIGS[name]
+        folder, steps, warmup, sr_warmup, reps, preps, sr_last = CONFIGS[name]
         if name == "karlo" and not os.path.isdir(folder):
             subprocess.run([PY, os.path.join(ROOT, "scripts", "bench", "make_karlo_random.py"), folder], check=True)
         if not os.path.isfile(os.path.join(folder, "model_index.json")):
             print(f"skipping {name}: no pipeline folder at {folder}", file=sys.stderr)
             continue
-        args = ["--model", folder, "--threads", str(a.threads), "--warmup", str(warmup), "--reps", str(reps),
+        args = ["--model", folder, "--threads", str(a.threads), "--warmup", str(warmup), "--sr-warmup", str(sr_warmup), "--reps", str(reps),
                 "--pipeline-reps", str(preps), "--steps", steps] + (["--sr-last"] if sr_last else [])
         ours_cmd = [OURS] + args + ["--json"]
         theirs_cmd = [PY, os.path.join(ROOT, "scripts", "bench", "theirs.py")] + args
