@@ -11,7 +11,16 @@
 //! (`step-*/`, `latest.json`) and its shipped weights (EMA). Running the same command again
 //! resumes each unfinished stage from its newest checkpoint and skips finished ones. At the end
 //! the diffusers-layout folder `<out>/model/` is written (f16) and loaded back through
-//! `unclip::Unclip::from_pretrained` as a check.
+//! `unclip::Unclip::from_pretrained` as a check. Then:
+//!
+//! ```sh
+//! cargo run --release --example train_embedded -- --stage export --out runs/shapes --install models/shapes
+//! cargo run --release --example evaluate -- --model models/shapes --out runs/shapes/eval
+//! ```
+//!
+//! `--estimate` measures each stage's seconds per step here and prints the full run's duration.
+//! Killing the run at any moment and starting the same command again continues bit for bit
+//! (checkpoints are atomic; batches and noise are functions of the step).
 
 mod clip_stage;
 mod data;
