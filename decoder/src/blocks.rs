@@ -5,6 +5,7 @@
 
 use crate::attention::{AddedKvAttention, SelfAttention};
 use crate::config::TimeNorm;
+use crate::layers::{Conv2d, GroupNorm};
 use crate::resnet::{Resample, ResnetBlock2D, ResnetConfig};
 use crate::{Error, Result};
 use tch::{Tensor, nn};
@@ -265,5 +266,39 @@ impl MidBlock {
             h = a.forward(&h)?;
         }
         self.resnets[1].forward(&h, temb)
+    }
+}
+
+/// What both UNets share once the time embedding is computed: `conv_in`, the down blocks (their
+/// outputs kept as skips), the mid block, the up blocks (consuming the skips), then
+/// `conv_norm_out -> SiLU -> conv_out`. Tensor names sit at the UNet's root.
+#[derive(Debug)]
+pub struct UNetTrunk {
+    pub conv_in: Conv2d,
+    pub down_blocks: Vec<DownBlock>,
+    pub mid_block: Option<MidBlock>,
+    pub up_blocks: Vec<UpBlock>,
+    pub conv_norm_out: GroupNorm,
+    pub conv_out: Conv2d,
+}
+
+impl UNetTrunk {
+    /// `sample` (B, C, H, W), `temb` (B, time_embed_dim), `ctx` the cross-attention context.
+    pub fn forward(&self, sample: &Tensor, temb: &Tensor, ctx: Option<Context>) -> Result<Tensor> {
+        let mut h = self.conv_in.forward(sample)?;
+        let mut skips = vec![h.shallow_clone()];
+        for block in &self.down_blocks {
+            let (out, s) = block.forward(&h, temb, ctx)?;
+            h = out;
+            skips.extend(s);
+        }
+        if let Some(mid) = &self.mid_block {
+            h = mid.forward(&h, temb, ctx)?;
+        }
+        for block in &self.up_blocks {
+            h = block.forward(&h, &mut skips, temb, ctx)?;
+        }
+        let h = self.conv_norm_out.forward(&h)?.f_silu()?;
+        self.conv_out.forward(&h)
     }
 }

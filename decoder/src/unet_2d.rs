@@ -2,7 +2,7 @@
 //! `super_res_last` (ResNet-only down/up blocks, optional mid-block self-attention). Its input is
 //! the noisy high-res image concatenated with the upscaled low-res image.
 
-use crate::blocks::{DownBlock, MidAttention, MidBlock, ResnetCommon, UpBlock};
+use crate::blocks::{DownBlock, MidAttention, MidBlock, ResnetCommon, UNetTrunk, UpBlock};
 use crate::config::UNet2DConfig;
 use crate::layers::{Conv2d, GroupNorm};
 use crate::unet_2d_condition::check_input;
@@ -13,13 +13,8 @@ use unclip_core::nn::{TimestepEmbedding, timestep_features};
 /// `UNet2DModel` with ResNet up/down blocks.
 #[derive(Debug)]
 pub struct UNet2DModel {
-    conv_in: Conv2d,
     time_embedding: TimestepEmbedding,
-    down_blocks: Vec<DownBlock>,
-    mid_block: Option<MidBlock>,
-    up_blocks: Vec<UpBlock>,
-    conv_norm_out: GroupNorm,
-    conv_out: Conv2d,
+    trunk: UNetTrunk,
     cfg: UNet2DConfig,
 }
 
@@ -81,16 +76,9 @@ impl UNet2DModel {
         let conv_norm_out =
             GroupNorm::new(&p / "conv_norm_out", cfg.norm_num_groups, ch[0], cfg.norm_eps);
         let conv_out = Conv2d::new(&p / "conv_out", ch[0], cfg.out_channels, 3);
-        Ok(Self {
-            conv_in,
-            time_embedding,
-            down_blocks,
-            mid_block,
-            up_blocks,
-            conv_norm_out,
-            conv_out,
-            cfg: cfg.clone(),
-        })
+        let trunk =
+            UNetTrunk { conv_in, down_blocks, mid_block, up_blocks, conv_norm_out, conv_out };
+        Ok(Self { time_embedding, trunk, cfg: cfg.clone() })
     }
 
     pub fn config(&self) -> &UNet2DConfig {
@@ -110,7 +98,7 @@ impl UNet2DModel {
             timestep,
             self.cfg.in_channels,
             self.cfg.downsampling_factor(),
-            &self.conv_in.ws,
+            &self.trunk.conv_in.ws,
         )?;
         let (b, kind) = (sample.size()[0], sample.kind());
         let sample = if self.cfg.center_input_sample {
@@ -140,20 +128,6 @@ impl UNet2DModel {
             }
             (None, false) => {}
         }
-        let mut h = self.conv_in.forward(&sample)?;
-        let mut skips = vec![h.shallow_clone()];
-        for block in &self.down_blocks {
-            let (out, s) = block.forward(&h, &emb, None)?;
-            h = out;
-            skips.extend(s);
-        }
-        if let Some(mid) = &self.mid_block {
-            h = mid.forward(&h, &emb, None)?;
-        }
-        for block in &self.up_blocks {
-            h = block.forward(&h, &mut skips, &emb, None)?;
-        }
-        let h = self.conv_norm_out.forward(&h)?.f_silu()?;
-        self.conv_out.forward(&h)
+        self.trunk.forward(&sample, &emb, None)
     }
 }

@@ -2,7 +2,9 @@
 //! UNet with the CLIP image embedding added to the timestep embedding through `class_labels`).
 
 use crate::attention::mask_to_bias;
-use crate::blocks::{Context, CrossAttn, DownBlock, MidAttention, MidBlock, ResnetCommon, UpBlock};
+use crate::blocks::{
+    Context, CrossAttn, DownBlock, MidAttention, MidBlock, ResnetCommon, UNetTrunk, UpBlock,
+};
 use crate::config::UNet2DConditionConfig;
 use crate::layers::{Conv2d, GroupNorm};
 use crate::{Error, Result};
@@ -166,13 +168,8 @@ pub(crate) fn check_input(
 /// `UNet2DConditionModel` with Karlo's block types.
 #[derive(Debug)]
 pub struct UNet2DConditionModel {
-    conv_in: Conv2d,
     time_embedding: TimestepEmbedding,
-    down_blocks: Vec<DownBlock>,
-    mid_block: Option<MidBlock>,
-    up_blocks: Vec<UpBlock>,
-    conv_norm_out: GroupNorm,
-    conv_out: Conv2d,
+    trunk: UNetTrunk,
     cfg: UNet2DConditionConfig,
 }
 
@@ -243,16 +240,9 @@ impl UNet2DConditionModel {
         }
         let conv_norm_out = GroupNorm::new(&p / "conv_norm_out", cfg.groups(), ch[0], cfg.norm_eps);
         let conv_out = Conv2d::new(&p / "conv_out", ch[0], cfg.out_channels, cfg.conv_out_kernel);
-        Ok(Self {
-            conv_in,
-            time_embedding,
-            down_blocks,
-            mid_block,
-            up_blocks,
-            conv_norm_out,
-            conv_out,
-            cfg: cfg.clone(),
-        })
+        let trunk =
+            UNetTrunk { conv_in, down_blocks, mid_block, up_blocks, conv_norm_out, conv_out };
+        Ok(Self { time_embedding, trunk, cfg: cfg.clone() })
     }
 
     pub fn config(&self) -> &UNet2DConditionConfig {
@@ -288,7 +278,7 @@ impl UNet2DConditionModel {
             timestep,
             self.cfg.in_channels,
             self.cfg.downsampling_factor(),
-            &self.conv_in.ws,
+            &self.trunk.conv_in.ws,
         )?;
         let b = sample.size()[0];
         if let Some(cb) = cond.batch() {
@@ -314,20 +304,6 @@ impl UNet2DConditionModel {
         }
         let ctx = cond.context();
 
-        let mut h = self.conv_in.forward(&sample)?;
-        let mut skips = vec![h.shallow_clone()];
-        for block in &self.down_blocks {
-            let (out, s) = block.forward(&h, &emb, ctx)?;
-            h = out;
-            skips.extend(s);
-        }
-        if let Some(mid) = &self.mid_block {
-            h = mid.forward(&h, &emb, ctx)?;
-        }
-        for block in &self.up_blocks {
-            h = block.forward(&h, &mut skips, &emb, ctx)?;
-        }
-        let h = self.conv_norm_out.forward(&h)?.f_silu()?;
-        self.conv_out.forward(&h)
+        self.trunk.forward(&sample, &emb, ctx)
     }
 }
