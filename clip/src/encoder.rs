@@ -1,7 +1,7 @@
 //! The pre-LayerNorm transformer layer that CLIP's text and vision towers share.
 
-use crate::Result;
 use crate::config::Activation;
+use crate::{Error, Result};
 use tch::{Kind, Tensor, nn, nn::Module};
 
 /// Sizes of one encoder stack (the fields the text and vision configs have in common).
@@ -142,4 +142,17 @@ pub(crate) fn mask_value(kind: Kind) -> f64 {
         Kind::Double => f64::MIN,
         _ => f32::MIN as f64,
     }
+}
+
+/// The bias-free projection of a tower's pooled output into the shared embedding space
+/// (`text_projection` / `visual_projection`), initialised as transformers does.
+pub fn projection(p: nn::Path, hidden_size: i64, projection_dim: i64) -> Result<nn::Linear> {
+    if projection_dim <= 0 {
+        return Err(Error::Config(format!(
+            "projection_dim must be positive, found {projection_dim}"
+        )));
+    }
+    let ws_init = nn::Init::Randn { mean: 0.0, stdev: (hidden_size as f64).powf(-0.5) };
+    let lc = nn::LinearConfig { ws_init, bs_init: None, bias: false };
+    Ok(nn::linear(p, hidden_size, projection_dim, lc))
 }

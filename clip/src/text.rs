@@ -186,20 +186,9 @@ pub struct TextEmbeds {
 impl TextTower {
     /// `p` is the model root; tensors `text_model.*` and `text_projection.weight`.
     pub fn new(p: nn::Path, cfg: &TextConfig, projection_dim: i64) -> Result<Self> {
-        if projection_dim <= 0 {
-            return Err(Error::Config(format!(
-                "projection_dim must be positive, found {projection_dim}"
-            )));
-        }
         let text_model = TextTransformer::new(&p / "text_model", cfg)?;
-        let std = (cfg.hidden_size as f64).powf(-0.5);
-        let lc = nn::LinearConfig {
-            ws_init: nn::Init::Randn { mean: 0.0, stdev: std },
-            bs_init: None,
-            bias: false,
-        };
         let text_projection =
-            nn::linear(&p / "text_projection", cfg.hidden_size, projection_dim, lc);
+            crate::encoder::projection(&p / "text_projection", cfg.hidden_size, projection_dim)?;
         Ok(Self { text_model, text_projection })
     }
 

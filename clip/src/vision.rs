@@ -131,20 +131,9 @@ pub struct ImageEmbeds {
 
 impl VisionTower {
     pub fn new(p: nn::Path, cfg: &VisionConfig, projection_dim: i64) -> Result<Self> {
-        if projection_dim <= 0 {
-            return Err(Error::Config(format!(
-                "projection_dim must be positive, found {projection_dim}"
-            )));
-        }
         let vision_model = VisionTransformer::new(&p / "vision_model", cfg)?;
-        let std = (cfg.hidden_size as f64).powf(-0.5);
-        let lc = nn::LinearConfig {
-            ws_init: nn::Init::Randn { mean: 0.0, stdev: std },
-            bs_init: None,
-            bias: false,
-        };
         let visual_projection =
-            nn::linear(&p / "visual_projection", cfg.hidden_size, projection_dim, lc);
+            crate::encoder::projection(&p / "visual_projection", cfg.hidden_size, projection_dim)?;
         Ok(Self { vision_model, visual_projection })
     }
 
