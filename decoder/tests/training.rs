@@ -15,7 +15,7 @@ use unclip_scheduler::{NoiseSchedule, NoiseSource, TorchNoise};
 
 /// The tests draw from libtorch's global generator: one at a time, so each run is reproducible.
 /// Optimizer steps per test (a few seconds each on 2 idle cores).
-const STEPS: usize = 120;
+const STEPS: usize = 300;
 
 static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
