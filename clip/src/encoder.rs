@@ -22,7 +22,7 @@ fn linear(p: nn::Path, i: i64, o: i64, std: f64) -> nn::Linear {
         bs_init: Some(nn::Init::Const(0.0)),
         bias: true,
     };
-    nn::linear(p, i, o, cfg)
+    unclip_core::nn::linear(p, i, o, cfg)
 }
 
 pub(crate) fn layer_norm(p: nn::Path, dim: i64, eps: f64) -> nn::LayerNorm {
@@ -154,5 +154,5 @@ pub fn projection(p: nn::Path, hidden_size: i64, projection_dim: i64) -> Result<
     }
     let ws_init = nn::Init::Randn { mean: 0.0, stdev: (hidden_size as f64).powf(-0.5) };
     let lc = nn::LinearConfig { ws_init, bs_init: None, bias: false };
-    Ok(nn::linear(p, hidden_size, projection_dim, lc))
+    Ok(unclip_core::nn::linear(p, hidden_size, projection_dim, lc))
 }

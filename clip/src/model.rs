@@ -85,7 +85,8 @@ impl ClipModel {
     /// With `Towers::Text` or `Towers::Vision` the other tower's tensors in the file are ignored.
     pub fn load(dir: &Path, towers: Towers, device: Device, kind: Kind) -> Result<Self> {
         let config = AnyConfig::read(&dir.join("config.json"))?;
-        let model = Self::new(config, towers, device, kind)?;
+        // Every variable is overwritten below: skip the random initialisation.
+        let model = unclip_core::nn::for_loading(|| Self::new(config, towers, device, kind))?;
         let unexpected =
             if towers == Towers::Both { Unexpected::Error } else { Unexpected::Ignore };
         model.load_weights(&dir.join("model.safetensors"), unexpected)?;

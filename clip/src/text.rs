@@ -19,13 +19,13 @@ impl TextEmbeddings {
             ..Default::default()
         };
         Self {
-            token_embedding: nn::embedding(
+            token_embedding: unclip_core::nn::embedding(
                 &p / "token_embedding",
                 cfg.vocab_size,
                 cfg.hidden_size,
                 ec,
             ),
-            position_embedding: nn::embedding(
+            position_embedding: unclip_core::nn::embedding(
                 &p / "position_embedding",
                 cfg.max_position_embeddings,
                 cfg.hidden_size,

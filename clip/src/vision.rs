@@ -17,7 +17,8 @@ pub struct VisionEmbeddings {
 impl VisionEmbeddings {
     pub fn new(p: nn::Path, cfg: &VisionConfig) -> Self {
         let h = cfg.hidden_size;
-        let class_embedding = p.var(
+        let class_embedding = unclip_core::nn::var(
+            &p,
             "class_embedding",
             &[h],
             nn::Init::Randn { mean: 0.0, stdev: (h as f64).powf(-0.5) },
@@ -28,14 +29,20 @@ impl VisionEmbeddings {
             ws_init: nn::Init::Randn { mean: 0.0, stdev: 0.02 },
             ..Default::default()
         };
-        let patch_embedding =
-            nn::conv2d(&p / "patch_embedding", cfg.num_channels, h, cfg.patch_size, conv);
+        let patch_embedding = unclip_core::nn::conv2d(
+            &p / "patch_embedding",
+            cfg.num_channels,
+            h,
+            cfg.patch_size,
+            conv,
+        );
         let ec = nn::EmbeddingConfig {
             ws_init: nn::Init::Randn { mean: 0.0, stdev: 0.02 },
             ..Default::default()
         };
         let num_positions = cfg.num_positions();
-        let position_embedding = nn::embedding(&p / "position_embedding", num_positions, h, ec);
+        let position_embedding =
+            unclip_core::nn::embedding(&p / "position_embedding", num_positions, h, ec);
         Self { class_embedding, patch_embedding, position_embedding, num_positions }
     }
 

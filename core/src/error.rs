@@ -21,6 +21,8 @@ pub enum Error {
     MissingTensors { file: String, names: Vec<String> },
     #[error("checkpoint {file}: tensor {name} has shape {found:?}, expected {expected:?}")]
     ShapeMismatch { file: String, name: String, expected: Vec<i64>, found: Vec<i64> },
+    #[error("checkpoint {file}: {message}")]
+    BadCheckpoint { file: String, message: String },
     #[error("checkpoint {file}: unexpected tensor(s) {names:?}")]
     UnexpectedTensors { file: String, names: Vec<String> },
     #[error("config {path}: {message}")]

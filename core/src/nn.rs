@@ -1,7 +1,59 @@
 //! Layers shared by several models (the prior and every UNet), written once.
 
 use crate::Result;
+use std::cell::Cell;
 use tch::{Kind, Tensor, nn, nn::Module};
+
+thread_local! {
+    static BUILDING_FOR_LOAD: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Builds a model whose every variable a checkpoint is about to overwrite: inside `build`, the
+/// constructors below ([`linear`], [`conv2d`], [`embedding`], [`var`]) create zeros (a memset)
+/// instead of random draws. Loading a Karlo-sized model this way skips billions of random
+/// numbers, and leaves libtorch's global generator where the caller's seed put it.
+pub fn for_loading<T>(build: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            BUILDING_FOR_LOAD.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(BUILDING_FOR_LOAD.with(|c| c.replace(true)));
+    build()
+}
+
+/// `init`, or zeros inside [`for_loading`].
+pub fn init(init: nn::Init) -> nn::Init {
+    if BUILDING_FOR_LOAD.with(Cell::get) { nn::Init::Const(0.0) } else { init }
+}
+
+/// `tch::nn::linear`, initialized as configured (or zeros inside [`for_loading`]).
+pub fn linear(p: nn::Path, c_in: i64, c_out: i64, mut c: nn::LinearConfig) -> nn::Linear {
+    if BUILDING_FOR_LOAD.with(Cell::get) {
+        c.ws_init = nn::Init::Const(0.0);
+        c.bs_init = Some(nn::Init::Const(0.0));
+    }
+    nn::linear(p, c_in, c_out, c)
+}
+
+/// `tch::nn::conv2d`, initialized as configured (or zeros inside [`for_loading`]).
+pub fn conv2d(p: nn::Path, c_in: i64, c_out: i64, k: i64, mut c: nn::ConvConfig) -> nn::Conv2D {
+    c.ws_init = init(c.ws_init);
+    c.bs_init = init(c.bs_init);
+    nn::conv2d(p, c_in, c_out, k, c)
+}
+
+/// `tch::nn::embedding`, initialized as configured (or zeros inside [`for_loading`]).
+pub fn embedding(p: nn::Path, n: i64, dim: i64, mut c: nn::EmbeddingConfig) -> nn::Embedding {
+    c.ws_init = init(c.ws_init);
+    nn::embedding(p, n, dim, c)
+}
+
+/// `p.var(name, dims, init)` (or zeros inside [`for_loading`]).
+pub fn var(p: &nn::Path, name: &str, dims: &[i64], i: nn::Init) -> Tensor {
+    p.var(name, dims, init(i))
+}
 
 /// Sinusoidal timestep features as diffusers' `get_timestep_embedding` computes them (f32):
 /// `freq_k = exp(-ln(max_period) * k / (half - shift))`, `emb = [sin(t f), cos(t f)]`, swapped to
@@ -40,8 +92,8 @@ pub struct TimestepEmbedding {
 impl TimestepEmbedding {
     /// `p` is the module's path (e.g. `time_embedding`); tensors `linear_1.*`, `linear_2.*`.
     pub fn new(p: nn::Path, in_dim: i64, out_dim: i64) -> Self {
-        let linear_1 = nn::linear(&p / "linear_1", in_dim, out_dim, Default::default());
-        let linear_2 = nn::linear(&p / "linear_2", out_dim, out_dim, Default::default());
+        let linear_1 = linear(&p / "linear_1", in_dim, out_dim, Default::default());
+        let linear_2 = linear(&p / "linear_2", out_dim, out_dim, Default::default());
         Self { linear_1, linear_2 }
     }
 }
@@ -86,6 +138,32 @@ pub fn multi_head_attention(
 mod tests {
     use super::*;
     use tch::Device;
+
+    #[test]
+    fn for_loading_builds_zeros_without_drawing_and_restores() {
+        let build = |vs: &nn::VarStore| {
+            let p = vs.root();
+            let l = linear(&p / "l", 4, 3, Default::default());
+            let c = conv2d(&p / "c", 2, 3, 3, Default::default());
+            let e = embedding(&p / "e", 5, 2, Default::default());
+            let v = var(&p, "v", &[2], nn::Init::Randn { mean: 0.0, stdev: 1.0 });
+            [l.ws, l.bs.unwrap(), c.ws, c.bs.unwrap(), e.ws, v]
+        };
+        tch::manual_seed(3);
+        let before = Tensor::randn([4], (Kind::Float, Device::Cpu));
+        tch::manual_seed(3);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let zeros = for_loading(|| build(&vs));
+        // No draw was taken from the global generator, and every tensor is zero.
+        assert!(Tensor::randn([4], (Kind::Float, Device::Cpu)).equal(&before));
+        assert!(zeros.iter().all(|t| t.abs().sum(Kind::Float).double_value(&[]) == 0.0));
+        // Outside, random initialisation is back.
+        let vs = nn::VarStore::new(Device::Cpu);
+        let random = build(&vs);
+        let nonzero = |t: &Tensor| t.abs().sum(Kind::Float).double_value(&[]) > 0.0;
+        // (tch initializes conv biases to zero: index 3 is zero either way.)
+        assert!(random.iter().enumerate().all(|(i, t)| i == 3 || nonzero(t)));
+    }
 
     #[test]
     fn timestep_features_match_formula() {

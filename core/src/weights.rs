@@ -34,6 +34,50 @@ pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
     Ok(Tensor::read_safetensors(path)?.into_iter().collect())
 }
 
+/// Checks a file's tensor names and shapes against the variables of `vs` before anything is
+/// copied: every missing tensor, the first shape mismatch (expected vs found) and, unless
+/// ignored, every unexpected tensor are reported. Returns the variable names, sorted.
+fn check_names_and_shapes<'a>(
+    vs: &VarStore,
+    file_names: impl Iterator<Item = &'a str>,
+    shape_of: impl Fn(&str) -> Option<Vec<i64>>,
+    source: &str,
+    unexpected: Unexpected,
+) -> Result<Vec<String>> {
+    let vars = vs.variables();
+    let mut names: Vec<String> = vars.keys().cloned().collect();
+    names.sort();
+    let missing: Vec<String> = names.iter().filter(|k| shape_of(k).is_none()).cloned().collect();
+    if !missing.is_empty() {
+        return Err(Error::MissingTensors { file: source.into(), names: missing });
+    }
+    for name in &names {
+        let found = shape_of(name).unwrap_or_default();
+        let expected = vars[name].size();
+        if expected != found {
+            return Err(Error::ShapeMismatch {
+                file: source.into(),
+                name: name.clone(),
+                expected,
+                found,
+            });
+        }
+    }
+    if unexpected == Unexpected::Error {
+        let extra: BTreeSet<String> = file_names
+            .filter(|k| !vars.contains_key(*k) && !always_ignored(k))
+            .map(str::to_string)
+            .collect();
+        if !extra.is_empty() {
+            return Err(Error::UnexpectedTensors {
+                file: source.into(),
+                names: extra.into_iter().collect(),
+            });
+        }
+    }
+    Ok(names)
+}
+
 /// Copies `tensors` into the variables of `vs`, converting dtype and device to the variables'.
 /// Every missing tensor and every shape mismatch is reported in one error. `source` names the file
 /// in messages.
@@ -43,49 +87,73 @@ pub fn load_tensors(
     source: &str,
     unexpected: Unexpected,
 ) -> Result<()> {
+    let names = check_names_and_shapes(
+        vs,
+        tensors.keys().map(String::as_str),
+        |n| tensors.get(n).map(Tensor::size),
+        source,
+        unexpected,
+    )?;
     let vars = vs.variables();
-    let mut missing: Vec<String> =
-        vars.keys().filter(|k| !tensors.contains_key(*k)).cloned().collect();
-    missing.sort();
-    if !missing.is_empty() {
-        return Err(Error::MissingTensors { file: source.into(), names: missing });
-    }
-    let mut names: Vec<&String> = vars.keys().collect();
-    names.sort();
-    for name in &names {
-        let (var, src) = (&vars[*name], &tensors[*name]);
-        if var.size() != src.size() {
-            return Err(Error::ShapeMismatch {
-                file: source.into(),
-                name: (*name).clone(),
-                expected: var.size(),
-                found: src.size(),
-            });
-        }
-    }
-    if unexpected == Unexpected::Error {
-        let extra: BTreeSet<&String> =
-            tensors.keys().filter(|k| !vars.contains_key(*k) && !always_ignored(k)).collect();
-        if !extra.is_empty() {
-            return Err(Error::UnexpectedTensors {
-                file: source.into(),
-                names: extra.into_iter().cloned().collect(),
-            });
-        }
-    }
     tch::no_grad(|| -> Result<()> {
         for name in names {
-            let mut var = vars[name].shallow_clone();
-            var.f_copy_(&tensors[name])?;
+            let mut var = vars[&name].shallow_clone();
+            var.f_copy_(&tensors[&name])?;
         }
         Ok(())
     })
 }
 
-/// Loads a safetensors file into `vs` with [`load_tensors`].
+/// The libtorch kind of a safetensors dtype, for the dtypes checkpoints hold.
+fn kind_of(dtype: safetensors::Dtype) -> Option<Kind> {
+    use safetensors::Dtype as D;
+    Some(match dtype {
+        D::F16 => Kind::Half,
+        D::BF16 => Kind::BFloat16,
+        D::F32 => Kind::Float,
+        D::F64 => Kind::Double,
+        D::I64 => Kind::Int64,
+        D::I32 => Kind::Int,
+        D::I16 => Kind::Int16,
+        D::I8 => Kind::Int8,
+        D::U8 => Kind::Uint8,
+        D::BOOL => Kind::Bool,
+        _ => return None,
+    })
+}
+
+/// Loads a safetensors file into `vs` with the checks of [`load_tensors`], streaming: the file is
+/// memory-mapped and each tensor is converted and copied into its variable on its own, so the
+/// peak memory is the model plus one tensor (not the model plus the whole file plus a copy of
+/// every tensor, as reading the file first would take).
 pub fn load_file(vs: &VarStore, path: &Path, unexpected: Unexpected) -> Result<()> {
-    let tensors = read_tensors(path)?;
-    load_tensors(vs, &tensors, &path.display().to_string(), unexpected)
+    let source = path.display().to_string();
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: the map is read-only and dropped before returning; as with every loader that maps
+    // checkpoints (the safetensors package, candle), the file must not be truncated meanwhile.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let bad = |message: String| Error::BadCheckpoint { file: source.clone(), message };
+    let st = safetensors::SafeTensors::deserialize(&map)
+        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let shape_of = |n: &str| {
+        st.tensor(n).ok().map(|v| v.shape().iter().map(|&d| d as i64).collect::<Vec<i64>>())
+    };
+    let file_names = st.names();
+    let names =
+        check_names_and_shapes(vs, file_names.iter().copied(), shape_of, &source, unexpected)?;
+    let vars = vs.variables();
+    tch::no_grad(|| -> Result<()> {
+        for name in names {
+            let view = st.tensor(&name).map_err(|e| bad(format!("{name}: {e}")))?;
+            let kind = kind_of(view.dtype())
+                .ok_or_else(|| bad(format!("{name}: unsupported dtype {:?}", view.dtype())))?;
+            let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+            let src = Tensor::f_from_data_size(view.data(), &shape, kind)?;
+            let mut var = vars[&name].shallow_clone();
+            var.f_copy_(&src)?;
+        }
+        Ok(())
+    })
 }
 
 /// Saves all variables of `vs` as a safetensors file, optionally cast to `kind` (e.g. f16 to halve
@@ -176,6 +244,29 @@ mod tests {
             load_file(&vs5, &tmpfile("absent"), Unexpected::Error),
             Err(Error::Io { .. })
         ));
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn streamed_load_equals_read_then_copy_and_refuses_garbage() {
+        let vs = VarStore::new(Device::Cpu);
+        model(&vs, 3);
+        let path = tmpfile("s.safetensors");
+        for kind in [Kind::Float, Kind::Half, Kind::BFloat16] {
+            save_file(&vs, &path, Some(kind)).unwrap();
+            let (a, b) = (VarStore::new(Device::Cpu), VarStore::new(Device::Cpu));
+            model(&a, 3);
+            model(&b, 3);
+            load_file(&a, &path, Unexpected::Error).unwrap();
+            let tensors = read_tensors(&path).unwrap();
+            load_tensors(&b, &tensors, "s", Unexpected::Error).unwrap();
+            for (name, t) in a.variables() {
+                assert!(t.equal(&b.variables()[&name]), "{name} in {kind:?}");
+            }
+        }
+        std::fs::write(&path, b"not a safetensors file").unwrap();
+        let err = load_file(&vs, &path, Unexpected::Error).unwrap_err();
+        assert!(matches!(err, Error::BadCheckpoint { .. }), "{err}");
         std::fs::remove_file(&path).unwrap();
     }
 }

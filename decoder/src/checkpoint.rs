@@ -85,7 +85,8 @@ pub fn init<M: Component>(cfg: &M::Config, device: Device, kind: Kind) -> Result
 /// tensor is an error that names it). f16/bf16 files load into `kind`.
 pub fn load<M: Component>(dir: &Path, device: Device, kind: Kind) -> Result<Loaded<M>> {
     let cfg = read_config::<M>(dir)?;
-    let loaded = init::<M>(&cfg, device, kind)?;
+    // Every variable is overwritten below: skip the random initialisation.
+    let loaded = unclip_core::nn::for_loading(|| init::<M>(&cfg, device, kind))?;
     load_file(&loaded.vs, &dir.join(WEIGHTS_FILE), Unexpected::Error)?;
     Ok(loaded)
 }

@@ -14,7 +14,7 @@ pub struct Linear {
 
 impl Linear {
     pub fn new(p: nn::Path, c_in: i64, c_out: i64) -> Self {
-        let l = nn::linear(p, c_in, c_out, Default::default());
+        let l = unclip_core::nn::linear(p, c_in, c_out, Default::default());
         Self { ws: l.ws, bs: l.bs }
     }
 
@@ -34,8 +34,13 @@ pub struct Conv2d {
 impl Conv2d {
     pub fn new(p: nn::Path, c_in: i64, c_out: i64, kernel: i64) -> Self {
         let padding = (kernel - 1) / 2;
-        let c =
-            nn::conv2d(p, c_in, c_out, kernel, nn::ConvConfig { padding, ..Default::default() });
+        let c = unclip_core::nn::conv2d(
+            p,
+            c_in,
+            c_out,
+            kernel,
+            nn::ConvConfig { padding, ..Default::default() },
+        );
         Self { ws: c.ws, bs: c.bs, padding }
     }
 

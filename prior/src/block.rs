@@ -19,10 +19,10 @@ impl SelfAttention {
     pub fn new(p: nn::Path, dim: i64, heads: i64) -> Self {
         let c = Default::default();
         Self {
-            to_q: nn::linear(&p / "to_q", dim, dim, c),
-            to_k: nn::linear(&p / "to_k", dim, dim, c),
-            to_v: nn::linear(&p / "to_v", dim, dim, c),
-            to_out: nn::linear(&p / "to_out" / "0", dim, dim, c),
+            to_q: unclip_core::nn::linear(&p / "to_q", dim, dim, c),
+            to_k: unclip_core::nn::linear(&p / "to_k", dim, dim, c),
+            to_v: unclip_core::nn::linear(&p / "to_v", dim, dim, c),
+            to_out: unclip_core::nn::linear(&p / "to_out" / "0", dim, dim, c),
             heads,
         }
     }
@@ -46,8 +46,8 @@ impl FeedForward {
     pub fn new(p: nn::Path, dim: i64) -> Self {
         let net = &p / "net";
         Self {
-            proj: nn::linear(&net / "0" / "proj", dim, 4 * dim, Default::default()),
-            out: nn::linear(&net / "2", 4 * dim, dim, Default::default()),
+            proj: unclip_core::nn::linear(&net / "0" / "proj", dim, 4 * dim, Default::default()),
+            out: unclip_core::nn::linear(&net / "2", 4 * dim, dim, Default::default()),
         }
     }
 }

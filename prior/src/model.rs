@@ -52,7 +52,9 @@ impl PriorTransformer {
         let layer_norm = |name: &str, dim: i64, kind: &Option<String>| {
             kind.as_ref().map(|_| nn::layer_norm(&p / name, vec![dim], ln))
         };
-        let linear = |name: &str, i: i64, o: i64| nn::linear(&p / name, i, o, Default::default());
+        let linear = |name: &str, i: i64, o: i64| {
+            unclip_core::nn::linear(&p / name, i, o, Default::default())
+        };
         let time_embedding = TimestepEmbedding::new(&p / "time_embedding", d, d);
         let proj_in = linear("proj_in", cfg.embedding_dim, d);
         let embedding_proj_norm = layer_norm(
@@ -106,7 +108,8 @@ impl PriorTransformer {
     ) -> Result<(nn::VarStore, PriorTransformer)> {
         let cfg = PriorConfig::from_file(&dir.join(CONFIG_NAME))?;
         let mut vs = nn::VarStore::new(device);
-        let model = PriorTransformer::new(vs.root(), &cfg)?;
+        // Every variable is overwritten below: skip the random initialisation.
+        let model = unclip_core::nn::for_loading(|| PriorTransformer::new(vs.root(), &cfg))?;
         load_file(&vs, &dir.join(WEIGHTS_NAME), Unexpected::Error)?;
         if kind != Kind::Float {
             vs.set_kind(kind);
