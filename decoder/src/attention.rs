@@ -4,6 +4,7 @@
 
 use crate::Result;
 use crate::layers::{GroupNorm, Linear};
+use std::sync::Mutex;
 use tch::{Kind, Tensor, nn};
 use unclip_core::nn::multi_head_attention;
 
@@ -31,6 +32,20 @@ pub struct AddedKvAttention {
     add_v_proj: Linear,
     to_out: Linear,
     heads: i64,
+    context_kv: Mutex<Option<ContextKv>>,
+}
+
+/// The context tokens' keys and values, kept from the last call: a sampling loop passes the same
+/// context at every step (classifier-free guidance included), so they are projected once.
+#[derive(Debug)]
+struct ContextKv {
+    /// Identity of the inputs they came from: the context tensor (held, so its memory cannot be
+    /// reused by another tensor), its shape, strides and in-place version, and the versions of the
+    /// projection weights (a load or an optimizer step changes them).
+    context: Tensor,
+    key: Vec<i64>,
+    k: Tensor,
+    v: Tensor,
 }
 
 impl AddedKvAttention {
@@ -52,7 +67,43 @@ impl AddedKvAttention {
             add_v_proj: Linear::new(&p / "add_v_proj", context_dim, channels),
             to_out: Linear::new(&p / "to_out" / 0, channels, channels),
             heads: channels / head_dim,
+            context_kv: Mutex::new(None),
         }
+    }
+
+    fn identity(&self, context: &Tensor) -> Vec<i64> {
+        let mut key = context.size();
+        key.extend(context.stride());
+        key.push(context.internal_version());
+        for l in [&self.add_k_proj, &self.add_v_proj] {
+            key.push(l.ws.internal_version());
+            key.extend(l.bs.as_ref().map(Tensor::internal_version));
+        }
+        key
+    }
+
+    /// `add_k_proj(context)`, `add_v_proj(context)`, reused while the same context comes back.
+    /// Only results outside autograd are kept (training needs the graph of each step).
+    fn context_kv(&self, context: &Tensor) -> Result<(Tensor, Tensor)> {
+        let key = self.identity(context);
+        let mut memo = self.context_kv.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = memo.as_ref() {
+            let same = m.context.data_ptr() == context.data_ptr()
+                && m.context.device() == context.device()
+                && m.context.kind() == context.kind()
+                && m.key == key;
+            if same {
+                return Ok((m.k.shallow_clone(), m.v.shallow_clone()));
+            }
+        }
+        let (k, v) = (self.add_k_proj.forward(context)?, self.add_v_proj.forward(context)?);
+        *memo = if k.requires_grad() || v.requires_grad() {
+            None
+        } else {
+            let (k, v) = (k.shallow_clone(), v.shallow_clone());
+            Some(ContextKv { context: context.shallow_clone(), key, k, v })
+        };
+        Ok((k, v))
     }
 
     /// `x` (B, C, H, W); `context` (B, L, context_dim); `bias` an additive mask (B, 1, L) over the
@@ -60,8 +111,9 @@ impl AddedKvAttention {
     pub fn forward(&self, x: &Tensor, context: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let h = to_tokens(&self.group_norm.forward(x)?)?;
         let q = self.to_q.forward(&h)?;
-        let k = Tensor::f_cat(&[self.add_k_proj.forward(context)?, self.to_k.forward(&h)?], 1)?;
-        let v = Tensor::f_cat(&[self.add_v_proj.forward(context)?, self.to_v.forward(&h)?], 1)?;
+        let (ck, cv) = self.context_kv(context)?;
+        let k = Tensor::f_cat(&[ck, self.to_k.forward(&h)?], 1)?;
+        let v = Tensor::f_cat(&[cv, self.to_v.forward(&h)?], 1)?;
         let mask = match bias {
             Some(b) => {
                 let hw = h.size()[1];
@@ -124,4 +176,44 @@ impl SelfAttention {
 /// The additive bias of a keep-mask: `(1 - mask) * -10000`, shape (B, 1, L), in `kind`.
 pub fn mask_to_bias(mask: &Tensor, kind: Kind) -> Result<Tensor> {
     Ok(mask.f_to_kind(kind)?.f_neg()?.f_add_scalar(1.0)?.f_mul_scalar(-10000.0)?.f_unsqueeze(1)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    fn layer(vs: &nn::VarStore) -> AddedKvAttention {
+        AddedKvAttention::new(vs.root() / "attn", 8, 4, 6, 2, 1e-5)
+    }
+
+    #[test]
+    fn context_keys_are_reused_only_for_the_same_unchanged_context() {
+        tch::manual_seed(0);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let attn = layer(&vs);
+        let x = Tensor::randn([2, 8, 3, 3], (Kind::Float, Device::Cpu));
+        let mut ctx = Tensor::randn([2, 5, 6], (Kind::Float, Device::Cpu));
+        let fresh = |attn: &AddedKvAttention, ctx: &Tensor| {
+            *attn.context_kv.lock().unwrap() = None;
+            tch::no_grad(|| attn.forward(&x, ctx, None)).unwrap()
+        };
+        let first = fresh(&attn, &ctx);
+        let again = tch::no_grad(|| attn.forward(&x, &ctx, None)).unwrap();
+        assert!(attn.context_kv.lock().unwrap().is_some(), "kept under no_grad");
+        assert!(first.equal(&again));
+        // An in-place change of the context is seen.
+        let _ = tch::no_grad(|| ctx.f_mul_scalar_(2.0)).unwrap();
+        let changed = tch::no_grad(|| attn.forward(&x, &ctx, None)).unwrap();
+        assert!(changed.equal(&fresh(&attn, &ctx)) && !changed.equal(&first));
+        // So is a change of the projection weights (e.g. a checkpoint loaded afterwards).
+        let _ = tch::no_grad(|| attn.add_k_proj.ws.shallow_clone().f_add_scalar_(0.5)).unwrap();
+        let reloaded = tch::no_grad(|| attn.forward(&x, &ctx, None)).unwrap();
+        assert!(reloaded.equal(&fresh(&attn, &ctx)) && !reloaded.equal(&changed));
+        // With autograd on, nothing is kept and gradients reach the projections.
+        *attn.context_kv.lock().unwrap() = None;
+        attn.forward(&x, &ctx, None).unwrap().sum(Kind::Float).backward();
+        assert!(attn.context_kv.lock().unwrap().is_none());
+        assert!(attn.add_k_proj.ws.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
+    }
 }
