@@ -40,9 +40,40 @@ fn bernoulli(rng: &mut dyn NoiseSource, b: i64, p: f64, device: Device) -> Resul
     Ok(rng.randint(RES, &[b], device).f_lt((p * RES as f64).round() as i64)?)
 }
 
-/// Noises `x0` at uniformly drawn timesteps, runs `model` and scores its output.
+/// A share of each batch drawn from the noisiest timesteps instead of uniformly.
+///
+/// Why: on small, flat images the global color is still readable from `x_t` until very close to
+/// `T` (averaging many pixels beats the noise), so a uniformly trained model learns to take it
+/// from `x_t` rather than from the conditioning, and sampling, which starts from pure noise,
+/// then gets a random background. Drawing more timesteps from `[from, T)` teaches the model to
+/// decide the global content from the conditioning there.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HighNoiseEmphasis {
+    /// First timestep of the emphasized range.
+    pub from: i64,
+    /// Probability that a row's timestep comes from `[from, T)`.
+    pub fraction: f64,
+}
+
+/// Timesteps for a batch of `b`: uniform, or with a [`HighNoiseEmphasis`] share.
+fn sample_timesteps(
+    schedule: &NoiseSchedule,
+    emphasis: Option<HighNoiseEmphasis>,
+    b: i64,
+    device: Device,
+    rng: &mut dyn NoiseSource,
+) -> Result<Tensor> {
+    let t = schedule.sample_timesteps(b as usize, device, rng);
+    let Some(e) = emphasis else { return Ok(t) };
+    let n = schedule.num_train_timesteps() as i64;
+    let high = rng.randint(n - e.from, &[b], device).f_add_scalar(e.from)?;
+    Ok(high.f_where_self(&bernoulli(rng, b, e.fraction, device)?, &t)?)
+}
+
+/// Noises `x0` at drawn timesteps, runs `model` and scores its output.
 fn diffusion_loss(
     schedule: &NoiseSchedule,
+    emphasis: Option<HighNoiseEmphasis>,
     vlb: &VlbLoss,
     vlb_weight: f64,
     x0: &Tensor,
@@ -50,7 +81,7 @@ fn diffusion_loss(
     model: impl FnOnce(&Tensor, &Tensor) -> Result<Tensor>,
 ) -> Result<TrainLoss> {
     let (b, c) = (x0.size()[0], x0.size()[1]);
-    let t = schedule.sample_timesteps(b as usize, x0.device(), rng);
+    let t = sample_timesteps(schedule, emphasis, b, x0.device(), rng)?;
     let noise = rng.randn(&x0.size(), x0.kind(), x0.device());
     let x_t = schedule.add_noise(x0, &noise, &t)?;
     let out = model(&x_t, &t)?;
@@ -98,6 +129,8 @@ pub struct DecoderTrainer {
     pub text_dropout: f64,
     /// λ of L_simple + λ L_vlb (improved DDPM / GLIDE: 0.001).
     pub vlb_weight: f64,
+    /// Extra weight on the noisiest timesteps (none by default).
+    pub high_noise: Option<HighNoiseEmphasis>,
 }
 
 impl DecoderTrainer {
@@ -118,7 +151,18 @@ impl DecoderTrainer {
             return Err(Error::Input(format!("vlb_weight must be >= 0, got {vlb_weight}")));
         }
         let vlb = VlbLoss::new(&schedule);
-        Ok(Self { schedule, vlb, image_dropout, text_dropout, vlb_weight })
+        Ok(Self { schedule, vlb, image_dropout, text_dropout, vlb_weight, high_noise: None })
+    }
+
+    /// Draws `fraction` of each batch's timesteps from `[from, T)` (see [`HighNoiseEmphasis`]).
+    pub fn with_high_noise_emphasis(mut self, from: i64, fraction: f64) -> Result<Self> {
+        check_probability("fraction", fraction)?;
+        let n = self.schedule.num_train_timesteps() as i64;
+        if !(0..n).contains(&from) {
+            return Err(Error::Input(format!("from must be in 0..{n}, got {from}")));
+        }
+        self.high_noise = Some(HighNoiseEmphasis { from, fraction });
+        Ok(self)
     }
 
     /// The loss on one batch (with gradients, in train mode). Draws timesteps, noise and the
@@ -185,9 +229,15 @@ impl DecoderTrainer {
             Some(&proj.additive_clip_time_embeddings),
             Some(&dec_mask),
         )?;
-        diffusion_loss(&self.schedule, &self.vlb, self.vlb_weight, x0, rng, |x_t, t| {
-            unet.forward_cond(x_t, t, &cond)
-        })
+        diffusion_loss(
+            &self.schedule,
+            self.high_noise,
+            &self.vlb,
+            self.vlb_weight,
+            x0,
+            rng,
+            |x_t, t| unet.forward_cond(x_t, t, &cond),
+        )
     }
 }
 
@@ -327,7 +377,7 @@ impl UpsamplerTrainer {
         }
         let x0 = Tensor::f_cat(&xs, 0)?;
         let low = Tensor::f_cat(&lows, 0)?;
-        diffusion_loss(&self.schedule, &self.vlb, self.vlb_weight, &x0, rng, |x_t, t| {
+        diffusion_loss(&self.schedule, None, &self.vlb, self.vlb_weight, &x0, rng, |x_t, t| {
             unet.forward(&Tensor::f_cat(&[x_t, &low], 1)?, t, None)
         })
     }
@@ -348,4 +398,39 @@ pub fn train_step_clipped(opt: &mut nn::Optimizer, loss: &Tensor, max_norm: f64)
     opt.clip_grad_norm(max_norm);
     opt.step();
     Ok(loss.f_to_kind(Kind::Double)?.f_double_value(&[])?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use unclip_scheduler::TorchNoise;
+
+    fn draws(emphasis: Option<HighNoiseEmphasis>, seed: u64) -> Vec<i64> {
+        let schedule = NoiseSchedule::karlo();
+        let _lock = unclip_scheduler::global_rng_lock();
+        let mut rng = TorchNoise::new(seed);
+        let t = sample_timesteps(&schedule, emphasis, 4000, Device::Cpu, &mut rng).unwrap();
+        Vec::<i64>::try_from(t).unwrap()
+    }
+
+    #[test]
+    fn high_noise_emphasis_shifts_the_timestep_draws() {
+        let uniform = draws(None, 1);
+        let schedule = NoiseSchedule::karlo();
+        let plain = {
+            let _lock = unclip_scheduler::global_rng_lock();
+            let mut rng = TorchNoise::new(1);
+            Vec::<i64>::try_from(schedule.sample_timesteps(4000, Device::Cpu, &mut rng)).unwrap()
+        };
+        assert_eq!(uniform, plain, "no emphasis: the plain uniform draws");
+        let all_high = draws(Some(HighNoiseEmphasis { from: 850, fraction: 1.0 }), 1);
+        assert!(all_high.iter().all(|&t| (850..1000).contains(&t)));
+        // Half from [850, 1000), half uniform (15% of which also land there): 57.5% expected.
+        let half = draws(Some(HighNoiseEmphasis { from: 850, fraction: 0.5 }), 1);
+        let share = half.iter().filter(|&&t| t >= 850).count() as f64 / 4000.0;
+        assert!((share - 0.575).abs() < 0.03, "share {share}");
+        assert!(half.iter().all(|&t| (0..1000).contains(&t)));
+        assert!(DecoderTrainer::karlo().with_high_noise_emphasis(1000, 0.5).is_err());
+        assert!(DecoderTrainer::karlo().with_high_noise_emphasis(850, 1.5).is_err());
+    }
 }

@@ -2,8 +2,11 @@
 //! resolution, conditioned on our CLIP's image embedding and caption: learned-variance hybrid
 //! loss, image embedding dropped 10% and caption 50% of the time (`unclip_decoder::train`).
 
-use crate::stage::{Ctx, encode_images, encode_text, train};
+use crate::recipe::Optim;
+use crate::stage::{Ctx, encode_images, encode_text, stage_weights, train};
+use std::path::Path;
 use tch::nn::VarStore;
+use unclip::core::weights::{Unexpected, load_file};
 use unclip::decoder::train::{DecoderBatch, DecoderTrainer, EmptyCaption};
 use unclip::decoder::{
     TextProjConfig, UNet2DConditionConfig, UNet2DConditionModel, UnCLIPTextProjModel,
@@ -14,7 +17,28 @@ use unclip::scheduler::TorchNoise;
 pub const UNET: &str = "decoder";
 pub const TEXT_PROJ: &str = "text_proj";
 
+/// Timesteps from here to T get half of each fine-tuning batch.
+pub const TUNE_FROM: i64 = 850;
+
 pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
+    train_decoder(ctx, "decoder", &ctx.recipe.decoder, DecoderTrainer::karlo(), None)
+}
+
+/// Stage 4b: continues from the decoder's EMA weights with half of each batch's timesteps in
+/// `[TUNE_FROM, T)` (`DecoderTrainer::with_high_noise_emphasis`); export ships this decoder.
+pub fn tune(ctx: &Ctx) -> anyhow::Result<()> {
+    let start = stage_weights(ctx, "decoder")?;
+    let trainer = DecoderTrainer::karlo().with_high_noise_emphasis(TUNE_FROM, 0.5)?;
+    train_decoder(ctx, "decoder_tune", &ctx.recipe.decoder_tune, trainer, Some(&start))
+}
+
+fn train_decoder(
+    ctx: &Ctx,
+    name: &str,
+    optim: &Optim,
+    trainer: DecoderTrainer,
+    start_from: Option<&Path>,
+) -> anyhow::Result<()> {
     let tok = ctx.tokenizer()?;
     let clip = ctx.clip()?;
     let data = ctx.data();
@@ -28,13 +52,15 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
     let vs = VarStore::new(device);
     let unet = UNet2DConditionModel::new(vs.root() / UNET, &unet_cfg)?;
     let text_proj = UnCLIPTextProjModel::new(vs.root() / TEXT_PROJ, &proj_cfg)?;
+    if let Some(path) = start_from {
+        load_file(&vs, path, Unexpected::Error)?;
+    }
     let empty = encode_text(&clip, &tok, &[""])?;
-    let trainer = DecoderTrainer::karlo();
     train(
         ctx,
-        "decoder",
+        name,
         &vs,
-        &ctx.recipe.decoder,
+        optim,
         &["mse", "vb"],
         |_, idx| {
             let batch = data.batch(idx, device)?;

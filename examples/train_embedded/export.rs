@@ -3,7 +3,7 @@
 //! back and sampled once as a check.
 
 use crate::decoder_stage::{TEXT_PROJ, UNET};
-use crate::stage::{Ctx, WEIGHTS, write_bytes};
+use crate::stage::{Ctx, WEIGHTS, stage_weights, write_bytes};
 use anyhow::Context;
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -74,12 +74,6 @@ fn save_component<M: Component>(
     Ok(())
 }
 
-fn stage_weights(ctx: &Ctx, stage: &str) -> anyhow::Result<PathBuf> {
-    let p = ctx.out.join(stage).join(WEIGHTS);
-    anyhow::ensure!(p.exists(), "stage {stage} has not finished ({} missing)", p.display());
-    Ok(p)
-}
-
 /// Writes `<out>/model/` and checks it loads and samples; returns its path.
 pub fn run(ctx: &Ctx) -> anyhow::Result<PathBuf> {
     let r = &ctx.recipe;
@@ -123,7 +117,9 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<PathBuf> {
     unclip::core::weights::load_file(&vs, &stage_weights(ctx, "prior")?, Unexpected::Error)?;
     prior.save_pretrained(&vs, &sub("prior"), Some(Kind::Half))?;
     // Decoder and text projection, trained in one store under two prefixes.
-    let path = stage_weights(ctx, "decoder")?;
+    // The fine-tuned decoder when that stage ran, else the decoder stage's.
+    let tuned = ctx.out.join("decoder_tune").join(WEIGHTS);
+    let path = if tuned.exists() { tuned } else { stage_weights(ctx, "decoder")? };
     let dec = read_tensors(&path)?;
     let src = path.display().to_string();
     save_component::<UNet2DConditionModel>(

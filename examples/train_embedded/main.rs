@@ -44,6 +44,7 @@ enum StageArg {
     Clip,
     Prior,
     Decoder,
+    DecoderTune,
     Upsampler,
     Export,
 }
@@ -103,6 +104,9 @@ fn main() -> anyhow::Result<()> {
     }
     if all || cli.stage == StageArg::Decoder {
         decoder_stage::run(&ctx)?;
+    }
+    if all || cli.stage == StageArg::DecoderTune {
+        decoder_stage::tune(&ctx)?;
     }
     if all || cli.stage == StageArg::Upsampler {
         upsampler_stage::run(&ctx)?;

@@ -71,6 +71,11 @@ pub struct Recipe {
     pub clip: Optim,
     pub prior: Optim,
     pub decoder: Optim,
+    /// Fine-tuning of the finished decoder with half of each batch's timesteps drawn from the
+    /// noisiest ones (`decoder_stage::tune`): it teaches the decoder to take the background from
+    /// the conditioning. (Absent from recipes written before it existed: the default then.)
+    #[serde(default = "Recipe::default_decoder_tune")]
+    pub decoder_tune: Optim,
     pub upsampler: Optim,
 }
 
@@ -87,6 +92,10 @@ fn optim(steps: u64, batch: usize, lr: f64, ema_decay: f64) -> Optim {
 }
 
 impl Recipe {
+    fn default_decoder_tune() -> Optim {
+        optim(1000, 32, 1e-4, 0.998)
+    }
+
     /// The shipped model's recipe (sized for a few hours on a 2-core CPU).
     pub fn full() -> Self {
         Self {
@@ -109,6 +118,7 @@ impl Recipe {
             clip: optim(1500, 128, 5e-4, 0.999),
             prior: optim(2000, 128, 5e-4, 0.999),
             decoder: optim(4800, 32, 4e-4, 0.999),
+            decoder_tune: Self::default_decoder_tune(),
             upsampler: optim(2500, 16, 3e-4, 0.999),
         }
     }
@@ -116,9 +126,13 @@ impl Recipe {
     /// The same model with a few steps per stage.
     pub fn quick() -> Self {
         let mut r = Self::full();
-        for (o, batch) in
-            [(&mut r.clip, 16), (&mut r.prior, 16), (&mut r.decoder, 4), (&mut r.upsampler, 4)]
-        {
+        for (o, batch) in [
+            (&mut r.clip, 16),
+            (&mut r.prior, 16),
+            (&mut r.decoder, 4),
+            (&mut r.decoder_tune, 4),
+            (&mut r.upsampler, 4),
+        ] {
             *o = Optim { steps: 6, batch, warmup: 2, checkpoint_every: 3, ..o.clone() };
         }
         r
@@ -128,7 +142,13 @@ impl Recipe {
         if factor == 1.0 {
             return;
         }
-        for o in [&mut self.clip, &mut self.prior, &mut self.decoder, &mut self.upsampler] {
+        for o in [
+            &mut self.clip,
+            &mut self.prior,
+            &mut self.decoder,
+            &mut self.decoder_tune,
+            &mut self.upsampler,
+        ] {
             o.steps = ((o.steps as f64 * factor).round() as u64).max(1);
             o.warmup = o.warmup.min(o.steps);
             o.checkpoint_every = o.checkpoint_every.min(o.steps);

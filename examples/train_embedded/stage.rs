@@ -171,3 +171,10 @@ pub fn estimate(recipe: &Recipe, out: &Path, device: Device) -> anyhow::Result<(
     std::fs::remove_dir_all(&scratch)?;
     Ok(())
 }
+
+/// The shipped weights of a finished stage.
+pub fn stage_weights(ctx: &Ctx, stage: &str) -> anyhow::Result<PathBuf> {
+    let p = ctx.out.join(stage).join(WEIGHTS);
+    anyhow::ensure!(p.exists(), "stage {stage} has not finished ({} missing)", p.display());
+    Ok(p)
+}
