@@ -53,6 +53,10 @@ pub struct HighNoiseEmphasis {
     pub from: i64,
     /// Probability that a row's timestep comes from `[from, T)`.
     pub fraction: f64,
+    /// Weight of an extra loss term: the epsilon error weighted by `min(1/SNR, cap)`, i.e. the
+    /// error of the implied `x0` (truncated). Plain epsilon MSE barely sees the global color at
+    /// high noise (its share of the error is scaled by sqrt(SNR)); this term does.
+    pub x0_weight_cap: f64,
 }
 
 /// Timesteps for a batch of `b`: uniform, or with a [`HighNoiseEmphasis`] share.
@@ -88,7 +92,22 @@ fn diffusion_loss(
     let oc = out.size()[1];
     if oc == 2 * c {
         let l = vlb.hybrid_loss(&out, PredictionType::Epsilon, &noise, x0, &x_t, &t, vlb_weight)?;
-        Ok(TrainLoss { loss: l.loss, mse: l.mse, vb: l.vb })
+        let loss = match emphasis {
+            Some(e) if e.x0_weight_cap > 0.0 => {
+                let ac = schedule
+                    .alphas_cumprod_tensor(Kind::Float, x0.device())
+                    .f_index_select(0, &t)?;
+                let w = ac.f_neg()?.f_add_scalar(1.0)?.f_div(&ac)?.f_clamp(0.0, e.x0_weight_cap)?;
+                let err = out.f_narrow(1, 0, c)?.f_sub(&noise)?.f_square()?.f_mean_dim(
+                    [1, 2, 3].as_slice(),
+                    false,
+                    Kind::Float,
+                )?;
+                l.loss.f_add(&err.f_mul(&w)?.f_mean(Kind::Float)?)?
+            }
+            _ => l.loss,
+        };
+        Ok(TrainLoss { loss, mse: l.mse, vb: l.vb })
     } else if oc == c {
         let mse = out.f_mse_loss(&noise, tch::Reduction::Mean)?;
         Ok(TrainLoss { loss: mse.shallow_clone(), mse, vb: Tensor::from(0f32) })
@@ -155,13 +174,21 @@ impl DecoderTrainer {
     }
 
     /// Draws `fraction` of each batch's timesteps from `[from, T)` (see [`HighNoiseEmphasis`]).
-    pub fn with_high_noise_emphasis(mut self, from: i64, fraction: f64) -> Result<Self> {
+    pub fn with_high_noise_emphasis(
+        mut self,
+        from: i64,
+        fraction: f64,
+        x0_weight_cap: f64,
+    ) -> Result<Self> {
         check_probability("fraction", fraction)?;
+        if !(x0_weight_cap.is_finite() && x0_weight_cap >= 0.0) {
+            return Err(Error::Input(format!("x0_weight_cap must be >= 0, got {x0_weight_cap}")));
+        }
         let n = self.schedule.num_train_timesteps() as i64;
         if !(0..n).contains(&from) {
             return Err(Error::Input(format!("from must be in 0..{n}, got {from}")));
         }
-        self.high_noise = Some(HighNoiseEmphasis { from, fraction });
+        self.high_noise = Some(HighNoiseEmphasis { from, fraction, x0_weight_cap });
         Ok(self)
     }
 
@@ -423,14 +450,16 @@ mod tests {
             Vec::<i64>::try_from(schedule.sample_timesteps(4000, Device::Cpu, &mut rng)).unwrap()
         };
         assert_eq!(uniform, plain, "no emphasis: the plain uniform draws");
-        let all_high = draws(Some(HighNoiseEmphasis { from: 850, fraction: 1.0 }), 1);
+        let all_high =
+            draws(Some(HighNoiseEmphasis { from: 850, fraction: 1.0, x0_weight_cap: 0.0 }), 1);
         assert!(all_high.iter().all(|&t| (850..1000).contains(&t)));
         // Half from [850, 1000), half uniform (15% of which also land there): 57.5% expected.
-        let half = draws(Some(HighNoiseEmphasis { from: 850, fraction: 0.5 }), 1);
+        let half =
+            draws(Some(HighNoiseEmphasis { from: 850, fraction: 0.5, x0_weight_cap: 0.0 }), 1);
         let share = half.iter().filter(|&&t| t >= 850).count() as f64 / 4000.0;
         assert!((share - 0.575).abs() < 0.03, "share {share}");
         assert!(half.iter().all(|&t| (0..1000).contains(&t)));
-        assert!(DecoderTrainer::karlo().with_high_noise_emphasis(1000, 0.5).is_err());
-        assert!(DecoderTrainer::karlo().with_high_noise_emphasis(850, 1.5).is_err());
+        assert!(DecoderTrainer::karlo().with_high_noise_emphasis(1000, 0.5, 0.0).is_err());
+        assert!(DecoderTrainer::karlo().with_high_noise_emphasis(850, 1.5, 0.0).is_err());
     }
 }

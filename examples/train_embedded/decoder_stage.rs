@@ -19,16 +19,19 @@ pub const TEXT_PROJ: &str = "text_proj";
 
 /// Timesteps from here to T get half of each fine-tuning batch.
 pub const TUNE_FROM: i64 = 850;
+/// Cap of the 1/SNR weight of the fine-tuning's implied-x0 loss term.
+pub const TUNE_X0_CAP: f64 = 50.0;
 
 pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
     train_decoder(ctx, "decoder", &ctx.recipe.decoder, DecoderTrainer::karlo(), None)
 }
 
 /// Stage 4b: continues from the decoder's EMA weights with half of each batch's timesteps in
-/// `[TUNE_FROM, T)` (`DecoderTrainer::with_high_noise_emphasis`); export ships this decoder.
+/// `[TUNE_FROM, T)` and an implied-x0 loss term weighted by min(1/SNR, TUNE_X0_CAP)
+/// (`DecoderTrainer::with_high_noise_emphasis`); export ships this decoder.
 pub fn tune(ctx: &Ctx) -> anyhow::Result<()> {
     let start = stage_weights(ctx, "decoder")?;
-    let trainer = DecoderTrainer::karlo().with_high_noise_emphasis(TUNE_FROM, 0.5)?;
+    let trainer = DecoderTrainer::karlo().with_high_noise_emphasis(TUNE_FROM, 0.5, TUNE_X0_CAP)?;
     train_decoder(ctx, "decoder_tune", &ctx.recipe.decoder_tune, trainer, Some(&start))
 }
 
