@@ -8,7 +8,7 @@ setup:
 	@./scripts/setup-libtorch.sh
 
 demo: setup
-	$(CARGO) run --release --example smoke
+	$(CARGO) run --release --example text_to_image -- --prompt "$(PROMPT)" --out out
 
 test: setup
 	$(CARGO) test --workspace

@@ -7,6 +7,10 @@ use std::path::PathBuf;
 use unclip::{LoadOptions, Stage, StepInfo, Unclip};
 use unclip_core::tch::{Device, Kind};
 
+/// The embedded default model (`models/shapes/`, trained by `train_embedded`), found from any
+/// working directory.
+pub const EMBEDDED_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/shapes");
+
 /// `--device` and `--dtype`, as every example takes them.
 #[derive(Debug, Clone, Args)]
 pub struct RuntimeArgs {
@@ -33,8 +37,9 @@ impl RuntimeArgs {
 /// The model and run flags of the unCLIP examples.
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
-    /// A diffusers-layout unCLIP folder (e.g. a download of kakaobrain/karlo-v1-alpha).
-    #[arg(long)]
+    /// A diffusers-layout unCLIP folder (e.g. a download of kakaobrain/karlo-v1-alpha); the
+    /// default is the embedded shapes model that ships in the repository.
+    #[arg(long, default_value = EMBEDDED_MODEL)]
     pub model: PathBuf,
     #[command(flatten)]
     pub rt: RuntimeArgs,

@@ -1,5 +1,6 @@
-//! Text to image with an unCLIP (Karlo) folder: prior -> decoder -> super-resolution.
+//! Text to image with an unCLIP folder: prior -> decoder -> super-resolution.
 //!
+//! `cargo run --release --example text_to_image` (the embedded shapes model, its default prompt)
 //! `cargo run --release --example text_to_image -- --model karlo-v1-alpha --prompt "a corgi playing a trumpet"`
 
 use clap::Parser;
@@ -12,7 +13,7 @@ struct Cli {
     #[command(flatten)]
     model: ModelArgs,
     /// The prompt (repeat the flag for several).
-    #[arg(long, required = true)]
+    #[arg(long, default_value = "a red circle on a blue background")]
     prompt: Vec<String>,
     /// The unconditional prompt of classifier-free guidance.
     #[arg(long, default_value = "")]
@@ -39,6 +40,9 @@ struct Cli {
     /// Also write the decoder's 64 px images.
     #[arg(long)]
     save_small: bool,
+    /// Also write all images tiled into this PNG (one row per prompt).
+    #[arg(long)]
+    grid: Option<std::path::PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -72,6 +76,11 @@ fn main() -> anyhow::Result<()> {
     };
     bar.finish();
     save(&g, &cli.model.out, "image-")?;
+    if let Some(path) = &cli.grid {
+        let per_prompt = g.images.size()[0] as usize / cli.prompt.len().max(1);
+        unclip::output::save_grid(&g.images, path, per_prompt.max(1))?;
+        println!("grid: {}", path.display());
+    }
     if cli.save_small {
         let small = (g.image_small.shallow_clone() * 0.5 + 0.5).clamp(0.0, 1.0);
         unclip::output::save_pngs(&small, &cli.model.out, "small-")?;

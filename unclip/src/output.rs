@@ -65,6 +65,33 @@ pub fn save_pngs(images: &Tensor, dir: &Path, prefix: &str) -> Result<Vec<PathBu
     Ok(paths)
 }
 
+/// Tiles (B, 3, H, W) images in [0, 1] into one PNG, `columns` per row, row-major, separated by
+/// a 2-pixel white gap (e.g. the README's sample grid).
+pub fn save_grid(images: &Tensor, path: &Path, columns: usize) -> Result<()> {
+    let tiles = to_rgb_images(images)?;
+    if tiles.is_empty() || columns == 0 {
+        return Err(Error::Input("a grid needs at least one image and one column".into()));
+    }
+    let (w, h) = tiles[0].dimensions();
+    let cols = columns.min(tiles.len()) as u32;
+    let rows = tiles.len().div_ceil(columns) as u32;
+    let gap = 2;
+    let mut grid = RgbImage::from_pixel(
+        cols * w + (cols - 1) * gap,
+        rows * h + (rows - 1) * gap,
+        image::Rgb([255, 255, 255]),
+    );
+    for (i, tile) in tiles.iter().enumerate() {
+        let (c, r) = (i as u32 % cols, i as u32 / cols);
+        image::imageops::replace(&mut grid, tile, (c * (w + gap)) as i64, (r * (h + gap)) as i64);
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| unclip_core::Error::io(dir, e))?;
+    }
+    grid.save(path)
+        .map_err(|e| Error::Image { path: path.display().to_string(), reason: e.to_string() })
+}
+
 /// Reads an image file (any format the `image` crate decodes), with a clear error.
 pub fn open_image(path: &Path) -> Result<image::DynamicImage> {
     image::open(path)
