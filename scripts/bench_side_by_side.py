@@ -39,7 +39,7 @@ CONFIGS = {
 }
 ROWS = [("prior_step", "prior step (guided, 2 rows)"), ("decoder_step", "decoder step (guided, 2 rows)"),
         ("super_res_first_step", "super_res_first step"), ("super_res_last_step", "super_res_last step"),
-        ("pipeline", "whole pipeline")]
+        ("pipeline", "whole pipeline"), ("load_s", "load the folder (from_pretrained, into f32)")]
 
 
 def run(cmd):
