@@ -10,7 +10,7 @@
 use tch::{Device, Kind, Tensor};
 use unclip::traits::TextConditioning;
 use unclip::{TextToImage, Unclip, no_progress};
-use unclip_scheduler::TorchNoise;
+use unclip_scheduler::{TorchNoise, classifier_free_guidance};
 
 pub type Result<T> = anyhow::Result<T>;
 
@@ -25,21 +25,6 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
-}
-
-/// `u + s * (c - u)` on the first `channels` channels of the two halves; the conditional half's
-/// remaining channels (a learned variance) are kept, as UnCLIPPipeline does.
-pub fn guide(out: &Tensor, scale: f64, channels: i64) -> Result<Tensor> {
-    let h = out.f_chunk(2, 0)?;
-    let (u, c) = (&h[0], &h[1]);
-    let n = c.size()[1];
-    if n > channels {
-        let (eu, ec) = (u.f_narrow(1, 0, channels)?, c.f_narrow(1, 0, channels)?);
-        let eps = eu.f_add(&ec.f_sub(&eu)?.f_mul_scalar(scale)?)?;
-        Ok(Tensor::f_cat(&[eps, c.f_narrow(1, channels, n - channels)?], 1)?)
-    } else {
-        Ok(u.f_add(&c.f_sub(u)?.f_mul_scalar(scale)?)?)
-    }
 }
 
 /// `[uncond, cond]` text conditioning of [`PROMPT`] (one image, guided).
@@ -63,7 +48,7 @@ pub fn prior_step<'a>(
     let mut noise = TorchNoise::new(0);
     Ok(Some(move || {
         let out = prior.predict(&Tensor::f_cat(&[&x, &x], 0)?, t, text)?;
-        Ok(s.step(&guide(&out, PRIOR_GUIDANCE, i64::MAX)?, t, &x, &mut noise)?)
+        Ok(s.step(&classifier_free_guidance(&out, PRIOR_GUIDANCE, None)?, t, &x, &mut noise)?)
     }))
 }
 
@@ -84,7 +69,7 @@ pub fn decoder_step<'a>(
     let mut noise = TorchNoise::new(0);
     Ok(move || {
         let out = step.predict(&Tensor::f_cat(&[&x, &x], 0)?, t)?;
-        Ok(s.step(&guide(&out, DECODER_GUIDANCE, c)?, t, &x, &mut noise)?)
+        Ok(s.step(&classifier_free_guidance(&out, DECODER_GUIDANCE, Some(c))?, t, &x, &mut noise)?)
     })
 }
 

@@ -9,7 +9,7 @@ use crate::unet_2d_condition::{Conditioning, UNet2DConditionModel};
 use crate::upsample::resize_bicubic_aa;
 use crate::{Error, Result};
 use tch::Tensor;
-use unclip_scheduler::{NoiseSource, Scheduler};
+use unclip_scheduler::{NoiseSource, Scheduler, classifier_free_guidance};
 
 /// What the decoder is conditioned on (CLIP outputs for B images).
 #[derive(Debug)]
@@ -119,14 +119,7 @@ pub fn sample_decoder(
             let x_in = if guided { Tensor::f_cat(&[&x_in, &x_in], 0)? } else { x_in };
             let out = unet.forward_cond(&x_in, &Tensor::from(t), &cond)?;
             let out = match settings.guidance_scale {
-                Some(s) => {
-                    let halves = out.f_chunk(2, 0)?;
-                    let (u, k) = (&halves[0], &halves[1]);
-                    let (eps_u, eps_c) = (u.f_narrow(1, 0, c)?, k.f_narrow(1, 0, c)?);
-                    let eps = eps_u.f_add(&eps_c.f_sub(&eps_u)?.f_mul_scalar(s)?)?;
-                    let rest = k.size()[1] - c;
-                    if rest > 0 { Tensor::f_cat(&[eps, k.f_narrow(1, c, rest)?], 1)? } else { eps }
-                }
+                Some(s) => classifier_free_guidance(&out, s, Some(c))?,
                 None => out,
             };
             x = scheduler.step(&out, t, &x, noise)?;

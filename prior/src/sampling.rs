@@ -4,7 +4,9 @@
 
 use crate::{Error, PriorTransformer, Result, TextConditioning};
 use tch::{Kind, Tensor};
-use unclip_scheduler::{NoiseSource, Scheduler, UnCLIPScheduler, UnCLIPSchedulerConfig};
+use unclip_scheduler::{
+    NoiseSource, Scheduler, UnCLIPScheduler, UnCLIPSchedulerConfig, classifier_free_guidance,
+};
 
 /// How to sample. Defaults are UnCLIPPipeline's: 25 steps, guidance 4.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -120,8 +122,7 @@ pub fn sample_from(
                 Some(&text.mask),
             )?;
             let pred = if opts.guided() {
-                let (u, c) = (pred.f_narrow(0, 0, b)?, pred.f_narrow(0, b, b)?);
-                u.f_add(&c.f_sub(&u)?.f_mul_scalar(opts.guidance_scale)?)?
+                classifier_free_guidance(&pred, opts.guidance_scale, None)?
             } else {
                 pred
             };

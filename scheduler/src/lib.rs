@@ -34,7 +34,7 @@ pub use error::{Error, Result};
 pub use from_config::{scheduler_from_file, scheduler_from_json};
 pub use noise::{NoiseSource, TorchNoise, global_rng_lock};
 pub use schedule::{BetaSchedule, NoiseSchedule};
-pub use step::{StepOutput, dynamic_threshold};
+pub use step::{StepOutput, classifier_free_guidance, dynamic_threshold};
 pub use training::{HYBRID_VLB_WEIGHT, HybridLoss, VlbLoss};
 pub use traits::Scheduler;
 pub use unclip::{UnCLIPScheduler, UnCLIPSchedulerConfig};

@@ -109,6 +109,28 @@ impl X0Clamp {
     }
 }
 
+/// Classifier-free guidance on a model output for the batch `[uncond; cond]` (halves along
+/// dim 0): `u + scale * (c - u)`. With `channels`, only the first `channels` channels (dim 1)
+/// are guided and the conditional half's other channels (a learned variance) are kept, as
+/// diffusers' UnCLIPPipeline does.
+pub fn classifier_free_guidance(
+    model_output: &Tensor,
+    scale: f64,
+    channels: Option<i64>,
+) -> Result<Tensor> {
+    let halves = model_output.f_chunk(2, 0)?;
+    let (u, c) = (&halves[0], &halves[1]);
+    let n = c.size().get(1).copied().unwrap_or(0);
+    match channels {
+        Some(k) if n > k => {
+            let (gu, gc) = (u.f_narrow(1, 0, k)?, c.f_narrow(1, 0, k)?);
+            let guided = gu.f_add(&gc.f_sub(&gu)?.f_mul_scalar(scale)?)?;
+            Ok(Tensor::f_cat(&[guided, c.f_narrow(1, k, n - k)?], 1)?)
+        }
+        _ => Ok(u.f_add(&c.f_sub(u)?.f_mul_scalar(scale)?)?),
+    }
+}
+
 /// Imagen's dynamic thresholding: per sample, s = the `ratio` quantile of |x0| clamped to
 /// [1, `max_value`]; x0 is clamped to ±s and divided by s.
 pub fn dynamic_threshold(x0: &Tensor, ratio: f64, max_value: f64) -> Tensor {
@@ -141,6 +163,28 @@ pub(crate) fn index_of(timesteps: &[i64], t: i64) -> Result<usize> {
 mod tests {
     use super::*;
     use tch::{Device, Kind};
+
+    #[test]
+    fn guidance_mixes_the_halves_and_keeps_the_conditional_variance() {
+        let opts = (Kind::Float, Device::Cpu);
+        let u = Tensor::full([1, 4, 2, 2], 1.0, opts);
+        let c = Tensor::cat(
+            &[Tensor::full([1, 2, 2, 2], 3.0, opts), Tensor::full([1, 2, 2, 2], 7.0, opts)],
+            1,
+        );
+        let out = Tensor::cat(&[&u, &c], 0);
+        // Every channel guided: 1 + 2 * (c - 1).
+        let all = classifier_free_guidance(&out, 2.0, None).unwrap();
+        assert_eq!(all.size(), [1, 4, 2, 2]);
+        assert_eq!(all.narrow(1, 0, 2).mean(Kind::Float).double_value(&[]), 5.0);
+        assert_eq!(all.narrow(1, 2, 2).mean(Kind::Float).double_value(&[]), 13.0);
+        // Two guided channels; the variance channels are the conditional half's.
+        let eps = classifier_free_guidance(&out, 2.0, Some(2)).unwrap();
+        assert_eq!(eps.narrow(1, 0, 2).mean(Kind::Float).double_value(&[]), 5.0);
+        assert_eq!(eps.narrow(1, 2, 2).mean(Kind::Float).double_value(&[]), 7.0);
+        // Scale 1 is the conditional output.
+        assert!(classifier_free_guidance(&out, 1.0, Some(2)).unwrap().equal(&c));
+    }
 
     #[test]
     fn split_checks_shapes() {

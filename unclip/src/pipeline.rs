@@ -11,7 +11,7 @@ use crate::{Error, Result};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use tch::{Device, Kind, Tensor};
-use unclip_scheduler::{NoiseSource, Scheduler, TorchNoise};
+use unclip_scheduler::{NoiseSource, Scheduler, TorchNoise, classifier_free_guidance};
 
 /// Which loop a step belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -206,21 +206,6 @@ pub(crate) fn run_loop(
     Ok(x)
 }
 
-/// `u + s * (c - u)` on the first `c` channels of the two halves; the conditional half's other
-/// channels (a learned variance) are kept.
-pub(crate) fn guide(out: &Tensor, scale: f64, channels: Option<i64>) -> Result<Tensor> {
-    let halves = out.f_chunk(2, 0)?;
-    let (u, k) = (&halves[0], &halves[1]);
-    match channels {
-        Some(c) if k.size()[1] > c => {
-            let (eu, ek) = (u.f_narrow(1, 0, c)?, k.f_narrow(1, 0, c)?);
-            let eps = eu.f_add(&ek.f_sub(&eu)?.f_mul_scalar(scale)?)?;
-            Ok(Tensor::f_cat(&[eps, k.f_narrow(1, c, k.size()[1] - c)?], 1)?)
-        }
-        _ => Ok(u.f_add(&k.f_sub(u)?.f_mul_scalar(scale)?)?),
-    }
-}
-
 pub(crate) fn noise_for(seed: Option<u64>) -> TorchNoise {
     match seed {
         Some(s) => TorchNoise::new(s),
@@ -395,7 +380,7 @@ impl Unclip {
             |x, t, _, _| {
                 let x_in = if guided { Tensor::f_cat(&[x, x], 0)? } else { x.shallow_clone() };
                 let out = prior.predict(&x_in, t, &text)?;
-                if guided { guide(&out, g, None) } else { Ok(out) }
+                if guided { Ok(classifier_free_guidance(&out, g, None)?) } else { Ok(out) }
             },
         )?;
         let embeds = prior.post_process(&latents)?;
@@ -451,7 +436,7 @@ impl Unclip {
         let model = |x: &Tensor, t: i64, learned: bool| -> Result<Tensor> {
             let x_in = if guided { Tensor::f_cat(&[x, x], 0)? } else { x.shallow_clone() };
             let out = step.predict(&x_in, t)?;
-            let out = if guided { guide(&out, scale, Some(c))? } else { out };
+            let out = if guided { classifier_free_guidance(&out, scale, Some(c))? } else { out };
             if !learned && out.size()[1] > c { Ok(out.f_narrow(1, 0, c)?) } else { Ok(out) }
         };
         let small = match start {
