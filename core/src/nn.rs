@@ -24,14 +24,15 @@ pub fn for_loading<T>(build: impl FnOnce() -> T) -> T {
 }
 
 /// `init`, or zeros inside [`for_loading`].
-pub fn init(init: nn::Init) -> nn::Init {
+fn init(init: nn::Init) -> nn::Init {
     if BUILDING_FOR_LOAD.with(Cell::get) { nn::Init::Const(0.0) } else { init }
 }
 
-/// `tch::nn::linear`, initialized as configured (or zeros inside [`for_loading`]).
+/// `tch::nn::linear`, initialized as configured (or zeros inside [`for_loading`]; the bias too,
+/// which tch otherwise draws from a fan-in bound when `bs_init` is `None`).
 pub fn linear(p: nn::Path, c_in: i64, c_out: i64, mut c: nn::LinearConfig) -> nn::Linear {
+    c.ws_init = init(c.ws_init);
     if BUILDING_FOR_LOAD.with(Cell::get) {
-        c.ws_init = nn::Init::Const(0.0);
         c.bs_init = Some(nn::Init::Const(0.0));
     }
     nn::linear(p, c_in, c_out, c)
