@@ -45,17 +45,18 @@ fn bernoulli(rng: &mut dyn NoiseSource, b: i64, p: f64, device: Device) -> Resul
 /// Why: on small, flat images the global color is still readable from `x_t` until very close to
 /// `T` (averaging many pixels beats the noise), so a uniformly trained model learns to take it
 /// from `x_t` rather than from the conditioning, and sampling, which starts from pure noise,
-/// then gets a random background. Drawing more timesteps from `[from, T)` teaches the model to
-/// decide the global content from the conditioning there.
+/// then gets a random background. Drawing more timesteps from `[from, T)` is meant to make the
+/// model decide the global content from the conditioning there. (On the embedded model, 1000
+/// fine-tuning steps with it did not change that measurably: see the README.)
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct HighNoiseEmphasis {
     /// First timestep of the emphasized range.
     pub from: i64,
     /// Probability that a row's timestep comes from `[from, T)`.
     pub fraction: f64,
-    /// Weight of an extra loss term: the epsilon error weighted by `min(1/SNR, cap)`, i.e. the
-    /// error of the implied `x0` (truncated). Plain epsilon MSE barely sees the global color at
-    /// high noise (its share of the error is scaled by sqrt(SNR)); this term does.
+    /// Cap of an extra loss term (0: none): the epsilon error weighted by `min(1/SNR, cap)`, i.e.
+    /// the error of the implied `x0`, truncated. Plain epsilon MSE barely sees the global color
+    /// at high noise (its share of the error is scaled by sqrt(SNR)); this term weighs it up.
     pub x0_weight_cap: f64,
 }
 
@@ -94,10 +95,7 @@ fn diffusion_loss(
         let l = vlb.hybrid_loss(&out, PredictionType::Epsilon, &noise, x0, &x_t, &t, vlb_weight)?;
         let loss = match emphasis {
             Some(e) if e.x0_weight_cap > 0.0 => {
-                let ac = schedule
-                    .alphas_cumprod_tensor(Kind::Float, x0.device())
-                    .f_index_select(0, &t)?;
-                let w = ac.f_neg()?.f_add_scalar(1.0)?.f_div(&ac)?.f_clamp(0.0, e.x0_weight_cap)?;
+                let w = vlb.inverse_snr(&t, x0)?.f_clamp(0.0, e.x0_weight_cap)?;
                 let err = out.f_narrow(1, 0, c)?.f_sub(&noise)?.f_square()?.f_mean_dim(
                     [1, 2, 3].as_slice(),
                     false,
@@ -461,5 +459,40 @@ mod tests {
         assert!(half.iter().all(|&t| (0..1000).contains(&t)));
         assert!(DecoderTrainer::karlo().with_high_noise_emphasis(1000, 0.5, 0.0).is_err());
         assert!(DecoderTrainer::karlo().with_high_noise_emphasis(850, 1.5, 0.0).is_err());
+    }
+
+    /// The loss of a stand-in model that predicts zero noise (and a fixed variance), and the
+    /// `min(1/SNR, cap)`-weighted per-item error the extra term should add, from its inputs.
+    fn zero_noise_loss(cap: f64) -> (f64, f64) {
+        let schedule = NoiseSchedule::karlo();
+        let vlb = VlbLoss::new(&schedule);
+        let _lock = unclip_scheduler::global_rng_lock();
+        let x0 = Tensor::rand([4, 3, 8, 8], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
+        let mut expected = 0.0;
+        let emphasis = HighNoiseEmphasis { from: 900, fraction: 0.5, x0_weight_cap: cap };
+        let mut rng = TorchNoise::new(5);
+        let loss =
+            diffusion_loss(&schedule, Some(emphasis), &vlb, 1e-3, &x0, &mut rng, |x_t, t| {
+                // noise = (x_t - sqrt(ac) x0) / sqrt(1 - ac), recovered per item from the inputs.
+                let ac =
+                    schedule.alphas_cumprod_tensor(Kind::Float, Device::Cpu).index_select(0, t);
+                let ac4 = ac.view([-1, 1, 1, 1]);
+                let noise: Tensor = (x_t - ac4.sqrt() * &x0) / (ac4.neg() + 1.0).sqrt();
+                let err = noise.square().mean_dim([1, 2, 3].as_slice(), false, Kind::Float);
+                let w = ((ac.neg() + 1.0) / &ac).clamp(0.0, cap);
+                expected = (err * w).mean(Kind::Float).double_value(&[]);
+                Ok(Tensor::cat(&[x_t.zeros_like(), x_t.zeros_like()], 1))
+            })
+            .unwrap();
+        (loss.loss.double_value(&[]), expected)
+    }
+
+    #[test]
+    fn x0_weighted_term_adds_the_capped_inverse_snr_weighted_error() {
+        let (plain, _) = zero_noise_loss(0.0);
+        let (weighted, expected) = zero_noise_loss(50.0);
+        assert!(expected > 1.0, "the draws reach the capped high-noise weights: {expected}");
+        let added = weighted - plain;
+        assert!((added - expected).abs() < 1e-4 * expected, "added {added}, expected {expected}");
     }
 }

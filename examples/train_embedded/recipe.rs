@@ -72,8 +72,9 @@ pub struct Recipe {
     pub prior: Optim,
     pub decoder: Optim,
     /// Fine-tuning of the finished decoder with half of each batch's timesteps drawn from the
-    /// noisiest ones (`decoder_stage::tune`): it teaches the decoder to take the background from
-    /// the conditioning. (Absent from recipes written before it existed: the default then.)
+    /// noisiest ones (`decoder_stage::tune`), meant to make the decoder take the background from
+    /// the conditioning (measured: it did not). (Absent from recipes written before it existed:
+    /// the default then.)
     #[serde(default = "Recipe::default_decoder_tune")]
     pub decoder_tune: Optim,
     pub upsampler: Optim,
