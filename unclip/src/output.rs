@@ -56,13 +56,15 @@ pub fn save_pngs(images: &Tensor, dir: &Path, prefix: &str) -> Result<Vec<PathBu
     let mut paths = Vec::new();
     for (i, img) in to_rgb_images(images)?.iter().enumerate() {
         let path = dir.join(format!("{prefix}{i}.png"));
-        img.save(&path).map_err(|e| Error::Image {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
+        write_image(img, &path)?;
         paths.push(path);
     }
     Ok(paths)
+}
+
+fn write_image(img: &RgbImage, path: &Path) -> Result<()> {
+    img.save(path)
+        .map_err(|e| Error::Image { path: path.display().to_string(), reason: e.to_string() })
 }
 
 /// Tiles (B, 3, H, W) images in [0, 1] into one PNG, `columns` per row, row-major, separated by
@@ -88,8 +90,7 @@ pub fn save_grid(images: &Tensor, path: &Path, columns: usize) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| unclip_core::Error::io(dir, e))?;
     }
-    grid.save(path)
-        .map_err(|e| Error::Image { path: path.display().to_string(), reason: e.to_string() })
+    write_image(&grid, path)
 }
 
 /// Reads an image file (any format the `image` crate decodes), with a clear error.
@@ -113,6 +114,23 @@ pub fn image_to_tensor(img: &image::DynamicImage) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grid_tiles_row_major_with_gaps() {
+        // Five 2x3 (h x w) images of gray levels 0.0, 0.25, .. 1.0, three per row.
+        let levels = Tensor::from_slice(&[0.0f32, 0.25, 0.5, 0.75, 1.0]).view([5, 1, 1, 1]);
+        let images = levels.expand([5, 3, 2, 3], false);
+        let path = std::env::temp_dir().join(format!("unclip-grid-{}.png", std::process::id()));
+        save_grid(&images, &path, 3).unwrap();
+        let grid = image::open(&path).unwrap().to_rgb8();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(grid.dimensions(), (3 * 3 + 2 * 2, 2 * 2 + 2));
+        let at = |x: u32, y: u32| grid.get_pixel(x, y).0[0];
+        assert_eq!((at(0, 0), at(5, 0), at(10, 1)), (0, 64, 128)); // first row
+        assert_eq!((at(0, 4), at(5, 5)), (191, 255)); // second row
+        assert_eq!((at(3, 0), at(0, 2), at(12, 5)), (255, 255, 255)); // gaps and the empty cell
+        assert!(save_grid(&images, &path, 0).is_err());
+    }
 
     #[test]
     fn rounds_half_to_even() {
