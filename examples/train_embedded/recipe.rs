@@ -93,6 +93,17 @@ fn optim(steps: u64, batch: usize, lr: f64, ema_decay: f64) -> Optim {
 }
 
 impl Recipe {
+    /// Every stage's settings, in training order.
+    fn stages_mut(&mut self) -> [&mut Optim; 5] {
+        [
+            &mut self.clip,
+            &mut self.prior,
+            &mut self.decoder,
+            &mut self.decoder_tune,
+            &mut self.upsampler,
+        ]
+    }
+
     fn default_decoder_tune() -> Optim {
         optim(1000, 32, 1e-4, 0.998)
     }
@@ -127,13 +138,8 @@ impl Recipe {
     /// The same model with a few steps per stage.
     pub fn quick() -> Self {
         let mut r = Self::full();
-        for (o, batch) in [
-            (&mut r.clip, 16),
-            (&mut r.prior, 16),
-            (&mut r.decoder, 4),
-            (&mut r.decoder_tune, 4),
-            (&mut r.upsampler, 4),
-        ] {
+        // Batches in the order of `stages_mut`.
+        for (o, batch) in r.stages_mut().into_iter().zip([16, 16, 4, 4, 4]) {
             *o = Optim { steps: 6, batch, warmup: 2, checkpoint_every: 3, ..o.clone() };
         }
         r
@@ -143,13 +149,7 @@ impl Recipe {
         if factor == 1.0 {
             return;
         }
-        for o in [
-            &mut self.clip,
-            &mut self.prior,
-            &mut self.decoder,
-            &mut self.decoder_tune,
-            &mut self.upsampler,
-        ] {
+        for o in self.stages_mut() {
             o.steps = ((o.steps as f64 * factor).round() as u64).max(1);
             o.warmup = o.warmup.min(o.steps);
             o.checkpoint_every = o.checkpoint_every.min(o.steps);
