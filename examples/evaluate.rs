@@ -80,7 +80,7 @@ fn cases(seed: u64, kind: PromptKind, n: usize, side: u32) -> anyhow::Result<Vec
         .collect()
 }
 
-/// Our CLIP's view of prompts and images.
+/// Our CLIP's view of prompts and images (normalized embeddings).
 struct ClipProbe<'a> {
     model: &'a Unclip,
 }
@@ -88,28 +88,17 @@ struct ClipProbe<'a> {
 impl ClipProbe<'_> {
     fn text(&self, prompts: &[String]) -> anyhow::Result<Tensor> {
         let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
-        let mut out = Vec::new();
-        for chunk in refs.chunks(256) {
-            let enc = self.model.text_encoder.encode(chunk)?;
-            out.push(enc.conditioning.text_embeds.f_to_kind(Kind::Float)?);
-        }
-        Ok(normalize(&Tensor::f_cat(&out, 0)?)?)
+        Ok(normalize(&self.model.clip_text_embeddings(&refs)?)?)
     }
 
     /// Images (B, 3, H, W) in [0, 1].
     fn images(&self, images: &Tensor) -> anyhow::Result<Tensor> {
-        let enc = self.model.image_encoder.as_ref().context("the model has no image_encoder/")?;
-        let mut out = Vec::new();
-        for chunk in images.f_split(256, 0)? {
-            out.push(enc.embed_tensor(&chunk)?.f_to_kind(Kind::Float)?);
-        }
-        Ok(normalize(&Tensor::f_cat(&out, 0)?)?.f_to_device(unclip::tch::Device::Cpu)?)
+        Ok(normalize(&self.model.clip_image_embeddings(images)?)?)
     }
 
     /// Mean cosine of matching rows, and of rows paired with the next row's (a baseline).
     fn scores(&self, prompts: &[String], images: &Tensor) -> anyhow::Result<(f64, f64)> {
-        let t = self.text(prompts)?.f_to_device(unclip::tch::Device::Cpu)?;
-        let i = self.images(images)?;
+        let (t, i) = (self.text(prompts)?, self.images(images)?);
         let matched = t.f_mul(&i)?.f_sum_dim_intlist(1, false, Kind::Float)?.f_mean(Kind::Float)?;
         let shifted = t.f_roll([1], [0])?;
         let other =
@@ -145,7 +134,7 @@ impl ClipProbe<'_> {
             let im = img.f_get(row as i64)?;
             for (k, labels) in [shapes, colors, bgs].iter().enumerate() {
                 let prompts: Vec<String> = labels.iter().map(|(_, p)| p.clone()).collect();
-                let sims = self.text(&prompts)?.f_to_device(unclip::tch::Device::Cpu)?.f_mv(&im)?;
+                let sims = self.text(&prompts)?.f_mv(&im)?;
                 let best = sims.f_argmax(0, false)?.f_int64_value(&[])? as usize;
                 hits[k] += usize::from(labels[best].0);
             }

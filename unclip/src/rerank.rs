@@ -1,9 +1,9 @@
-//! CLIP reranking: generate K images per prompt and order them by CLIP similarity to the prompt
-//! (the image encoder's embedding of each image against the prompt's text embedding).
+//! CLIP scores of prompts and images in the model's own CLIP space, and reranking: generate K
+//! images per prompt and order them by CLIP similarity to the prompt.
 
 use crate::pipeline::{Generation, StepInfo, TextToImage, Unclip};
 use crate::{Error, Result};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// Reranked images of one run.
 #[derive(Debug)]
@@ -15,6 +15,23 @@ pub struct Ranked {
 }
 
 impl Unclip {
+    /// The text encoder's CLIP embeddings of `prompts` (N, D), f32 on the CPU.
+    pub fn clip_text_embeddings(&self, prompts: &[&str]) -> Result<Tensor> {
+        let embeds = self.text_encoder.encode(prompts)?.conditioning.text_embeds;
+        Ok(embeds.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?)
+    }
+
+    /// The image encoder's CLIP embeddings of `images` ((N, 3, H, W) in [0, 1]) (N, D), f32 on
+    /// the CPU. Needs an image encoder in the text encoder's space.
+    pub fn clip_image_embeddings(&self, images: &Tensor) -> Result<Tensor> {
+        let enc = self.image_encoder.as_deref().ok_or_else(|| {
+            Error::Pipeline(
+                "CLIP image scores need an image encoder (Unclip::load_image_encoder)".into(),
+            )
+        })?;
+        Ok(enc.embed_tensor(images)?.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?)
+    }
+
     /// Generates `k` images per prompt and returns them ordered by CLIP similarity to their
     /// prompt, best first. Needs an image encoder in the same CLIP space as the text encoder.
     pub fn generate_reranked(
@@ -34,13 +51,9 @@ impl Unclip {
         let req = TextToImage { num_images_per_prompt: k, ..req.clone() };
         let g = self.text_to_image(&req, progress)?;
         let prompts: Vec<&str> = req.prompts.iter().map(String::as_str).collect();
-        let text = self.text_encoder.encode(&prompts)?.conditioning.text_embeds;
-        let enc = self.image_encoder.as_deref().expect("checked above");
-        let img = enc.embed_tensor(&g.images)?.f_to_kind(Kind::Float)?;
-        let text = text
-            .f_to_device(img.device())?
-            .f_to_kind(Kind::Float)?
-            .f_repeat_interleave_self_int(k as i64, 0, None)?;
+        let img = self.clip_image_embeddings(&g.images)?;
+        let text =
+            self.clip_text_embeddings(&prompts)?.f_repeat_interleave_self_int(k as i64, 0, None)?;
         let sims = Vec::<f64>::try_from(
             Tensor::f_cosine_similarity(&img, &text, 1, 1e-8)?.f_to_kind(Kind::Double)?,
         )?;
