@@ -18,7 +18,8 @@ pub struct UnCLIPSchedulerConfig {
     pub variance_type: VarianceType,
     pub clip_sample: bool,
     pub clip_sample_range: f64,
-    /// `epsilon` or `sample`.
+    /// `epsilon`, `sample`, or `v_prediction` (an extension: diffusers' UnCLIPScheduler accepts
+    /// only the first two; the embedded model's decoder predicts v).
     pub prediction_type: PredictionType,
     /// Only `squaredcos_cap_v2`.
     pub beta_schedule: BetaSchedule,
@@ -69,11 +70,6 @@ impl UnCLIPSchedulerConfig {
                 "UnCLIPScheduler supports variance_type fixed_small_log or learned_range, not {:?}",
                 self.variance_type
             )));
-        }
-        if self.prediction_type == PredictionType::VPrediction {
-            return Err(Error::Config(
-                "UnCLIPScheduler supports prediction_type epsilon or sample".into(),
-            ));
         }
         if !(self.clip_sample_range.is_finite() && self.clip_sample_range > 0.0) {
             return Err(Error::Config(format!(
@@ -228,7 +224,8 @@ impl UnCLIPScheduler {
         let _guard = tch::no_grad_guard();
         let mut x0 = match self.config.prediction_type {
             PredictionType::Epsilon => (sample - &out * c.sqrt_beta_prod) / c.sqrt_alpha_prod,
-            _ => out.shallow_clone(),
+            PredictionType::Sample => out.shallow_clone(),
+            PredictionType::VPrediction => sample * c.sqrt_alpha_prod - &out * c.sqrt_beta_prod,
         };
         if self.config.clip_sample {
             let r = self.config.clip_sample_range;
@@ -303,6 +300,32 @@ mod tests {
             [999, 832, 666, 500, 333, 166, 0]
         );
         assert_eq!(UnCLIPScheduler::spaced_timesteps(1000, 2).unwrap(), [999, 0]);
+    }
+
+    #[test]
+    fn v_prediction_recovers_x0_like_epsilon() {
+        // The same noised sample, scored by an oracle of each kind: both steps must agree.
+        let schedule = crate::NoiseSchedule::karlo();
+        let x0 = Tensor::rand([1, 3, 4, 4], (tch::Kind::Float, tch::Device::Cpu)) * 2.0 - 1.0;
+        let noise = Tensor::randn([1, 3, 4, 4], (tch::Kind::Float, tch::Device::Cpu));
+        let t = 832;
+        let tt = Tensor::from_slice(&[t]);
+        let x_t = schedule.add_noise(&x0, &noise, &tt).unwrap();
+        let mut out = Vec::new();
+        for (pred, oracle) in [
+            (PredictionType::Epsilon, noise.shallow_clone()),
+            (PredictionType::VPrediction, schedule.velocity(&x0, &noise, &tt).unwrap()),
+        ] {
+            let cfg = UnCLIPSchedulerConfig { prediction_type: pred, ..Default::default() };
+            let mut s = UnCLIPScheduler::new(cfg).unwrap();
+            s.set_timesteps(7).unwrap();
+            let step = s.step_full(&oracle, t, &x_t, &mut crate::TorchNoise::new(1)).unwrap();
+            out.push(step);
+        }
+        let diff = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
+        assert!(diff(&out[1].pred_original_sample, &x0.clamp(-1.0, 1.0)) < 1e-5);
+        assert!(diff(&out[0].pred_original_sample, &out[1].pred_original_sample) < 1e-5);
+        assert!(diff(&out[0].prev_sample, &out[1].prev_sample) < 1e-5);
     }
 
     #[test]
