@@ -1,7 +1,8 @@
 //! Training losses of the decoder and the upsamplers, and one optimizer step any loop can call.
 //!
-//! Decoder (unCLIP section 2.1, GLIDE's recipe): noise-prediction MSE plus the learned-variance
-//! VLB term (weight 0.001, improved DDPM), with conditioning dropout — the CLIP image embedding
+//! Decoder (unCLIP section 2.1, GLIDE's recipe): prediction MSE (epsilon as GLIDE and Karlo, or v:
+//! [`DecoderTrainer::with_prediction`]) plus the learned-variance VLB term (weight 0.001, improved
+//! DDPM), with conditioning dropout — the CLIP image embedding
 //! replaced by the learned null embedding 10% of the time, the caption replaced by the empty
 //! caption 50% of the time — so the model learns the unconditional half of guidance.
 //! Upsamplers: random crops of the high-res image, with the low-res input (downsampled, then
@@ -21,7 +22,7 @@ use unclip_scheduler::{HYBRID_VLB_WEIGHT, NoiseSchedule, NoiseSource, Prediction
 pub struct TrainLoss {
     /// What to backpropagate: `mse + vlb_weight * T * vb` (just `mse` without learned variance).
     pub loss: Tensor,
-    /// Noise-prediction mean squared error.
+    /// Mean squared error of the prediction (epsilon, x0 or v) against its target.
     pub mse: Tensor,
     /// Mean VLB term in bits per dimension (0 without learned variance).
     pub vb: Tensor,
@@ -40,45 +41,12 @@ fn bernoulli(rng: &mut dyn NoiseSource, b: i64, p: f64, device: Device) -> Resul
     Ok(rng.randint(RES, &[b], device).f_lt((p * RES as f64).round() as i64)?)
 }
 
-/// A share of each batch drawn from the noisiest timesteps instead of uniformly.
-///
-/// Why: on small, flat images the global color is still readable from `x_t` until very close to
-/// `T` (averaging many pixels beats the noise), so a uniformly trained model learns to take it
-/// from `x_t` rather than from the conditioning, and sampling, which starts from pure noise,
-/// then gets a random background. Drawing more timesteps from `[from, T)` is meant to make the
-/// model decide the global content from the conditioning there. (On the embedded model, 1000
-/// fine-tuning steps with it did not change that measurably: see the README.)
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct HighNoiseEmphasis {
-    /// First timestep of the emphasized range.
-    pub from: i64,
-    /// Probability that a row's timestep comes from `[from, T)`.
-    pub fraction: f64,
-    /// Cap of an extra loss term (0: none): the epsilon error weighted by `min(1/SNR, cap)`, i.e.
-    /// the error of the implied `x0`, truncated. Plain epsilon MSE barely sees the global color
-    /// at high noise (its share of the error is scaled by sqrt(SNR)); this term weighs it up.
-    pub x0_weight_cap: f64,
-}
-
-/// Timesteps for a batch of `b`: uniform, or with a [`HighNoiseEmphasis`] share.
-fn sample_timesteps(
-    schedule: &NoiseSchedule,
-    emphasis: Option<HighNoiseEmphasis>,
-    b: i64,
-    device: Device,
-    rng: &mut dyn NoiseSource,
-) -> Result<Tensor> {
-    let t = schedule.sample_timesteps(b as usize, device, rng);
-    let Some(e) = emphasis else { return Ok(t) };
-    let n = schedule.num_train_timesteps() as i64;
-    let high = rng.randint(n - e.from, &[b], device).f_add_scalar(e.from)?;
-    Ok(high.f_where_self(&bernoulli(rng, b, e.fraction, device)?, &t)?)
-}
-
-/// Noises `x0` at drawn timesteps, runs `model` and scores its output.
+/// Noises `x0` at uniformly drawn timesteps, runs `model` and scores its output: the mean
+/// squared error of its first C channels against the `prediction` target, plus the VLB term when
+/// it outputs 2C channels (learned variance).
 fn diffusion_loss(
     schedule: &NoiseSchedule,
-    emphasis: Option<HighNoiseEmphasis>,
+    prediction: PredictionType,
     vlb: &VlbLoss,
     vlb_weight: f64,
     x0: &Tensor,
@@ -86,28 +54,17 @@ fn diffusion_loss(
     model: impl FnOnce(&Tensor, &Tensor) -> Result<Tensor>,
 ) -> Result<TrainLoss> {
     let (b, c) = (x0.size()[0], x0.size()[1]);
-    let t = sample_timesteps(schedule, emphasis, b, x0.device(), rng)?;
+    let t = schedule.sample_timesteps(b as usize, x0.device(), rng);
     let noise = rng.randn(&x0.size(), x0.kind(), x0.device());
     let x_t = schedule.add_noise(x0, &noise, &t)?;
+    let target = schedule.target(prediction, x0, &noise, &t)?;
     let out = model(&x_t, &t)?;
     let oc = out.size()[1];
     if oc == 2 * c {
-        let l = vlb.hybrid_loss(&out, PredictionType::Epsilon, &noise, x0, &x_t, &t, vlb_weight)?;
-        let loss = match emphasis {
-            Some(e) if e.x0_weight_cap > 0.0 => {
-                let w = vlb.inverse_snr(&t, x0)?.f_clamp(0.0, e.x0_weight_cap)?;
-                let err = out.f_narrow(1, 0, c)?.f_sub(&noise)?.f_square()?.f_mean_dim(
-                    [1, 2, 3].as_slice(),
-                    false,
-                    Kind::Float,
-                )?;
-                l.loss.f_add(&err.f_mul(&w)?.f_mean(Kind::Float)?)?
-            }
-            _ => l.loss,
-        };
-        Ok(TrainLoss { loss, mse: l.mse, vb: l.vb })
+        let l = vlb.hybrid_loss(&out, prediction, &target, x0, &x_t, &t, vlb_weight)?;
+        Ok(TrainLoss { loss: l.loss, mse: l.mse, vb: l.vb })
     } else if oc == c {
-        let mse = out.f_mse_loss(&noise, tch::Reduction::Mean)?;
+        let mse = out.f_mse_loss(&target, tch::Reduction::Mean)?;
         Ok(TrainLoss { loss: mse.shallow_clone(), mse, vb: Tensor::from(0f32) })
     } else {
         Err(Error::Input(format!("model outputs {oc} channels for a {c}-channel image")))
@@ -146,8 +103,8 @@ pub struct DecoderTrainer {
     pub text_dropout: f64,
     /// λ of L_simple + λ L_vlb (improved DDPM / GLIDE: 0.001).
     pub vlb_weight: f64,
-    /// Extra weight on the noisiest timesteps (none by default).
-    pub high_noise: Option<HighNoiseEmphasis>,
+    /// What the UNet predicts (epsilon by default, as GLIDE and Karlo).
+    pub prediction: PredictionType,
 }
 
 impl DecoderTrainer {
@@ -168,26 +125,28 @@ impl DecoderTrainer {
             return Err(Error::Input(format!("vlb_weight must be >= 0, got {vlb_weight}")));
         }
         let vlb = VlbLoss::new(&schedule);
-        Ok(Self { schedule, vlb, image_dropout, text_dropout, vlb_weight, high_noise: None })
+        Ok(Self {
+            schedule,
+            vlb,
+            image_dropout,
+            text_dropout,
+            vlb_weight,
+            prediction: PredictionType::Epsilon,
+        })
     }
 
-    /// Draws `fraction` of each batch's timesteps from `[from, T)` (see [`HighNoiseEmphasis`]).
-    pub fn with_high_noise_emphasis(
-        mut self,
-        from: i64,
-        fraction: f64,
-        x0_weight_cap: f64,
-    ) -> Result<Self> {
-        check_probability("fraction", fraction)?;
-        if !(x0_weight_cap.is_finite() && x0_weight_cap >= 0.0) {
-            return Err(Error::Input(format!("x0_weight_cap must be >= 0, got {x0_weight_cap}")));
-        }
-        let n = self.schedule.num_train_timesteps() as i64;
-        if !(0..n).contains(&from) {
-            return Err(Error::Input(format!("from must be in 0..{n}, got {from}")));
-        }
-        self.high_noise = Some(HighNoiseEmphasis { from, fraction, x0_weight_cap });
-        Ok(self)
+    /// Trains the UNet to predict `prediction` (the scheduler that samples it must use the same
+    /// `prediction_type`).
+    ///
+    /// Why v: epsilon-MSE equals SNR·(x0-MSE), so at high noise (SNR ≈ 0.005 at t = 958) it
+    /// barely sees an error in the image's global content; on small flat images that content
+    /// stays readable from x_t until close to T, and an epsilon model learns to read it there
+    /// instead of from the conditioning, then draws a random background from pure noise. v-MSE
+    /// equals (1 + SNR)·(x0-MSE): the image's error counts fully at high noise, while the output
+    /// stays as precise as epsilon's at low noise (which x0 prediction is not).
+    pub fn with_prediction(mut self, prediction: PredictionType) -> Self {
+        self.prediction = prediction;
+        self
     }
 
     /// The loss on one batch (with gradients, in train mode). Draws timesteps, noise and the
@@ -256,7 +215,7 @@ impl DecoderTrainer {
         )?;
         diffusion_loss(
             &self.schedule,
-            self.high_noise,
+            self.prediction,
             &self.vlb,
             self.vlb_weight,
             x0,
@@ -315,6 +274,8 @@ pub struct UpsamplerTrainer {
     pub crop: i64,
     pub corruption: LowResCorruption,
     pub vlb_weight: f64,
+    /// What the UNet predicts (epsilon by default; see [`DecoderTrainer::with_prediction`]).
+    pub prediction: PredictionType,
 }
 
 impl UpsamplerTrainer {
@@ -340,7 +301,23 @@ impl UpsamplerTrainer {
             }
         }
         let vlb = VlbLoss::new(&schedule);
-        Ok(Self { schedule, vlb, scale, crop, corruption, vlb_weight: HYBRID_VLB_WEIGHT })
+        Ok(Self {
+            schedule,
+            vlb,
+            scale,
+            crop,
+            corruption,
+            vlb_weight: HYBRID_VLB_WEIGHT,
+            prediction: PredictionType::Epsilon,
+        })
+    }
+
+    /// Trains the UNet to predict `prediction`. An epsilon upsampler has the decoder's weakness
+    /// at high noise: sampling starts from pure noise, and it drew backgrounds of another color
+    /// than its low-res input's.
+    pub fn with_prediction(mut self, prediction: PredictionType) -> Self {
+        self.prediction = prediction;
+        self
     }
 
     /// The model input's conditioning half for `high` (B, C, H, W): downsample by `scale`,
@@ -402,9 +379,15 @@ impl UpsamplerTrainer {
         }
         let x0 = Tensor::f_cat(&xs, 0)?;
         let low = Tensor::f_cat(&lows, 0)?;
-        diffusion_loss(&self.schedule, None, &self.vlb, self.vlb_weight, &x0, rng, |x_t, t| {
-            unet.forward(&Tensor::f_cat(&[x_t, &low], 1)?, t, None)
-        })
+        diffusion_loss(
+            &self.schedule,
+            self.prediction,
+            &self.vlb,
+            self.vlb_weight,
+            &x0,
+            rng,
+            |x_t, t| unet.forward(&Tensor::f_cat(&[x_t, &low], 1)?, t, None),
+        )
     }
 }
 
@@ -430,69 +413,44 @@ mod tests {
     use super::*;
     use unclip_scheduler::TorchNoise;
 
-    fn draws(emphasis: Option<HighNoiseEmphasis>, seed: u64) -> Vec<i64> {
-        let schedule = NoiseSchedule::karlo();
-        let _lock = unclip_scheduler::global_rng_lock();
-        let mut rng = TorchNoise::new(seed);
-        let t = sample_timesteps(&schedule, emphasis, 4000, Device::Cpu, &mut rng).unwrap();
-        Vec::<i64>::try_from(t).unwrap()
-    }
-
-    #[test]
-    fn high_noise_emphasis_shifts_the_timestep_draws() {
-        let uniform = draws(None, 1);
-        let schedule = NoiseSchedule::karlo();
-        let plain = {
-            let _lock = unclip_scheduler::global_rng_lock();
-            let mut rng = TorchNoise::new(1);
-            Vec::<i64>::try_from(schedule.sample_timesteps(4000, Device::Cpu, &mut rng)).unwrap()
-        };
-        assert_eq!(uniform, plain, "no emphasis: the plain uniform draws");
-        let all_high =
-            draws(Some(HighNoiseEmphasis { from: 850, fraction: 1.0, x0_weight_cap: 0.0 }), 1);
-        assert!(all_high.iter().all(|&t| (850..1000).contains(&t)));
-        // Half from [850, 1000), half uniform (15% of which also land there): 57.5% expected.
-        let half =
-            draws(Some(HighNoiseEmphasis { from: 850, fraction: 0.5, x0_weight_cap: 0.0 }), 1);
-        let share = half.iter().filter(|&&t| t >= 850).count() as f64 / 4000.0;
-        assert!((share - 0.575).abs() < 0.03, "share {share}");
-        assert!(half.iter().all(|&t| (0..1000).contains(&t)));
-        assert!(DecoderTrainer::karlo().with_high_noise_emphasis(1000, 0.5, 0.0).is_err());
-        assert!(DecoderTrainer::karlo().with_high_noise_emphasis(850, 1.5, 0.0).is_err());
-    }
-
-    /// The loss of a stand-in model that predicts zero noise (and a fixed variance), and the
-    /// `min(1/SNR, cap)`-weighted per-item error the extra term should add, from its inputs.
-    fn zero_noise_loss(cap: f64) -> (f64, f64) {
+    /// The loss of a stand-in model that outputs zeros (and a fixed variance), and the mean
+    /// squared `prediction` target recomputed from the noised input it received.
+    fn zero_output_loss(prediction: PredictionType) -> (f64, f64) {
         let schedule = NoiseSchedule::karlo();
         let vlb = VlbLoss::new(&schedule);
         let _lock = unclip_scheduler::global_rng_lock();
-        let x0 = Tensor::rand([4, 3, 8, 8], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
+        let x0 = Tensor::rand([16, 3, 8, 8], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
         let mut expected = 0.0;
-        let emphasis = HighNoiseEmphasis { from: 900, fraction: 0.5, x0_weight_cap: cap };
         let mut rng = TorchNoise::new(5);
-        let loss =
-            diffusion_loss(&schedule, Some(emphasis), &vlb, 1e-3, &x0, &mut rng, |x_t, t| {
-                // noise = (x_t - sqrt(ac) x0) / sqrt(1 - ac), recovered per item from the inputs.
-                let ac =
-                    schedule.alphas_cumprod_tensor(Kind::Float, Device::Cpu).index_select(0, t);
-                let ac4 = ac.view([-1, 1, 1, 1]);
-                let noise: Tensor = (x_t - ac4.sqrt() * &x0) / (ac4.neg() + 1.0).sqrt();
-                let err = noise.square().mean_dim([1, 2, 3].as_slice(), false, Kind::Float);
-                let w = ((ac.neg() + 1.0) / &ac).clamp(0.0, cap);
-                expected = (err * w).mean(Kind::Float).double_value(&[]);
-                Ok(Tensor::cat(&[x_t.zeros_like(), x_t.zeros_like()], 1))
-            })
-            .unwrap();
-        (loss.loss.double_value(&[]), expected)
+        let loss = diffusion_loss(&schedule, prediction, &vlb, 1e-3, &x0, &mut rng, |x_t, t| {
+            let ac = schedule.alphas_cumprod_tensor(Kind::Float, Device::Cpu).index_select(0, t);
+            let ac = ac.view([-1, 1, 1, 1]);
+            let s1 = (ac.neg() + 1.0).sqrt();
+            let noise: Tensor = (x_t - ac.sqrt() * &x0) / &s1;
+            let target = match prediction {
+                PredictionType::Epsilon => noise,
+                PredictionType::Sample => x0.shallow_clone(),
+                PredictionType::VPrediction => ac.sqrt() * noise - s1 * &x0,
+            };
+            expected = target.square().mean(Kind::Float).double_value(&[]);
+            Ok(Tensor::cat(&[x_t.zeros_like(), x_t.zeros_like()], 1))
+        })
+        .unwrap();
+        (loss.mse.double_value(&[]), expected)
     }
 
     #[test]
-    fn x0_weighted_term_adds_the_capped_inverse_snr_weighted_error() {
-        let (plain, _) = zero_noise_loss(0.0);
-        let (weighted, expected) = zero_noise_loss(50.0);
-        assert!(expected > 1.0, "the draws reach the capped high-noise weights: {expected}");
-        let added = weighted - plain;
-        assert!((added - expected).abs() < 1e-4 * expected, "added {added}, expected {expected}");
+    fn the_loss_scores_the_chosen_prediction_target() {
+        for p in [PredictionType::Epsilon, PredictionType::Sample, PredictionType::VPrediction] {
+            let (mse, expected) = zero_output_loss(p);
+            assert!(
+                (mse - expected).abs() < 1e-4 * expected,
+                "{p:?}: mse {mse}, expected {expected}"
+            );
+        }
+        assert_eq!(
+            DecoderTrainer::karlo().with_prediction(PredictionType::VPrediction).prediction,
+            PredictionType::VPrediction
+        );
     }
 }
