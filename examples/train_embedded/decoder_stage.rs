@@ -1,38 +1,29 @@
 //! Stage 4: the decoder (Karlo's `UNet2DConditionModel` + `UnCLIPTextProjModel`) at the low
-//! resolution, conditioned on our CLIP's image embedding and caption: learned-variance hybrid
-//! loss, image embedding dropped 10% and caption 50% of the time (`unclip_decoder::train`).
+//! resolution, conditioned on our CLIP's image embedding and caption: v prediction with learned
+//! variance, image embedding dropped 10% and caption 50% of the time (`unclip_decoder::train`).
 
 use crate::recipe::Optim;
-use crate::stage::{Ctx, encode_images, encode_text, stage_weights, train};
-use std::path::Path;
+use crate::stage::{Ctx, encode_images, encode_text, train};
 use tch::nn::VarStore;
-use unclip::core::weights::{Unexpected, load_file};
 use unclip::decoder::train::{DecoderBatch, DecoderTrainer, EmptyCaption};
 use unclip::decoder::{
     TextProjConfig, UNet2DConditionConfig, UNet2DConditionModel, UnCLIPTextProjModel,
 };
-use unclip::scheduler::TorchNoise;
+use unclip::scheduler::{PredictionType, TorchNoise};
 
 /// VarStore prefixes of the two models trained together (split again at export).
 pub const UNET: &str = "decoder";
 pub const TEXT_PROJ: &str = "text_proj";
 
-/// Timesteps from here to T get half of each fine-tuning batch.
-pub const TUNE_FROM: i64 = 850;
-/// Cap of the 1/SNR weight of the fine-tuning's implied-x0 loss term.
-pub const TUNE_X0_CAP: f64 = 50.0;
+/// The decoder predicts v (`DecoderTrainer::with_prediction` says why): an epsilon decoder of the
+/// same size and steps ignored its conditioning at high noise and drew random backgrounds, an x0
+/// decoder was imprecise at low noise and its learned variance blew up (README, "The embedded
+/// model").
+pub const PREDICTION: PredictionType = PredictionType::VPrediction;
 
 pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
-    train_decoder(ctx, "decoder", &ctx.recipe.decoder, DecoderTrainer::karlo(), None)
-}
-
-/// Stage 4b: continues from the decoder's EMA weights with half of each batch's timesteps in
-/// `[TUNE_FROM, T)` and an implied-x0 loss term weighted by min(1/SNR, TUNE_X0_CAP)
-/// (`DecoderTrainer::with_high_noise_emphasis`); export ships this decoder.
-pub fn tune(ctx: &Ctx) -> anyhow::Result<()> {
-    let start = stage_weights(ctx, "decoder")?;
-    let trainer = DecoderTrainer::karlo().with_high_noise_emphasis(TUNE_FROM, 0.5, TUNE_X0_CAP)?;
-    train_decoder(ctx, "decoder_tune", &ctx.recipe.decoder_tune, trainer, Some(&start))
+    let trainer = DecoderTrainer::karlo().with_prediction(PREDICTION);
+    train_decoder(ctx, "decoder", &ctx.recipe.decoder, trainer)
 }
 
 fn train_decoder(
@@ -40,7 +31,6 @@ fn train_decoder(
     name: &str,
     optim: &Optim,
     trainer: DecoderTrainer,
-    start_from: Option<&Path>,
 ) -> anyhow::Result<()> {
     let tok = ctx.tokenizer()?;
     let clip = ctx.clip()?;
@@ -55,9 +45,6 @@ fn train_decoder(
     let vs = VarStore::new(device);
     let unet = UNet2DConditionModel::new(vs.root() / UNET, &unet_cfg)?;
     let text_proj = UnCLIPTextProjModel::new(vs.root() / TEXT_PROJ, &proj_cfg)?;
-    if let Some(path) = start_from {
-        load_file(&vs, path, Unexpected::Error)?;
-    }
     let empty = encode_text(&clip, &tok, &[""])?;
     train(
         ctx,

@@ -2,7 +2,7 @@
 //! component, f16 weights), exactly what `unclip::Unclip::from_pretrained` loads; it is loaded
 //! back and sampled once as a check.
 
-use crate::decoder_stage::{TEXT_PROJ, UNET};
+use crate::decoder_stage::{PREDICTION, TEXT_PROJ, UNET};
 use crate::stage::{Ctx, WEIGHTS, stage_weights, write_bytes};
 use anyhow::Context;
 use serde_json::{Value, json};
@@ -14,6 +14,7 @@ use unclip::core::weights::{Unexpected, load_tensors, read_tensors};
 use unclip::decoder::checkpoint::{self, Component};
 use unclip::decoder::{UNet2DConditionModel, UNet2DModel, UnCLIPTextProjModel};
 use unclip::prior::{PriorConfig, PriorTransformer};
+use unclip::scheduler::PredictionType;
 use unclip::{LoadOptions, TextToImage, Unclip};
 
 fn write_json(path: &Path, v: &Value) -> anyhow::Result<()> {
@@ -21,7 +22,7 @@ fn write_json(path: &Path, v: &Value) -> anyhow::Result<()> {
 }
 
 /// Karlo's sampler configs: x0-predicting prior, learned-range decoder, fixed super-res.
-fn scheduler_config(variance: &str, prediction: &str, range: f64) -> Value {
+fn scheduler_config(variance: &str, prediction: PredictionType, range: f64) -> Value {
     json!({
         "_class_name": "UnCLIPScheduler",
         "_diffusers_version": "0.42.1",
@@ -117,9 +118,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<PathBuf> {
     unclip::core::weights::load_file(&vs, &stage_weights(ctx, "prior")?, Unexpected::Error)?;
     prior.save_pretrained(&vs, &sub("prior"), Some(Kind::Half))?;
     // Decoder and text projection, trained in one store under two prefixes.
-    // The fine-tuned decoder when that stage ran, else the decoder stage's.
-    let tuned = ctx.out.join("decoder_tune").join(WEIGHTS);
-    let path = if tuned.exists() { tuned } else { stage_weights(ctx, "decoder")? };
+    let path = stage_weights(ctx, "decoder")?;
     let dec = read_tensors(&path)?;
     let src = path.display().to_string();
     save_component::<UNet2DConditionModel>(
@@ -144,9 +143,9 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<PathBuf> {
         save_component::<UNet2DModel>(r.upsampler_config(), &up, None, &src, &sub(name))?;
     }
     for (name, v) in [
-        ("prior_scheduler", scheduler_config("fixed_small_log", "sample", 5.0)),
-        ("decoder_scheduler", scheduler_config("learned_range", "epsilon", 1.0)),
-        ("super_res_scheduler", scheduler_config("fixed_small_log", "epsilon", 1.0)),
+        ("prior_scheduler", scheduler_config("fixed_small_log", PredictionType::Sample, 5.0)),
+        ("decoder_scheduler", scheduler_config("learned_range", PREDICTION, 1.0)),
+        ("super_res_scheduler", scheduler_config("fixed_small_log", PREDICTION, 1.0)),
     ] {
         write_json(&sub(name).join("scheduler_config.json"), &v)?;
     }

@@ -44,7 +44,6 @@ enum StageArg {
     Clip,
     Prior,
     Decoder,
-    DecoderTune,
     Upsampler,
     Export,
 }
@@ -104,9 +103,6 @@ fn main() -> anyhow::Result<()> {
     }
     if all || cli.stage == StageArg::Decoder {
         decoder_stage::run(&ctx)?;
-    }
-    if all || cli.stage == StageArg::DecoderTune {
-        decoder_stage::tune(&ctx)?;
     }
     if all || cli.stage == StageArg::Upsampler {
         upsampler_stage::run(&ctx)?;

@@ -71,12 +71,6 @@ pub struct Recipe {
     pub clip: Optim,
     pub prior: Optim,
     pub decoder: Optim,
-    /// Fine-tuning of the finished decoder with half of each batch's timesteps drawn from the
-    /// noisiest ones (`decoder_stage::tune`), meant to make the decoder take the background from
-    /// the conditioning (measured: it did not). (Absent from recipes written before it existed:
-    /// the default then.)
-    #[serde(default = "Recipe::default_decoder_tune")]
-    pub decoder_tune: Optim,
     pub upsampler: Optim,
 }
 
@@ -94,18 +88,8 @@ fn optim(steps: u64, batch: usize, lr: f64, ema_decay: f64) -> Optim {
 
 impl Recipe {
     /// Every stage's settings, in training order.
-    fn stages_mut(&mut self) -> [&mut Optim; 5] {
-        [
-            &mut self.clip,
-            &mut self.prior,
-            &mut self.decoder,
-            &mut self.decoder_tune,
-            &mut self.upsampler,
-        ]
-    }
-
-    fn default_decoder_tune() -> Optim {
-        optim(1000, 32, 1e-4, 0.998)
+    fn stages_mut(&mut self) -> [&mut Optim; 4] {
+        [&mut self.clip, &mut self.prior, &mut self.decoder, &mut self.upsampler]
     }
 
     /// The shipped model's recipe (sized for a few hours on a 2-core CPU).
@@ -126,11 +110,11 @@ impl Recipe {
             upsampler_channels: vec![32, 64, 64],
             upsampler_crop: 32,
             // Measured on the shared 2-core CPU (2 threads): clip 0.40 s/step, prior 0.36,
-            // decoder 0.87, upsampler 0.27, so about 10 + 12 + 70 + 11 minutes.
+            // decoder 0.87 (1.7 on a day the machine ran at half speed), upsampler 0.27, so about
+            // 10 + 12 + 30 + 11 minutes.
             clip: optim(1500, 128, 5e-4, 0.999),
             prior: optim(2000, 128, 5e-4, 0.999),
-            decoder: optim(4800, 32, 4e-4, 0.999),
-            decoder_tune: Self::default_decoder_tune(),
+            decoder: optim(2000, 32, 4e-4, 0.999),
             upsampler: optim(2500, 16, 3e-4, 0.999),
         }
     }

@@ -1,7 +1,8 @@
 //! Stage 5: the super-resolution UNet (low -> high resolution), trained on random crops of the
 //! high-res renders with the low-res input blurred as in unCLIP's first upsampler
-//! (`unclip_decoder::train::UpsamplerTrainer`).
+//! (`unclip_decoder::train::UpsamplerTrainer`), predicting v like the decoder.
 
+use crate::decoder_stage::PREDICTION;
 use crate::stage::{Ctx, train};
 use tch::nn::VarStore;
 use unclip::decoder::train::{LowResCorruption, UpsamplerTrainer};
@@ -23,7 +24,8 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
         r.high_res / r.low_res,
         r.upsampler_crop,
         LowResCorruption::Blur { sigma: 0.6 },
-    )?;
+    )?
+    .with_prediction(PREDICTION);
     train(
         ctx,
         "upsampler",

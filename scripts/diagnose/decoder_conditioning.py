@@ -11,7 +11,8 @@ For flat renders "a red circle on a <color> background" it prints, per timestep 
   and the shift a correct background change would need (sqrt(SNR) * |x0_A - x0_B| mean).
 
 With --samples OUT.png it also draws text-to-image samples with diffusers' own UnCLIPPipeline
-(rows: decoder steps 25, 100, 250 and 1000), to compare with ours.
+(rows: decoder steps 25, 100, 250 and 1000), to compare with ours (epsilon and x0 decoders only:
+diffusers' UnCLIPScheduler does not take v_prediction).
 
 usage: .venv/bin/python scripts/diagnose/decoder_conditioning.py [--model models/shapes] [--samples OUT.png]
 """
@@ -60,7 +61,8 @@ def main():
     proc = CLIPImageProcessor.from_pretrained(j("feature_extractor"))
     unet = UNet2DConditionModel.from_pretrained(j("decoder"), **F32).eval()
     tp = UnCLIPTextProjModel.from_pretrained(j("text_proj"), **F32).eval()
-    ac = UnCLIPScheduler.from_pretrained(j("decoder_scheduler")).alphas_cumprod
+    sched = UnCLIPScheduler.from_pretrained(j("decoder_scheduler"))
+    ac, prediction = sched.alphas_cumprod, sched.config.prediction_type
     side = unet.config.sample_size
 
     conds, x0s = {}, {}
@@ -77,9 +79,15 @@ def main():
         conds[name] = dict(encoder_hidden_states=hs, class_labels=add, attention_mask=mask)
 
     def eps(x_t, t, name):
-        return unet(x_t, t, **conds[name]).sample[:, :3]
+        """The model's epsilon (derived from its x0 or v prediction)."""
+        out = unet(x_t, t, **conds[name]).sample[:, :3]
+        if prediction == "sample":
+            return (x_t - ac[t].sqrt() * out) / (1 - ac[t]).sqrt()
+        if prediction == "v_prediction":
+            return ac[t].sqrt() * out + (1 - ac[t]).sqrt() * x_t
+        return out
 
-    print(f"decoder {a.model}: background of the implied x0 (top-left corner, 0..255)")
+    print(f"decoder {a.model} ({prediction} prediction): background of the implied x0 (top-left corner, 0..255)")
     print(f"{'t':>4}  {'sqrt(ac)':>8}  " + "  ".join(f"{n + ' (no signal)':>22}" for n in BACKGROUNDS)
           + "  " + "  ".join(f"{n + ' (signal)':>18}" for n in BACKGROUNDS))
     gen = torch.Generator().manual_seed(0)
@@ -105,7 +113,9 @@ def main():
     for t, moved, needed in shifts:
         print(f"  t={t:>4}: {moved:.4f} (needed {needed:.4f})")
 
-    if a.samples:
+    if a.samples and prediction == "v_prediction":
+        print("\n--samples: diffusers' UnCLIPScheduler does not sample v-prediction decoders; skipped")
+    elif a.samples:
         pipe = UnCLIPPipeline(
             tokenizer=tok, text_encoder=te, prior=PriorTransformer.from_pretrained(j("prior"), **F32),
             text_proj=tp, decoder=unet,
