@@ -26,6 +26,8 @@ struct Args {
     steps: [usize; 3],
     sr_last: bool,
     json: bool,
+    /// Load the UNets channels-last (`LoadOptions::channels_last`, the CPU default).
+    channels_last: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -39,6 +41,7 @@ fn parse_args() -> anyhow::Result<Args> {
         steps: [25, 25, 7],
         sr_last: false,
         json: false,
+        channels_last: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -57,6 +60,7 @@ fn parse_args() -> anyhow::Result<Args> {
                 a.steps = [v[0], v[1], v[2]];
             }
             "--sr-last" => a.sr_last = true,
+            "--no-channels-last" => a.channels_last = false,
             "--json" => a.json = true,
             "--bench" => {} // passed by `cargo bench`
             other => anyhow::bail!("unknown argument {other}"),
@@ -93,7 +97,10 @@ fn main() -> anyhow::Result<()> {
     tch::set_num_threads(a.threads);
     tch::manual_seed(0);
     let t0 = Instant::now();
-    let mut m = Unclip::from_pretrained(&a.model, &LoadOptions::new(Device::Cpu, Kind::Float))?;
+    let mut m = Unclip::from_pretrained(
+        &a.model,
+        &LoadOptions::new(Device::Cpu, Kind::Float).channels_last(a.channels_last),
+    )?;
     let load_s = t0.elapsed().as_secs_f64();
     let mut res = serde_json::Map::new();
     let text = guided_text(&m)?;

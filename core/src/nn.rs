@@ -56,6 +56,42 @@ pub fn var(p: &nn::Path, name: &str, dims: &[i64], i: nn::Init) -> Tensor {
     p.var(name, dims, init(i))
 }
 
+/// SiLU, computed in place when `x` is outside any autograd graph (sampling): one allocation
+/// and one memory pass fewer per activation; a copy otherwise, so training is unaffected.
+pub fn silu_(mut x: Tensor) -> Result<Tensor> {
+    if x.requires_grad() { Ok(x.f_silu()?) } else { Ok(x.f_silu_()?) }
+}
+
+/// `x + y` (y broadcast to x's shape), in place in `x` under the same condition as [`silu_`].
+pub fn add_(mut x: Tensor, y: &Tensor) -> Result<Tensor> {
+    if x.requires_grad() || y.requires_grad() { Ok(x.f_add(y)?) } else { Ok(x.f_add_(y)?) }
+}
+
+/// `x` (B, C, H, W) stored channels-last (NHWC in memory, still indexed NCHW). oneDNN's CPU
+/// convolutions run on this layout without reordering their input and output, and elementwise
+/// ops and group norm keep it, so a UNet whose input and conv weights are channels-last stays so.
+pub fn channels_last(x: &Tensor) -> Result<Tensor> {
+    Ok(x.f_permute([0, 2, 3, 1])?.f_contiguous()?.f_permute([0, 3, 1, 2])?)
+}
+
+/// Whether a 4-D tensor with more than one channel is stored channels-last.
+pub fn is_channels_last(x: &Tensor) -> bool {
+    let (size, stride) = (x.size(), x.stride());
+    size.len() == 4 && size[1] > 1 && stride[1] == 1 && stride[3] == size[1]
+}
+
+/// Re-lays every 4-D variable of `vs` (the conv kernels) channels-last, in place: the models
+/// built on `vs` share the variables and see the new layout. Values are unchanged.
+pub fn vars_to_channels_last(vs: &nn::VarStore) -> Result<()> {
+    for (_, mut v) in vs.variables() {
+        if v.dim() == 4 {
+            let cl = channels_last(&v.detach())?;
+            tch::no_grad(|| v.set_data(&cl));
+        }
+    }
+    Ok(())
+}
+
 /// Sinusoidal timestep features as diffusers' `get_timestep_embedding` computes them (f32):
 /// `freq_k = exp(-ln(max_period) * k / (half - shift))`, `emb = [sin(t f), cos(t f)]`, swapped to
 /// `[cos, sin]` when `flip_sin_to_cos`. `timesteps` is a 1-D tensor (any numeric kind) of length B;
@@ -196,5 +232,34 @@ mod tests {
         let w = (qh.matmul(&kh.transpose(-1, -2)) / 2f64 + &mask).softmax(-1, Kind::Float);
         let naive = merge_heads(&w.matmul(&vh)).unwrap();
         assert!(out.allclose(&naive, 1e-5, 1e-5, false));
+    }
+
+    #[test]
+    fn channels_last_keeps_values_and_conv_results() {
+        let opts = (Kind::Float, Device::Cpu);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let conv =
+            conv2d(vs.root() / "c", 4, 8, 3, nn::ConvConfig { padding: 1, ..Default::default() });
+        let bias = vs.root().var("b", &[8], nn::Init::Const(0.5));
+        let x = Tensor::randn([2, 4, 6, 6], opts);
+        let before = x.conv2d(&conv.ws, conv.bs.as_ref(), [1, 1], [1, 1], [1, 1], 1);
+        let w0 = conv.ws.copy();
+        assert!(!is_channels_last(&conv.ws));
+        vars_to_channels_last(&vs).unwrap();
+        // The model's handle sees the new layout; 1-D variables are left alone.
+        assert!(is_channels_last(&conv.ws) && conv.ws.equal(&w0));
+        assert_eq!(bias.stride(), [1]);
+        let xc = channels_last(&x).unwrap();
+        assert!(is_channels_last(&xc) && xc.equal(&x));
+        let after = xc.conv2d(&conv.ws, conv.bs.as_ref(), [1, 1], [1, 1], [1, 1], 1);
+        assert!(after.allclose(&before, 1e-5, 1e-5, false));
+        // Without autograd the in-place helpers give the plain results.
+        let y = Tensor::randn([2, 8, 6, 6], opts);
+        assert!(silu_(y.copy()).unwrap().equal(&y.silu()));
+        assert!(
+            add_(y.copy(), &bias.detach().view([1, 8, 1, 1]))
+                .unwrap()
+                .equal(&(&y + bias.detach().view([1, 8, 1, 1])))
+        );
     }
 }

@@ -284,8 +284,13 @@ pub struct UNetTrunk {
 
 impl UNetTrunk {
     /// `sample` (B, C, H, W), `temb` (B, time_embed_dim), `ctx` the cross-attention context.
+    /// Runs channels-last inside when the kernels are (`Loaded::to_channels_last`); the result
+    /// is contiguous either way.
     pub fn forward(&self, sample: &Tensor, temb: &Tensor, ctx: Option<Context>) -> Result<Tensor> {
-        let mut h = self.conv_in.forward(sample)?;
+        let cl = unclip_core::nn::is_channels_last(&self.conv_in.ws);
+        let sample =
+            if cl { unclip_core::nn::channels_last(sample)? } else { sample.shallow_clone() };
+        let mut h = self.conv_in.forward(&sample)?;
         let mut skips = vec![h.shallow_clone()];
         for block in &self.down_blocks {
             let (out, s) = block.forward(&h, temb, ctx)?;
@@ -298,7 +303,8 @@ impl UNetTrunk {
         for block in &self.up_blocks {
             h = block.forward(&h, &mut skips, temb, ctx)?;
         }
-        let h = self.conv_norm_out.forward(&h)?.f_silu()?;
-        self.conv_out.forward(&h)
+        let h = unclip_core::nn::silu_(self.conv_norm_out.forward(&h)?)?;
+        let out = self.conv_out.forward(&h)?;
+        if cl { Ok(out.f_contiguous()?) } else { Ok(out) }
     }
 }

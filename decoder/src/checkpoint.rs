@@ -64,6 +64,14 @@ pub struct Loaded<M: Component> {
     pub config: M::Config,
 }
 
+impl<M: Component> Loaded<M> {
+    /// Stores the conv kernels channels-last, so the UNets run channels-last inside (same
+    /// values; faster convolutions on oneDNN CPUs, see `benches/README.md`).
+    pub fn to_channels_last(&self) -> Result<()> {
+        Ok(unclip_core::nn::vars_to_channels_last(&self.vs)?)
+    }
+}
+
 /// Reads and validates `<dir>/config.json`.
 pub fn read_config<M: Component>(dir: &Path) -> Result<M::Config> {
     let cfg: M::Config = unclip_core::config::read_json(&dir.join(CONFIG_FILE))?;

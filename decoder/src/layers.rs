@@ -69,6 +69,33 @@ impl GroupNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(x.f_group_norm(self.groups, self.ws.as_ref(), self.bs.as_ref(), self.eps, true)?)
     }
+
+    /// `forward(x) * (1 + scale) + shift`, `scale` and `shift` (B, C, 1, 1) (the resnets'
+    /// "scale_shift" time conditioning). Without autograd both affine steps fold into one
+    /// `addcmul`: `norm(x) * (w (1 + scale)) + (b (1 + scale) + shift)`; with it, the plain
+    /// form (the folded one's backward measured 2x slower in training).
+    pub fn forward_scale_shift(
+        &self,
+        x: &Tensor,
+        scale: &Tensor,
+        shift: &Tensor,
+    ) -> Result<Tensor> {
+        let s1 = scale.f_add_scalar(1.0)?;
+        if x.requires_grad() || s1.requires_grad() || shift.requires_grad() {
+            return Ok(self.forward(x)?.f_mul(&s1)?.f_add(shift)?);
+        }
+        let n = x.f_group_norm(self.groups, None::<&Tensor>, None::<&Tensor>, self.eps, true)?;
+        let c = x.size()[1];
+        let gain = match &self.ws {
+            Some(w) => w.f_view([1, c, 1, 1])?.f_mul(&s1)?,
+            None => s1.shallow_clone(),
+        };
+        let bias = match &self.bs {
+            Some(b) => b.f_view([1, c, 1, 1])?.f_mul(&s1)?.f_add(shift)?,
+            None => shift.shallow_clone(),
+        };
+        Ok(bias.f_addcmul(&n, &gain)?)
+    }
 }
 
 /// `nn.LayerNorm` over the last dimension.

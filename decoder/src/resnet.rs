@@ -5,6 +5,7 @@ use crate::Result;
 use crate::config::TimeNorm;
 use crate::layers::{Conv2d, GroupNorm, Linear};
 use tch::{Tensor, nn};
+use unclip_core::nn::{add_, silu_};
 
 /// Resampling inside the block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,25 +78,24 @@ impl ResnetBlock2D {
 
     /// `x` (B, Cin, H, W), `temb` (B, temb_channels) -> (B, Cout, H', W').
     pub fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let h = self.norm1.forward(x)?.f_silu()?;
+        let h = silu_(self.norm1.forward(x)?)?;
         let (x, h) = (self.resample(x)?, self.resample(&h)?);
         let h = self.conv1.forward(&h)?;
         let temb = if self.cfg.skip_time_act { temb.shallow_clone() } else { temb.f_silu()? };
         let temb = self.time_emb_proj.forward(&temb)?.f_unsqueeze(-1)?.f_unsqueeze(-1)?;
         let h = match self.cfg.time_norm {
-            TimeNorm::Default => self.norm2.forward(&h.f_add(&temb)?)?,
+            TimeNorm::Default => self.norm2.forward(&add_(h, &temb)?)?,
             TimeNorm::ScaleShift => {
                 let chunks = temb.f_chunk(2, 1)?;
-                let (scale, shift) = (&chunks[0], &chunks[1]);
-                self.norm2.forward(&h)?.f_mul(&scale.f_add_scalar(1.0)?)?.f_add(shift)?
+                self.norm2.forward_scale_shift(&h, &chunks[0], &chunks[1])?
             }
         };
-        let h = self.conv2.forward(&h.f_silu()?)?;
+        let h = self.conv2.forward(&silu_(h)?)?;
         let x = match &self.conv_shortcut {
             Some(c) => c.forward(&x)?,
             None => x,
         };
-        let out = x.f_add(&h)?;
+        let out = add_(h, &x)?;
         if self.cfg.output_scale_factor == 1.0 {
             Ok(out)
         } else {
