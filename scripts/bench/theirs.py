@@ -30,6 +30,24 @@ def timed(warmup, reps, f):
     return statistics.median_low(v) if reps % 2 == 0 else statistics.median(v)
 
 
+class VPredictionUnCLIPScheduler(UnCLIPScheduler):
+    """diffusers' UnCLIPScheduler takes epsilon or sample; for the embedded model's v-prediction
+    decoder and upsampler, what a diffusers user would write: v -> x0, then the "sample" step."""
+
+    def step(self, model_output, timestep, sample, **kw):
+        a = self.alphas_cumprod[timestep]
+        c = sample.shape[1]
+        x0 = a.sqrt() * sample - (1 - a).sqrt() * model_output[:, :c]
+        return super().step(torch.cat([x0, model_output[:, c:]], 1), timestep, sample, **kw)
+
+
+def load_scheduler(path):
+    cfg = UnCLIPScheduler.load_config(path)
+    if cfg.get("prediction_type") == "v_prediction":
+        return VPredictionUnCLIPScheduler.from_pretrained(path, prediction_type="sample")
+    return UnCLIPScheduler.from_pretrained(path)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -55,7 +73,7 @@ def main():
     dec = UNet2DConditionModel.from_pretrained(os.path.join(d, "decoder"), **f32).eval()
     srf = UNet2DModel.from_pretrained(os.path.join(d, "super_res_first"), **f32).eval()
     srl = UNet2DModel.from_pretrained(os.path.join(d, "super_res_last"), **f32).eval()
-    sch = {n: UnCLIPScheduler.from_pretrained(os.path.join(d, n))
+    sch = {n: load_scheduler(os.path.join(d, n))
            for n in ("prior_scheduler", "decoder_scheduler", "super_res_scheduler")}
     pipe = UnCLIPPipeline(tokenizer=tok, text_encoder=te, prior=prior, text_proj=tp, decoder=dec,
                           super_res_first=srf, super_res_last=srl, **sch)
