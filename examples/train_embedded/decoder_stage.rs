@@ -2,7 +2,6 @@
 //! resolution, conditioned on our CLIP's image embedding and caption: v prediction with learned
 //! variance, image embedding dropped 10% and caption 50% of the time (`unclip_decoder::train`).
 
-use crate::recipe::Optim;
 use crate::stage::{Ctx, encode_images, encode_text, train};
 use tch::nn::VarStore;
 use unclip::decoder::train::{DecoderBatch, DecoderTrainer, EmptyCaption};
@@ -23,15 +22,6 @@ pub const PREDICTION: PredictionType = PredictionType::VPrediction;
 
 pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
     let trainer = DecoderTrainer::karlo().with_prediction(PREDICTION);
-    train_decoder(ctx, "decoder", &ctx.recipe.decoder, trainer)
-}
-
-fn train_decoder(
-    ctx: &Ctx,
-    name: &str,
-    optim: &Optim,
-    trainer: DecoderTrainer,
-) -> anyhow::Result<()> {
     let tok = ctx.tokenizer()?;
     let clip = ctx.clip()?;
     let data = ctx.data();
@@ -48,9 +38,9 @@ fn train_decoder(
     let empty = encode_text(&clip, &tok, &[""])?;
     train(
         ctx,
-        name,
+        "decoder",
         &vs,
-        optim,
+        &ctx.recipe.decoder,
         &["mse", "vb"],
         |_, idx| {
             let batch = data.batch(idx, device)?;

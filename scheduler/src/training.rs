@@ -84,13 +84,6 @@ impl VlbLoss {
         self.tables.to_device(like.device()).index_select(1, t).to_kind(like.kind())
     }
 
-    /// 1/SNR(t) = (1 − ᾱ_t) / ᾱ_t per batch item (shape `[B]`), in `like`'s kind and device.
-    pub fn inverse_snr(&self, t: &Tensor, like: &Tensor) -> Result<Tensor> {
-        let t = check_t(t, like, self.num_train_timesteps)?;
-        let r = self.tables.to_device(like.device()).select(0, SQRT_RECIPM1_AC).index_select(0, &t);
-        Ok(r.square().to_kind(like.kind()))
-    }
-
     /// The VLB term per batch item (shape `[B]`, bits per dimension, in `model_output`'s kind;
     /// computed in f64).
     ///
