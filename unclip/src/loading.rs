@@ -267,6 +267,24 @@ fn karlo_scheduler_config(name: &str) -> Value {
     })
 }
 
+/// Loads the decoder-crate component `name` from `dir` with its device and dtype, channels-last
+/// when `opts` asks (a no-op for models without conv kernels, like the text projection).
+fn load_component<M: checkpoint::Component>(
+    opts: &LoadOptions,
+    name: &str,
+    dir: &Path,
+) -> Result<checkpoint::Loaded<M>> {
+    let (device, kind) = opts.for_component(name);
+    checkpoint::load(dir, device, kind)
+        .and_then(|m| {
+            if opts.channels_last {
+                m.to_channels_last()?;
+            }
+            Ok(m)
+        })
+        .map_err(|e| component_err(name, dir)(e.into()))
+}
+
 fn component_err<'a>(name: &'a str, dir: &'a Path) -> impl Fn(Error) -> Error + 'a {
     move |e| Error::Component {
         name: name.to_string(),
@@ -326,38 +344,13 @@ impl Unclip {
         } else {
             None
         };
-        let decoder = {
-            let (device, kind) = opts.for_component("decoder");
-            let d = sub("decoder");
-            let unet = checkpoint::load(&d, device, kind)
-                .and_then(|u| {
-                    if opts.channels_last {
-                        u.to_channels_last()?;
-                    }
-                    Ok(u)
-                })
-                .map_err(|e| component_err("decoder", &d)(e.into()))?;
-            let (device, kind) = opts.for_component("text_proj");
-            let d = sub("text_proj");
-            let text_proj = checkpoint::load(&d, device, kind)
-                .map_err(|e| component_err("text_proj", &d)(e.into()))?;
-            KarloDecoder { unet, text_proj }
+        let decoder = KarloDecoder {
+            unet: load_component(opts, "decoder", &sub("decoder"))?,
+            text_proj: load_component(opts, "text_proj", &sub("text_proj"))?,
         };
-        let upsampler = {
-            let (device, kind) = opts.for_component("super_res_first");
-            let d = sub("super_res_first");
-            let first = checkpoint::load(&d, device, kind)
-                .map_err(|e| component_err("super_res_first", &d)(e.into()))?;
-            let (device, kind) = opts.for_component("super_res_last");
-            let d = sub("super_res_last");
-            let last = checkpoint::load(&d, device, kind)
-                .map_err(|e| component_err("super_res_last", &d)(e.into()))?;
-            if opts.channels_last {
-                for (up, name) in [(&first, "super_res_first"), (&last, "super_res_last")] {
-                    up.to_channels_last().map_err(|e| component_err(name, &sub(name))(e.into()))?;
-                }
-            }
-            KarloUpsampler { first, last: Some(last) }
+        let upsampler = KarloUpsampler {
+            first: load_component(opts, "super_res_first", &sub("super_res_first"))?,
+            last: Some(load_component(opts, "super_res_last", &sub("super_res_last"))?),
         };
 
         let mut configs = BTreeMap::new();
