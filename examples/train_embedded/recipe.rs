@@ -110,7 +110,7 @@ impl Recipe {
             upsampler_channels: vec![32, 64, 64],
             upsampler_crop: 32,
             // Measured on the shared 2-core CPU (2 threads): clip 0.40 s/step, prior 0.36,
-            // decoder 0.87 (1.7 on a day the machine ran at half speed), upsampler 0.27, so about
+            // decoder 0.87 (1.5 on a day the machine ran at half speed), upsampler 0.27, so about
             // 10 + 12 + 30 + 11 minutes.
             clip: optim(1500, 128, 5e-4, 0.999),
             prior: optim(2000, 128, 5e-4, 0.999),

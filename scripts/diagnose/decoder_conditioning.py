@@ -8,7 +8,10 @@ For flat renders "a red circle on a <color> background" it prints, per timestep 
   conditioning gives each background its own color;
 - the same with the true image noised to t (signal present);
 - the mean |epsilon(cond A) - epsilon(cond B)| between the first two backgrounds on the same x_t,
-  and the shift a correct background change would need (sqrt(SNR) * |x0_A - x0_B| mean).
+  and the shift a correct background change would need (sqrt(SNR) * |x0_A - x0_B| mean);
+- from high to low noise, the RMSE of the x0 the decoder implies for the first background's true
+  image, and the mean of its learned-variance interpolation channels (a decoder whose mean is
+  imprecise learns to widen its variance, and its samples stay noisy).
 
 With --samples OUT.png it also draws text-to-image samples with diffusers' own UnCLIPPipeline
 (rows: decoder steps 25, 100, 250 and 1000), to compare with ours (epsilon and x0 decoders only:
@@ -78,14 +81,19 @@ def main():
         mask = torch.nn.functional.pad(ids.attention_mask.bool(), (tp.clip_extra_context_tokens, 0), value=True)
         conds[name] = dict(encoder_hidden_states=hs, class_labels=add, attention_mask=mask)
 
-    def eps(x_t, t, name):
-        """The model's epsilon (derived from its x0 or v prediction)."""
-        out = unet(x_t, t, **conds[name]).sample[:, :3]
+    def eps_and_v(x_t, t, name):
+        """The model's epsilon (derived from its x0 or v prediction), and its learned-variance
+        interpolation channels (None without learned variance)."""
+        full = unet(x_t, t, **conds[name]).sample
+        out, var = full[:, :3], (full[:, 3:] if full.shape[1] > 3 else None)
         if prediction == "sample":
-            return (x_t - ac[t].sqrt() * out) / (1 - ac[t]).sqrt()
-        if prediction == "v_prediction":
-            return ac[t].sqrt() * out + (1 - ac[t]).sqrt() * x_t
-        return out
+            out = (x_t - ac[t].sqrt() * out) / (1 - ac[t]).sqrt()
+        elif prediction == "v_prediction":
+            out = ac[t].sqrt() * out + (1 - ac[t]).sqrt() * x_t
+        return out, var
+
+    def eps(x_t, t, name):
+        return eps_and_v(x_t, t, name)[0]
 
     print(f"decoder {a.model} ({prediction} prediction): background of the implied x0 (top-left corner, 0..255)")
     print(f"{'t':>4}  {'sqrt(ac)':>8}  " + "  ".join(f"{n + ' (no signal)':>22}" for n in BACKGROUNDS)
@@ -112,6 +120,18 @@ def main():
           "background change needs:")
     for t, moved, needed in shifts:
         print(f"  t={t:>4}: {moved:.4f} (needed {needed:.4f})")
+
+    name = a_name
+    print(f"\nprecision at low noise and learned variance, true {name} image noised to t: RMSE of the "
+          "implied x0 (clamped to [-1, 1]), mean variance interpolation v (learned_range expects [-1, 1])")
+    for t in [999, 900, 700, 500, 300, 150, 40, 10, 3]:
+        at = ac[t]
+        x_t = at.sqrt() * x0s[name] + (1 - at).sqrt() * torch.randn(1, 3, side, side, generator=gen)
+        e, var = eps_and_v(x_t, t, name)
+        x0 = ((x_t - (1 - at).sqrt() * e) / at.sqrt()).clamp(-1, 1)
+        rmse = ((x0 - x0s[name]) ** 2).mean().sqrt().item()
+        v = "-" if var is None else f"{var.mean().item():+.3f}"
+        print(f"  t={t:>4}: x0 RMSE {rmse:.4f}, v {v}")
 
     if a.samples and prediction == "v_prediction":
         print("\n--samples: diffusers' UnCLIPScheduler does not sample v-prediction decoders; skipped")
