@@ -58,7 +58,10 @@ proptest! {
         let bound = (1.0 - a0.sqrt()) * x0.abs().max().double_value(&[])
             + (1.0 - a0).sqrt() * noise.abs().max().double_value(&[]) + 1e-6;
         prop_assert!((xt - &x0).abs().max().double_value(&[]) <= bound);
-        prop_assert!(bound < 0.05);
+        // t = 0 barely scales x0 and lets in at most a 1/60 of the noise (sigmoid's β_0 is the
+        // largest of the four, 1.5e-4). The bound above scales with the largest |noise| drawn,
+        // which has no fixed limit, so the schedule's coefficients are what is checked here.
+        prop_assert!(1.0 - a0.sqrt() < 1e-4 && (1.0 - a0).sqrt() < 1.0 / 60.0, "a0 = {a0}");
     }
 
     #[test]
