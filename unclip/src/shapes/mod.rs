@@ -63,11 +63,18 @@
 //! require >= 99% there and >= 95-97% under blur, noise and color drift. [`EvalTable`] accumulates reports into an accuracy table
 //! per attribute and prompt kind. Images are expected square.
 //!
+//! # Counterparts
+//!
+//! [`Scene::counterparts`] lists the scenes that differ from one by a single stated fact
+//! ([`Change`]: a shape, color, size, place or background, or the two objects' colors, shapes or
+//! places exchanged), in the same split: hard negatives for contrastive training.
+//!
 //! [`to_signed_tensor`] / [`from_signed_tensor`] convert to and from the
 //! `[3, H, W]` tensors in `[-1, 1]` that the diffusion models train on.
 
 mod caption;
 mod check;
+mod contrast;
 mod eval;
 mod palette;
 mod render;
@@ -80,6 +87,7 @@ pub use check::{
     Attribute, CheckReport, Detected, FG_THRESHOLD, MIN_AREA_FRAC, MIN_INTERIOR, NOISE_MARGIN,
     SQUARE_FILL, TRIANGLE_FILL, TRIANGLE_SKEW, analyze, check,
 };
+pub use contrast::Change;
 pub use eval::EvalTable;
 pub use palette::Color;
 pub use render::render;

@@ -1,0 +1,197 @@
+//! Counterpart scenes: the same scene with one stated fact changed (a shape, a size, a place,
+//! a color, or the two objects' colors, shapes or places exchanged).
+//!
+//! A contrastive batch of unrelated scenes is told apart by background and object color alone
+//! (10 x 10 combinations against a batch of 128), so a CLIP trained on such batches never has to
+//! see shape, position or which color sits on which object. Putting each scene next to a few of
+//! its counterparts makes those the only way to match captions to images.
+
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+
+use super::palette::Color;
+use super::scene::{Cell, Prompt, Relation, Scene, Shape, Size};
+
+/// What a counterpart changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Change {
+    /// One object's shape.
+    Shape,
+    /// One object's color.
+    Color,
+    /// One object's size.
+    Size,
+    /// One object moved to another cell.
+    Place,
+    /// The background color.
+    Background,
+    /// The two objects' colors exchanged (the binding counterpart).
+    SwapColors,
+    /// The two objects' shapes exchanged.
+    SwapShapes,
+    /// The two objects' places exchanged (a stated relation reverses).
+    SwapPlaces,
+}
+
+impl Change {
+    /// Every change, in a fixed order.
+    pub const ALL: [Change; 8] = [
+        Change::Shape,
+        Change::Color,
+        Change::Size,
+        Change::Place,
+        Change::Background,
+        Change::SwapColors,
+        Change::SwapShapes,
+        Change::SwapPlaces,
+    ];
+}
+
+impl Scene {
+    /// Every valid scene of the same split that differs from this one by one [`Change`] and
+    /// whose caption states different facts (same phrasing), in a fixed order.
+    pub fn counterparts(&self) -> Vec<(Change, Scene)> {
+        let mut out = Vec::new();
+        let spec = self.spec();
+        let mut keep = |change: Change, s: Scene| {
+            if s.validate().is_ok() && s.split() == self.split() && s.spec() != spec {
+                out.push((change, s));
+            }
+        };
+        for i in 0..self.objects.len() {
+            let o = self.objects[i];
+            for shape in Shape::ALL.into_iter().filter(|&x| x != o.shape) {
+                keep(Change::Shape, self.with_object(i, |b| b.shape = shape));
+            }
+            for color in Color::ALL.into_iter().filter(|&x| x != o.color) {
+                keep(Change::Color, self.with_object(i, |b| b.color = color));
+            }
+            for size in Size::ALL.into_iter().filter(|&x| x != o.size) {
+                keep(Change::Size, self.with_object(i, |b| b.size = size));
+            }
+            for cell in Cell::all().filter(|&x| x != o.cell) {
+                keep(Change::Place, self.with_object(i, |b| move_to(b, cell)));
+            }
+        }
+        for background in Color::ALL.into_iter().filter(|&x| x != self.background) {
+            keep(Change::Background, Scene { background, ..self.clone() });
+        }
+        if self.objects.len() == 2 {
+            if let Some(s) = self.swap_colors() {
+                keep(Change::SwapColors, s);
+            }
+            let mut s = self.clone();
+            let (a, b) = (s.objects[0].shape, s.objects[1].shape);
+            (s.objects[0].shape, s.objects[1].shape) = (b, a);
+            keep(Change::SwapShapes, s);
+            let mut s = self.clone();
+            let (a, b) = (s.objects[0], s.objects[1]);
+            move_to(&mut s.objects[0], b.cell);
+            move_to(&mut s.objects[1], a.cell);
+            if let Prompt::Relation(r) = s.prompt {
+                s.prompt = Prompt::Relation(reversed(r));
+            }
+            keep(Change::SwapPlaces, s);
+        }
+        out
+    }
+
+    /// Up to `n` distinct counterparts: each draw picks a change uniformly among those this
+    /// scene has left, then one of its scenes, so rare changes (a swap) are as likely as
+    /// common ones (one of nine backgrounds). The same seed gives the same picks.
+    pub fn pick_counterparts(&self, n: usize, seed: u64) -> Vec<Scene> {
+        let rng = &mut StdRng::seed_from_u64(seed);
+        let mut pool = self.counterparts();
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n && !pool.is_empty() {
+            let mut changes: Vec<Change> = pool.iter().map(|(c, _)| *c).collect();
+            changes.sort();
+            changes.dedup();
+            let change = changes[rng.random_range(0..changes.len())];
+            let of_change: Vec<usize> = (0..pool.len()).filter(|&j| pool[j].0 == change).collect();
+            let j = of_change[rng.random_range(0..of_change.len())];
+            out.push(pool.remove(j).1);
+        }
+        out
+    }
+
+    fn with_object(&self, i: usize, edit: impl FnOnce(&mut super::scene::Object)) -> Scene {
+        let mut s = self.clone();
+        edit(&mut s.objects[i]);
+        s
+    }
+}
+
+/// Moves an object to another cell, keeping its jitter within the cell.
+fn move_to(o: &mut super::scene::Object, cell: Cell) {
+    let (from, to) = (o.cell.center(), cell.center());
+    o.center = [o.center[0] - from[0] + to[0], o.center[1] - from[1] + to[1]];
+    o.cell = cell;
+}
+
+fn reversed(r: Relation) -> Relation {
+    match r {
+        Relation::LeftOf => Relation::RightOf,
+        Relation::RightOf => Relation::LeftOf,
+        Relation::Above => Relation::Below,
+        Relation::Below => Relation::Above,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shapes::{SceneGenerator, Split, caption};
+
+    #[test]
+    fn counterparts_are_valid_distinct_and_in_the_split() {
+        for split in [Split::Train, Split::HeldOut] {
+            let generator = SceneGenerator::new(split, 5);
+            for i in 0..300 {
+                let s = generator.scene(i);
+                let parts = s.counterparts();
+                for (change, c) in &parts {
+                    c.validate().unwrap();
+                    assert_eq!(c.split(), split);
+                    assert_ne!(caption(c), caption(&s), "{change:?}");
+                }
+                // A training scene keeps at least some of its other backgrounds (a held-out
+                // triple's may have none: any other background leaves the held-out split).
+                let bg = parts.iter().any(|(c, _)| *c == Change::Background);
+                assert!(bg || split == Split::HeldOut, "{}", caption(&s));
+            }
+        }
+    }
+
+    #[test]
+    fn two_object_scenes_get_their_binding_and_relation_counterparts() {
+        let generator = SceneGenerator::new(Split::Train, 1);
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..400 {
+            let s = generator.scene(i);
+            for (change, c) in s.counterparts() {
+                seen.insert(change);
+                if change == Change::SwapPlaces {
+                    // Only a stated relation makes a swap of places visible in the caption.
+                    let (Prompt::Relation(a), Prompt::Relation(b)) = (s.prompt, c.prompt) else {
+                        panic!("swap of places without a relation: {}", caption(&s));
+                    };
+                    assert_eq!(b, reversed(a));
+                }
+            }
+        }
+        assert_eq!(seen.len(), Change::ALL.len(), "{seen:?}");
+    }
+
+    #[test]
+    fn picks_are_deterministic_and_distinct() {
+        let s = SceneGenerator::new(Split::Train, 2).scene(7);
+        let a = s.pick_counterparts(3, 9);
+        let b = s.pick_counterparts(3, 9);
+        assert_eq!(a, b);
+        assert_eq!(a.len(), 3);
+        let captions: std::collections::HashSet<String> = a.iter().map(caption).collect();
+        assert_eq!(captions.len(), 3);
+        assert!(!captions.contains(&caption(&s)));
+    }
+}
