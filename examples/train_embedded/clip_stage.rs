@@ -1,5 +1,6 @@
 //! Stage 2: CLIP, both towers from scratch, with the contrastive loss of `unclip_clip::train`
-//! on (caption, rendered image) pairs; the learned temperature is clamped as CLIP does.
+//! on (caption, rendered image) pairs; the learned temperature is clamped as CLIP does. Each
+//! batch holds groups of counterpart scenes (`Recipe::clip_group`): hard negatives.
 
 use crate::stage::{Ctx, WEIGHTS, train, write_bytes};
 use tch::{Kind, Tensor};
@@ -26,7 +27,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
         &ctx.recipe.clip,
         &["batch_acc"],
         |_, idx| {
-            let batch = data.batch(idx, device)?;
+            let batch = data.contrastive_batch(idx, ctx.recipe.clip_group, device)?;
             let enc = tok.encode_batch(&batch.captions, Truncation::Truncate, device)?;
             let out = model.forward(&enc.input_ids, None, &batch.pixels)?;
             let loss = contrastive_loss(&out.logits_per_text)?;

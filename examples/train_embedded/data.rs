@@ -4,7 +4,7 @@
 use tch::{Device, Kind, Tensor};
 use unclip::clip::{ImageProcessor, ProcessorConfig};
 use unclip::decoder::upsample::resize_bicubic_aa;
-use unclip::shapes::{SceneGenerator, Split, caption, render};
+use unclip::shapes::{Scene, SceneGenerator, Split, caption, render};
 
 /// The training split at two resolutions, and CLIP's view of it.
 pub struct Shapes {
@@ -43,14 +43,41 @@ impl Shapes {
 
     /// Renders the examples `indices`.
     pub fn batch(&self, indices: &[usize], device: Device) -> anyhow::Result<Batch> {
-        let mut captions = Vec::with_capacity(indices.len());
-        let mut bytes = Vec::with_capacity(indices.len() * (3 * self.high * self.high) as usize);
+        let scenes: Vec<Scene> = indices.iter().map(|&i| self.generator.scene(i as u64)).collect();
+        self.render(&scenes, device)
+    }
+
+    /// A contrastive batch as large as `indices`: each example in turn, followed by up to
+    /// `group - 1` of its counterparts (`Scene::pick_counterparts`, drawn from the example's
+    /// index), so captions must be matched by shape, place, size and binding too.
+    pub fn contrastive_batch(
+        &self,
+        indices: &[usize],
+        group: usize,
+        device: Device,
+    ) -> anyhow::Result<Batch> {
+        let mut scenes = Vec::with_capacity(indices.len());
         for &i in indices {
+            if scenes.len() == indices.len() {
+                break;
+            }
             let scene = self.generator.scene(i as u64);
-            captions.push(caption(&scene));
-            bytes.extend_from_slice(render(&scene, self.high as u32).as_raw());
+            let room = (indices.len() - scenes.len() - 1).min(group.saturating_sub(1));
+            let parts = scene.pick_counterparts(room, i as u64);
+            scenes.push(scene);
+            scenes.extend(parts);
         }
-        let b = indices.len() as i64;
+        self.render(&scenes, device)
+    }
+
+    fn render(&self, scenes: &[Scene], device: Device) -> anyhow::Result<Batch> {
+        let mut captions = Vec::with_capacity(scenes.len());
+        let mut bytes = Vec::with_capacity(scenes.len() * (3 * self.high * self.high) as usize);
+        for scene in scenes {
+            captions.push(caption(scene));
+            bytes.extend_from_slice(render(scene, self.high as u32).as_raw());
+        }
+        let b = scenes.len() as i64;
         let u8s = Tensor::f_from_slice(&bytes)?
             .f_view([b, self.high, self.high, 3])?
             .f_permute([0, 3, 1, 2])?

@@ -62,6 +62,9 @@ pub struct Recipe {
     pub clip_dim: i64,
     pub clip_layers: i64,
     pub vision_patch: i64,
+    /// CLIP batches are made of groups of this many scenes: an example and its counterparts
+    /// (`Scene::pick_counterparts`), so shape, place, size and binding are needed to match them.
+    pub clip_group: usize,
     pub prior_layers: i64,
     pub decoder_channels: Vec<i64>,
     pub decoder_layers_per_block: i64,
@@ -104,6 +107,7 @@ impl Recipe {
             clip_dim: 128,
             clip_layers: 3,
             vision_patch: 4,
+            clip_group: 4,
             prior_layers: 4,
             decoder_channels: vec![32, 64, 128],
             decoder_layers_per_block: 2,
@@ -111,8 +115,9 @@ impl Recipe {
             upsampler_crop: 32,
             // Measured on the shared 2-core CPU (2 threads): clip 0.40 s/step, prior 0.36,
             // decoder 0.87 (1.5 on a day the machine ran at half speed), upsampler 0.27, so about
-            // 10 + 12 + 30 + 11 minutes.
-            clip: optim(1500, 128, 5e-4, 0.999),
+            // 20 + 12 + 30 + 11 minutes. CLIP gets twice the steps it had before its batches held
+            // counterparts: telling those apart is a harder task than colors alone.
+            clip: optim(3000, 128, 5e-4, 0.999),
             prior: optim(2000, 128, 5e-4, 0.999),
             decoder: optim(2000, 32, 4e-4, 0.999),
             upsampler: optim(2500, 16, 3e-4, 0.999),
