@@ -70,6 +70,12 @@ struct Cli {
     /// libtorch CPU threads (keep it small on shared machines).
     #[arg(long, default_value_t = 2)]
     threads: i32,
+    /// CLIP batches of groups of this many counterpart scenes (hard negatives; 1: plain batches).
+    #[arg(long)]
+    clip_group: Option<usize>,
+    /// CLIP training steps (the recipe's when absent).
+    #[arg(long)]
+    clip_steps: Option<u64>,
     /// Where to copy the exported model folder at the end (e.g. models/shapes).
     #[arg(long)]
     install: Option<PathBuf>,
@@ -84,6 +90,14 @@ fn main() -> anyhow::Result<()> {
     let device = cli.rt.device()?;
     let mut recipe = if cli.quick { recipe::Recipe::quick() } else { recipe::Recipe::full() };
     recipe.scale_steps(cli.steps_scale);
+    if let Some(g) = cli.clip_group {
+        anyhow::ensure!(g >= 1, "--clip-group must be at least 1");
+        recipe.clip_group = g;
+    }
+    if let Some(n) = cli.clip_steps {
+        anyhow::ensure!(n >= 1, "--clip-steps must be at least 1");
+        recipe.set_clip_steps(n);
+    }
     if cli.estimate {
         return stage::estimate(&recipe, &cli.out, device);
     }

@@ -64,6 +64,7 @@ pub struct Recipe {
     pub vision_patch: i64,
     /// CLIP batches are made of groups of this many scenes: an example and its counterparts
     /// (`Scene::pick_counterparts`), so shape, place, size and binding are needed to match them.
+    /// 1: plain random batches (the shipped model; README says what 4 gave).
     pub clip_group: usize,
     pub prior_layers: i64,
     pub decoder_channels: Vec<i64>,
@@ -107,7 +108,7 @@ impl Recipe {
             clip_dim: 128,
             clip_layers: 3,
             vision_patch: 4,
-            clip_group: 4,
+            clip_group: 1,
             prior_layers: 4,
             decoder_channels: vec![32, 64, 128],
             decoder_layers_per_block: 2,
@@ -115,9 +116,8 @@ impl Recipe {
             upsampler_crop: 32,
             // Measured on the shared 2-core CPU (2 threads): clip 0.40 s/step, prior 0.36,
             // decoder 0.87 (1.5 on a day the machine ran at half speed), upsampler 0.27, so about
-            // 20 + 12 + 30 + 11 minutes. CLIP gets twice the steps it had before its batches held
-            // counterparts: telling those apart is a harder task than colors alone.
-            clip: optim(3000, 128, 5e-4, 0.999),
+            // 10 + 12 + 30 + 11 minutes.
+            clip: optim(1500, 128, 5e-4, 0.999),
             prior: optim(2000, 128, 5e-4, 0.999),
             decoder: optim(2000, 32, 4e-4, 0.999),
             upsampler: optim(2500, 16, 3e-4, 0.999),
@@ -132,6 +132,12 @@ impl Recipe {
             *o = Optim { steps: 6, batch, warmup: 2, checkpoint_every: 3, ..o.clone() };
         }
         r
+    }
+
+    /// CLIP's step count, with the warmup and checkpoint interval that count gets in `full`.
+    pub fn set_clip_steps(&mut self, steps: u64) {
+        let c = &self.clip;
+        self.clip = optim(steps, c.batch, c.lr, c.ema_decay);
     }
 
     pub fn scale_steps(&mut self, factor: f64) {
