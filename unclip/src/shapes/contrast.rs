@@ -10,7 +10,7 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
 use super::palette::Color;
-use super::scene::{Cell, Prompt, Relation, Scene, Shape, Size};
+use super::scene::{Cell, Object, Prompt, Relation, Scene, Shape, Size};
 
 /// What a counterpart changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -100,6 +100,9 @@ impl Scene {
     /// scene has left, then one of its scenes, so rare changes (a swap) are as likely as
     /// common ones (one of nine backgrounds). The same seed gives the same picks.
     pub fn pick_counterparts(&self, n: usize, seed: u64) -> Vec<Scene> {
+        if n == 0 {
+            return Vec::new();
+        }
         let rng = &mut StdRng::seed_from_u64(seed);
         let mut pool = self.counterparts();
         let mut out = Vec::with_capacity(n);
@@ -115,7 +118,7 @@ impl Scene {
         out
     }
 
-    fn with_object(&self, i: usize, edit: impl FnOnce(&mut super::scene::Object)) -> Scene {
+    fn with_object(&self, i: usize, edit: impl FnOnce(&mut Object)) -> Scene {
         let mut s = self.clone();
         edit(&mut s.objects[i]);
         s
@@ -123,7 +126,7 @@ impl Scene {
 }
 
 /// Moves an object to another cell, keeping its jitter within the cell.
-fn move_to(o: &mut super::scene::Object, cell: Cell) {
+fn move_to(o: &mut Object, cell: Cell) {
     let (from, to) = (o.cell.center(), cell.center());
     o.center = [o.center[0] - from[0] + to[0], o.center[1] - from[1] + to[1]];
     o.cell = cell;
