@@ -231,6 +231,20 @@ fn per_component_dtype_loads() {
 }
 
 #[test]
+fn whole_pipeline_runs_in_bf16_on_the_cpu() {
+    // libtorch's CPU antialiased bicubic resize (the upsampler's input) has no bf16 kernel;
+    // `resize_bicubic_aa` resizes in f32 for it. diffusers' pipeline fails here.
+    let _g = lock();
+    let opts = LoadOptions::new(Device::Cpu, Kind::BFloat16);
+    let mut m = Unclip::from_pretrained(fixture_path("pipeline/text2img"), &opts).unwrap();
+    let up = m.upsampler.as_deref().expect("the fixture has upsamplers");
+    assert_eq!(up.kind(), Kind::BFloat16);
+    let out = m.text_to_image(&small("horse"), &mut no_progress).unwrap();
+    assert_eq!(out.images.size(), [1, 3, 32, 32]);
+    assert!(bool::try_from(out.images.isfinite().all()).unwrap());
+}
+
+#[test]
 fn best_of_n_keeps_the_candidate_closest_to_the_text() {
     let _g = lock();
     let mut m = t2i();
