@@ -1,6 +1,6 @@
 //! Times one sampler step of each stage and the whole text-to-image pipeline of a diffusers-layout
 //! unCLIP folder, in the way `scripts/bench_side_by_side.py` times diffusers on the same folder:
-//! same dtype (f32, CPU), same thread count, same steps, one process per configuration so the
+//! same dtype (f32 on the CPU unless `--dtype bf16`), same thread count, same steps, one process per configuration so the
 //! peak RSS it reports belongs to that configuration alone.
 //!
 //! A "step" is what one iteration of the sampling loop costs: the model call on the guided batch
@@ -9,7 +9,7 @@
 //! the upsampled low-resolution image) is prepared before the clock starts, as both pipelines do.
 //!
 //! `cargo run --release -p unclip-benches --bin side_by_side -- --model DIR [--threads 2]
-//!  [--warmup 1] [--sr-warmup N] [--reps 5] [--pipeline-reps 1] [--steps 25,25,7] [--sr-last] --json`
+//!  [--warmup 1] [--sr-warmup N] [--reps 5] [--pipeline-reps 1] [--steps 25,25,7] [--sr-last] [--dtype bf16] --json`
 
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -28,6 +28,8 @@ struct Args {
     json: bool,
     /// Load the UNets channels-last (`LoadOptions::channels_last`, the CPU default).
     channels_last: bool,
+    /// Weights and activations dtype (f32 by default; bf16 to see whether it pays on this CPU).
+    kind: Kind,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -42,6 +44,7 @@ fn parse_args() -> anyhow::Result<Args> {
         sr_last: false,
         json: false,
         channels_last: true,
+        kind: Kind::Float,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -61,6 +64,7 @@ fn parse_args() -> anyhow::Result<Args> {
             }
             "--sr-last" => a.sr_last = true,
             "--no-channels-last" => a.channels_last = false,
+            "--dtype" => a.kind = unclip_core::dtype::parse_dtype(&val()?)?,
             "--json" => a.json = true,
             "--bench" => {} // passed by `cargo bench`
             other => anyhow::bail!("unknown argument {other}"),
@@ -99,7 +103,7 @@ fn main() -> anyhow::Result<()> {
     let t0 = Instant::now();
     let mut m = Unclip::from_pretrained(
         &a.model,
-        &LoadOptions::new(Device::Cpu, Kind::Float).channels_last(a.channels_last),
+        &LoadOptions::new(Device::Cpu, a.kind).channels_last(a.channels_last),
     )?;
     let load_s = t0.elapsed().as_secs_f64();
     let mut res = serde_json::Map::new();

@@ -3,9 +3,9 @@
 each stage and the whole text-to-image pipeline, plus each process's peak memory, as one table.
 
 Ours: benches/side_by_side.rs (release build); theirs: scripts/bench/theirs.py. Both load the same
-safetensors into f32 on the CPU, use the same thread count (tch::set_num_threads /
-torch.set_num_threads) and the same steps, and time the same work (see the two files). Every
-configuration runs in a fresh process per side, so each peak RSS belongs to one configuration;
+safetensors into f32 on the CPU (or both into bf16 with --dtype bf16), use the same thread count
+(tch::set_num_threads / torch.set_num_threads) and the same steps, and time the same work (see
+the two files). Every configuration runs in a fresh process per side, so each peak RSS belongs to one configuration;
 the two sides alternate (ours, theirs, then theirs, ours, ...) so both see the same machine load.
 Each timing is the median over its repetitions within a run, then the minimum over rounds
 (karlo: one round, one timed call per step after one warm-up call for the prior and decoder, none
@@ -17,7 +17,7 @@ weights, written once by scripts/bench/make_karlo_random.py into target/bench/ka
 architecture is Karlo's, only the step counts are reduced to fit a small CPU).
 
 usage: .venv/bin/python scripts/bench_side_by_side.py [--configs tiny,embedded,karlo] [--threads 1]
-       [--rounds 2] [--out benches/side_by_side.md]
+       [--rounds 2] [--dtype f32|bf16] [--out benches/side_by_side.md]
 """
 import argparse
 import json
@@ -39,7 +39,7 @@ CONFIGS = {
 }
 ROWS = [("prior_step", "prior step (guided, 2 rows)"), ("decoder_step", "decoder step (guided, 2 rows)"),
         ("super_res_first_step", "super_res_first step"), ("super_res_last_step", "super_res_last step"),
-        ("pipeline", "whole pipeline"), ("load_s", "load the folder (from_pretrained, into f32)")]
+        ("pipeline", "whole pipeline"), ("load_s", "load the folder (from_pretrained)")]
 
 
 def run(cmd):
@@ -59,13 +59,18 @@ def main():
     ap.add_argument("--configs", default="tiny,embedded,karlo")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32", help="both sides' weights and activations")
     ap.add_argument("--out", default=None, help="also write the table (markdown) here")
     a = ap.parse_args()
 
+    try:
+        import torch, diffusers  # noqa: E401  (versions for the header)
+    except ImportError as e:
+        sys.exit(f"{e}: install the reference packages into this Python first:\n"
+                 "  grep -v '^open-clip' fixtures/requirements.txt | .venv/bin/pip install -r /dev/stdin")
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "unclip-benches", "--bin", "side_by_side"],
                    cwd=ROOT, check=True)
-    import torch, diffusers  # noqa: E401  (versions for the header)
-    header = (f"diffusers {diffusers.__version__}, torch {torch.__version__}, CPU f32, "
+    header = (f"diffusers {diffusers.__version__}, torch {torch.__version__}, CPU {a.dtype}, "
               f"{a.threads} thread(s) each; tiny/embedded: {a.rounds} interleaved round(s), karlo: 1 round")
     lines = [header, "", "| config | what | ours | diffusers | ours / diffusers |", "|---|---|---|---|---|"]
     raw = {}
@@ -77,7 +82,7 @@ def main():
             print(f"skipping {name}: no pipeline folder at {folder}", file=sys.stderr)
             continue
         args = ["--model", folder, "--threads", str(a.threads), "--warmup", str(warmup), "--sr-warmup", str(sr_warmup), "--reps", str(reps),
-                "--pipeline-reps", str(preps), "--steps", steps] + (["--sr-last"] if sr_last else [])
+                "--pipeline-reps", str(preps), "--steps", steps, "--dtype", a.dtype] + (["--sr-last"] if sr_last else [])
         ours_cmd = [OURS] + args + ["--json"]
         theirs_cmd = [PY, os.path.join(ROOT, "scripts", "bench", "theirs.py")] + args
         results = {"ours": [], "theirs": []}
