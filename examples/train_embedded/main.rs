@@ -76,6 +76,14 @@ struct Cli {
     /// CLIP training steps (the recipe's when absent).
     #[arg(long)]
     clip_steps: Option<u64>,
+    /// Decoder training steps (the recipe's when absent).
+    #[arg(long)]
+    decoder_steps: Option<u64>,
+    /// Add steps to an existing run: only step counts may differ from its recipe.json; each stage
+    /// given more steps resumes from its last checkpoint (a finished one's weights are kept as
+    /// `weights-<steps>.safetensors`); finished later stages keep their weights.
+    #[arg(long)]
+    extend: bool,
     /// Where to copy the exported model folder at the end (e.g. models/shapes).
     #[arg(long)]
     install: Option<PathBuf>,
@@ -98,11 +106,15 @@ fn main() -> anyhow::Result<()> {
         anyhow::ensure!(n >= 1, "--clip-steps must be at least 1");
         recipe.set_clip_steps(n);
     }
+    if let Some(n) = cli.decoder_steps {
+        anyhow::ensure!(n >= 1, "--decoder-steps must be at least 1");
+        recipe.set_decoder_steps(n);
+    }
     if cli.estimate {
         return stage::estimate(&recipe, &cli.out, device);
     }
     std::fs::create_dir_all(&cli.out).with_context(|| format!("creating {}", cli.out.display()))?;
-    recipe.write_or_check(&cli.out)?;
+    recipe.write_or_check(&cli.out, cli.extend)?;
     let ctx = stage::Ctx::new(cli.out.clone(), recipe, device);
     let all = cli.stage == StageArg::All;
     let started = std::time::Instant::now();

@@ -21,6 +21,11 @@ pub struct Optim {
 }
 
 impl Optim {
+    /// The same settings for another step count (warmup and checkpoint interval follow it).
+    pub fn with_steps(&self, steps: u64) -> Self {
+        optim(steps, self.batch, self.lr, self.ema_decay)
+    }
+
     /// The core training loop's settings: warmup, cosine decay to a tenth, clipping at 1.
     pub fn loop_config(&self, seed: u64) -> LoopConfig {
         LoopConfig {
@@ -136,8 +141,45 @@ impl Recipe {
 
     /// CLIP's step count, with the warmup and checkpoint interval that count gets in `full`.
     pub fn set_clip_steps(&mut self, steps: u64) {
-        let c = &self.clip;
-        self.clip = optim(steps, c.batch, c.lr, c.ema_decay);
+        self.clip = self.clip.with_steps(steps);
+    }
+
+    /// The decoder's step count, as [`Self::set_clip_steps`] does for CLIP.
+    pub fn set_decoder_steps(&mut self, steps: u64) {
+        self.decoder = self.decoder.with_steps(steps);
+    }
+
+    /// The stages (by name) whose step count grew from `old` to `self`, with the old count, if
+    /// nothing but step counts (and what `optim` derives from them) changed and none shrank.
+    pub fn extension_of(&self, old: &Recipe) -> anyhow::Result<Vec<(&'static str, u64)>> {
+        let mut same = self.clone();
+        let mut grown = Vec::new();
+        let names = ["clip", "prior", "decoder", "upsampler"];
+        for ((name, o), before) in names.into_iter().zip(same.stages_mut()).zip(old.stages()) {
+            if o.steps < before.steps {
+                bail!(
+                    "{name}: {} steps asked, {} already run; --extend only adds steps",
+                    o.steps,
+                    before.steps
+                );
+            }
+            if o.steps > before.steps {
+                grown.push((name, before.steps));
+            }
+            o.steps = before.steps;
+            o.warmup = before.warmup;
+            o.checkpoint_every = before.checkpoint_every;
+        }
+        if &same != old {
+            bail!(
+                "--extend may change step counts only; other settings differ from the run's recipe.json"
+            );
+        }
+        Ok(grown)
+    }
+
+    fn stages(&self) -> [&Optim; 4] {
+        [&self.clip, &self.prior, &self.decoder, &self.upsampler]
     }
 
     pub fn scale_steps(&mut self, factor: f64) {
@@ -151,18 +193,35 @@ impl Recipe {
         }
     }
 
-    /// Writes `<out>/recipe.json`, or checks that the run there used this recipe.
-    pub fn write_or_check(&self, out: &Path) -> anyhow::Result<()> {
+    /// Writes `<out>/recipe.json`, or checks that the run there used this recipe. With `extend`,
+    /// the recipe may add steps to stages of that run: it is rewritten, and each grown stage that
+    /// had finished has its final weights set aside (`weights-<steps>.safetensors`), so the stage
+    /// resumes from its last checkpoint (optimizer and EMA state included) up to the new count.
+    /// The cosine schedule is then that of the new count from its start: the learning rate
+    /// rises again at the resumed step (a warm restart).
+    pub fn write_or_check(&self, out: &Path, extend: bool) -> anyhow::Result<()> {
         let path = out.join("recipe.json");
         if path.exists() {
             let old: Recipe = unclip::core::config::read_json(&path)?;
-            if &old != self {
+            if &old == self {
+                return Ok(());
+            }
+            if !extend {
                 bail!(
-                    "{} was started with another recipe (other flags?); use a new --out folder",
+                    "{} was started with another recipe (other flags?); use a new --out folder, \
+                     or --extend to add steps",
                     path.display()
                 );
             }
-            return Ok(());
+            for (stage, before) in self.extension_of(&old)? {
+                let weights = out.join(stage).join(crate::stage::WEIGHTS);
+                if weights.exists() {
+                    let kept = out.join(stage).join(format!("weights-{before}.safetensors"));
+                    std::fs::rename(&weights, &kept)
+                        .with_context(|| format!("setting {} aside", weights.display()))?;
+                    println!("{stage}: extending from {before} steps ({} kept)", kept.display());
+                }
+            }
         }
         unclip::core::config::write_json(&path, self).context("writing recipe.json")?;
         Ok(())
@@ -311,5 +370,55 @@ impl Recipe {
             "time_embedding_type": "positional",
             "up_block_types": vec!["ResnetUpsampleBlock2D"; n],
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("unclip-recipe-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn extension_lists_grown_stages_only() {
+        let old = Recipe::full();
+        let mut new = old.clone();
+        new.set_decoder_steps(4000);
+        assert_eq!(new.extension_of(&old).unwrap(), vec![("decoder", 2000)]);
+        assert_eq!(new.decoder.warmup, 200, "warmup follows the new count");
+
+        let mut shrunk = old.clone();
+        shrunk.set_clip_steps(100);
+        assert!(shrunk.extension_of(&old).is_err());
+        let mut other = new.clone();
+        other.decoder.lr *= 2.0;
+        assert!(other.extension_of(&old).is_err(), "only step counts may change");
+    }
+
+    #[test]
+    fn extend_rewrites_the_recipe_and_sets_finished_weights_aside() {
+        let out = scratch("extend");
+        let old = Recipe::full();
+        old.write_or_check(&out, false).unwrap();
+        std::fs::create_dir_all(out.join("decoder")).unwrap();
+        std::fs::write(out.join("decoder").join(crate::stage::WEIGHTS), b"final").unwrap();
+        let mut new = old.clone();
+        new.set_decoder_steps(3000);
+
+        assert!(new.write_or_check(&out, false).is_err(), "a changed recipe needs --extend");
+        assert!(out.join("decoder").join(crate::stage::WEIGHTS).exists());
+
+        new.write_or_check(&out, true).unwrap();
+        assert!(!out.join("decoder").join(crate::stage::WEIGHTS).exists());
+        assert_eq!(std::fs::read(out.join("decoder/weights-2000.safetensors")).unwrap(), b"final");
+        let stored: Recipe = unclip::core::config::read_json(&out.join("recipe.json")).unwrap();
+        assert_eq!(stored, new);
+        new.write_or_check(&out, false).unwrap();
+        std::fs::remove_dir_all(&out).unwrap();
     }
 }
