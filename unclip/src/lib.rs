@@ -10,6 +10,7 @@
 //! - [`loading`]: [`Unclip::from_pretrained`] / [`Unclip::save_pretrained`] for diffusers-layout
 //!   Karlo folders, with per-component device and dtype ([`LoadOptions`]);
 //! - [`pipeline`]: text-to-image ([`TextToImage`]), per-step callbacks, intermediate results;
+//! - [`sampling`]: the steps and guidance a model folder recommends ([`SamplingDefaults`]);
 //! - [`variation`], [`manipulate`], [`rerank`]: image variations (also from DDIM inversion),
 //!   interpolation, text diffs, CLIP reranking;
 //! - [`output`]: tensors to `RgbImage`, `ndarray` and PNG.
@@ -32,6 +33,7 @@ pub mod manipulate;
 pub mod output;
 pub mod pipeline;
 pub mod rerank;
+pub mod sampling;
 pub mod shapes;
 pub mod stages;
 pub mod traits;
@@ -44,6 +46,7 @@ pub use pipeline::{
     Candidates, DecodeOptions, Generation, Stage, StepInfo, TextToImage, Unclip, no_progress,
 };
 pub use rerank::Ranked;
+pub use sampling::SamplingDefaults;
 pub use traits::{Decoder, DecoderStep, ImageEncoder, Prior, TextEncoder, TextEncoding, Upsampler};
 pub use unclip_clip as clip;
 pub use unclip_core as core;

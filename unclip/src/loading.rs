@@ -3,6 +3,7 @@
 //! `karlo-v1-alpha-image-variations` are published. Device and dtype are chosen per component.
 
 use crate::pipeline::Unclip;
+use crate::sampling::SamplingDefaults;
 use crate::stages::{ClipImageEncoder, ClipTextEncoder, KarloDecoder, KarloPrior, KarloUpsampler};
 use crate::{Error, Result};
 use serde_json::{Value, json};
@@ -384,12 +385,14 @@ impl Unclip {
         pipe.decoder_learned_variance = learned;
         pipe.scheduler_configs = configs;
         pipe.source_class = class;
+        pipe.sampling = SamplingDefaults::read(dir)?;
         Ok(pipe)
     }
 
     /// Writes the pipeline in the diffusers layout: `model_index.json`, one folder per component
     /// (weights in their loaded dtype), the scheduler configs it was loaded with (Karlo's for
-    /// samplers it was built without). A stage that cannot be saved is an error.
+    /// samplers it was built without), and `sampling_config.json` when [`Unclip::sampling`]
+    /// differs from Karlo's settings. A stage that cannot be saved is an error.
     pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir).map_err(|e| unclip_core::Error::io(dir, e))?;
@@ -435,6 +438,9 @@ impl Unclip {
             add(name, "diffusers", cls);
             std::fs::create_dir_all(sub(name)).map_err(|e| unclip_core::Error::io(sub(name), e))?;
             unclip_core::config::write_json(&sub(name).join("scheduler_config.json"), &v)?;
+        }
+        if self.sampling != SamplingDefaults::default() {
+            self.sampling.write(dir)?;
         }
         unclip_core::config::write_json(&dir.join("model_index.json"), &Value::Object(index))?;
         Ok(())

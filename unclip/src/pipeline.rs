@@ -4,6 +4,7 @@
 //! The diffusion loops run here, over the stage traits, in UnCLIPPipeline's order: with
 //! [`TorchNoise`] on the CPU the same seed draws the same noise as diffusers (spec section 1).
 
+use crate::sampling::SamplingDefaults;
 use crate::traits::{
     Decoder, ImageEncoder, Prior, TextConditioning, TextEncoder, TextEncoding, Upsampler,
 };
@@ -163,6 +164,9 @@ pub struct Unclip {
     /// Whether `decoder_scheduler` consumes the decoder's learned-variance channels (Karlo's
     /// learned_range sampler); otherwise only the first half of the channels is passed.
     pub decoder_learned_variance: bool,
+    /// The steps and guidance the model folder recommends (`sampling_config.json`; Karlo's
+    /// values when absent): `model.sampling.text_to_image(prompt)` builds a request with them.
+    pub sampling: SamplingDefaults,
     pub(crate) scheduler_configs: BTreeMap<String, Value>,
     pub(crate) source_class: String,
 }
@@ -241,6 +245,7 @@ impl Unclip {
             decoder_scheduler,
             super_res_scheduler,
             decoder_learned_variance: true,
+            sampling: SamplingDefaults::default(),
             scheduler_configs: BTreeMap::new(),
             source_class: String::new(),
         }

@@ -182,6 +182,10 @@ fn save_pretrained_round_trips() {
     let _g = lock();
     let mut m = with_image_encoder();
     let d = tmp("saved");
+    // Karlo's sampling settings are not written; others are, and come back.
+    m.save_pretrained(&d).unwrap();
+    assert!(!d.join("sampling_config.json").exists());
+    m.sampling.decoder_guidance_scale = 3.0;
     m.save_pretrained(&d).unwrap();
     for f in [
         "model_index.json",
@@ -192,11 +196,13 @@ fn save_pretrained_round_trips() {
         "tokenizer/tokenizer.json",
         "image_encoder/model.safetensors",
         "feature_extractor/preprocessor_config.json",
+        "sampling_config.json",
     ] {
         assert!(d.join(f).is_file(), "{f} not written");
     }
     let mut back = Unclip::from_pretrained(&d, &LoadOptions::default()).unwrap();
     assert!(back.image_encoder.is_some());
+    assert_eq!(back.sampling, m.sampling);
     let a = m.text_to_image(&small("horse"), &mut no_progress).unwrap();
     let b = back.text_to_image(&small("horse"), &mut no_progress).unwrap();
     assert!(a.images.equal(&b.images));
