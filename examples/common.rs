@@ -4,7 +4,7 @@
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
-use unclip::{LoadOptions, Stage, StepInfo, Unclip};
+use unclip::{LoadOptions, SamplingDefaults, Stage, StepInfo, Unclip};
 use unclip_core::tch::{Device, Kind};
 
 /// The embedded default model (`models/shapes/`, trained by `train_embedded`), found from any
@@ -86,6 +86,39 @@ impl ModelArgs {
             model.load_image_encoder(dir, processor.as_deref(), clip_device, clip_kind)?;
         }
         Ok(model)
+    }
+}
+
+/// Steps and guidance flags; each one left out takes the model folder's recommended value
+/// (`sampling_config.json`, else Karlo's: 25/25/7 steps, guidance 4 and 8).
+#[derive(Debug, Clone, Default, Args)]
+pub struct SamplingArgs {
+    /// Prior steps (text-to-image only).
+    #[arg(long)]
+    pub prior_steps: Option<usize>,
+    /// Prior guidance scale (text-to-image only).
+    #[arg(long)]
+    pub prior_guidance: Option<f64>,
+    #[arg(long)]
+    pub decoder_steps: Option<usize>,
+    /// Decoder classifier-free guidance scale.
+    #[arg(long)]
+    pub decoder_guidance: Option<f64>,
+    #[arg(long)]
+    pub super_res_steps: Option<usize>,
+}
+
+impl SamplingArgs {
+    /// The model's recommended settings with the given flags applied.
+    pub fn resolve(&self, model: &Unclip) -> SamplingDefaults {
+        let d = model.sampling;
+        SamplingDefaults {
+            prior_steps: self.prior_steps.unwrap_or(d.prior_steps),
+            prior_guidance_scale: self.prior_guidance.unwrap_or(d.prior_guidance_scale),
+            decoder_steps: self.decoder_steps.unwrap_or(d.decoder_steps),
+            decoder_guidance_scale: self.decoder_guidance.unwrap_or(d.decoder_guidance_scale),
+            super_res_steps: self.super_res_steps.unwrap_or(d.super_res_steps),
+        }
     }
 }
 

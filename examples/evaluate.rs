@@ -15,7 +15,7 @@ use unclip::shapes::{
 };
 use unclip::tch::{Kind, Tensor};
 use unclip::{LoadOptions, TextToImage, Unclip};
-use unclip_examples::RuntimeArgs;
+use unclip_examples::{RuntimeArgs, SamplingArgs};
 
 #[derive(Parser)]
 #[command(about = "Generates held-out shapes prompts with a trained unCLIP and grades the images")]
@@ -38,16 +38,8 @@ struct Cli {
     /// Prompts per pipeline call.
     #[arg(long, default_value_t = 25)]
     batch: usize,
-    #[arg(long, default_value_t = 25)]
-    prior_steps: usize,
-    #[arg(long, default_value_t = 25)]
-    decoder_steps: usize,
-    #[arg(long, default_value_t = 7)]
-    super_res_steps: usize,
-    #[arg(long, default_value_t = 4.0)]
-    prior_guidance: f64,
-    #[arg(long, default_value_t = 8.0)]
-    decoder_guidance: f64,
+    #[command(flatten)]
+    sampling: SamplingArgs,
     /// Seed of the prompts (held-out generator) and of the sampling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -151,6 +143,15 @@ fn main() -> anyhow::Result<()> {
     let (device, kind) = (cli.rt.device()?, cli.rt.dtype()?);
     let mut model = Unclip::from_pretrained(&cli.model, &LoadOptions::new(device, kind))
         .with_context(|| format!("loading {}", cli.model.display()))?;
+    let sampling = cli.sampling.resolve(&model);
+    println!(
+        "sampling: {}/{}/{} steps, prior guidance {}, decoder guidance {}",
+        sampling.prior_steps,
+        sampling.decoder_steps,
+        sampling.super_res_steps,
+        sampling.prior_guidance_scale,
+        sampling.decoder_guidance_scale
+    );
     let (_, side, _) =
         model.upsampler.as_ref().map_or(model.decoder.sample_shape(), |u| u.sample_shape())?;
     anyhow::ensure!(cli.batch > 0, "--batch must be at least 1");
@@ -171,13 +172,8 @@ fn main() -> anyhow::Result<()> {
     for (b, chunk) in all.chunks(cli.batch).enumerate() {
         let req = TextToImage {
             prompts: chunk.iter().map(|c| c.prompt.clone()).collect(),
-            prior_steps: cli.prior_steps,
-            prior_guidance_scale: cli.prior_guidance,
-            decoder_steps: cli.decoder_steps,
-            decoder_guidance_scale: cli.decoder_guidance,
-            super_res_steps: cli.super_res_steps,
             seed: Some(cli.seed.wrapping_add(b as u64)),
-            ..TextToImage::default()
+            ..sampling.text_to_image("")
         };
         let out = model.text_to_image(&req, &mut unclip::no_progress)?;
         generated.push(out.images.f_to_kind(Kind::Float)?);

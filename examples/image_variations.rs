@@ -5,7 +5,7 @@
 
 use clap::Parser;
 use unclip::{DecodeOptions, Start, Variations};
-use unclip_examples::{ModelArgs, Progress, save};
+use unclip_examples::{ModelArgs, Progress, SamplingArgs, save};
 
 #[derive(Parser)]
 #[command(about = "Generates variations of images with an unCLIP (Karlo) model")]
@@ -17,12 +17,8 @@ struct Cli {
     image: Vec<std::path::PathBuf>,
     #[arg(long, default_value_t = 1)]
     num_images: usize,
-    #[arg(long, default_value_t = 25)]
-    decoder_steps: usize,
-    #[arg(long, default_value_t = 8.0)]
-    decoder_guidance: f64,
-    #[arg(long, default_value_t = 7)]
-    super_res_steps: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
     /// Start the decoder from the DDIM inversion of the image instead of noise.
     #[arg(long)]
     ddim_inversion: bool,
@@ -42,10 +38,8 @@ fn main() -> anyhow::Result<()> {
     let opts = Variations {
         num_images_per_image: cli.num_images,
         decode: DecodeOptions {
-            decoder_steps: cli.decoder_steps,
-            decoder_guidance_scale: cli.decoder_guidance,
-            super_res_steps: cli.super_res_steps,
             seed: Some(cli.model.seed),
+            ..cli.sampling.resolve(&model).decode_options()
         },
         start: if cli.ddim_inversion {
             Start::DdimInversion { eta: cli.eta }

@@ -5,7 +5,7 @@
 
 use clap::Parser;
 use unclip::{DecodeOptions, Endpoint};
-use unclip_examples::{ModelArgs, Progress, save};
+use unclip_examples::{ModelArgs, Progress, SamplingArgs, save};
 
 #[derive(Parser)]
 #[command(about = "Interpolates between two images or prompts in CLIP image-embedding space")]
@@ -23,12 +23,8 @@ struct Cli {
     to_prompt: Option<String>,
     #[arg(long, default_value_t = 5)]
     frames: usize,
-    #[arg(long, default_value_t = 25)]
-    decoder_steps: usize,
-    #[arg(long, default_value_t = 8.0)]
-    decoder_guidance: f64,
-    #[arg(long, default_value_t = 7)]
-    super_res_steps: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
 }
 
 fn endpoint(
@@ -48,10 +44,8 @@ fn main() -> anyhow::Result<()> {
     let to = endpoint(&cli.to_image, &cli.to_prompt)?;
     let mut model = cli.model.load()?;
     let opts = DecodeOptions {
-        decoder_steps: cli.decoder_steps,
-        decoder_guidance_scale: cli.decoder_guidance,
-        super_res_steps: cli.super_res_steps,
         seed: Some(cli.model.seed),
+        ..cli.sampling.resolve(&model).decode_options()
     };
     let mut bar = Progress::default();
     let g = model.interpolate(&from, &to, cli.frames, &opts, &mut |s| bar.update(s))?;

@@ -5,7 +5,7 @@
 
 use clap::Parser;
 use unclip::{DecodeOptions, Start};
-use unclip_examples::{ModelArgs, Progress, save};
+use unclip_examples::{ModelArgs, Progress, SamplingArgs, save};
 
 #[derive(Parser)]
 #[command(about = "Edits an image along the difference of two captions' CLIP embeddings")]
@@ -26,12 +26,8 @@ struct Cli {
     /// Start every frame from the DDIM inversion of the image (keeps its layout).
     #[arg(long)]
     ddim_inversion: bool,
-    #[arg(long, default_value_t = 25)]
-    decoder_steps: usize,
-    #[arg(long, default_value_t = 8.0)]
-    decoder_guidance: f64,
-    #[arg(long, default_value_t = 7)]
-    super_res_steps: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,10 +35,8 @@ fn main() -> anyhow::Result<()> {
     let image = unclip::output::open_image(&cli.image)?;
     let mut model = cli.model.load()?;
     let opts = DecodeOptions {
-        decoder_steps: cli.decoder_steps,
-        decoder_guidance_scale: cli.decoder_guidance,
-        super_res_steps: cli.super_res_steps,
         seed: Some(cli.model.seed),
+        ..cli.sampling.resolve(&model).decode_options()
     };
     let start = if cli.ddim_inversion { Start::DdimInversion { eta: 0.0 } } else { Start::Noise };
     let mut bar = Progress::default();

@@ -5,7 +5,7 @@
 
 use clap::Parser;
 use unclip::TextToImage;
-use unclip_examples::{ModelArgs, Progress, save};
+use unclip_examples::{ModelArgs, Progress, SamplingArgs, save};
 
 #[derive(Parser)]
 #[command(about = "Generates images from prompts with an unCLIP (Karlo) model")]
@@ -20,19 +20,11 @@ struct Cli {
     negative_prompt: String,
     #[arg(long, default_value_t = 1)]
     num_images: usize,
-    #[arg(long, default_value_t = 25)]
-    prior_steps: usize,
-    #[arg(long, default_value_t = 4.0)]
-    prior_guidance: f64,
+    #[command(flatten)]
+    sampling: SamplingArgs,
     /// Best-of-N: prior candidates per image, the one closest to the prompt is kept.
     #[arg(long, default_value_t = 1)]
     candidates: usize,
-    #[arg(long, default_value_t = 25)]
-    decoder_steps: usize,
-    #[arg(long, default_value_t = 8.0)]
-    decoder_guidance: f64,
-    #[arg(long, default_value_t = 7)]
-    super_res_steps: usize,
     /// Generate this many per prompt and keep them ordered by CLIP similarity (needs an image
     /// encoder, see --image-encoder).
     #[arg(long)]
@@ -52,13 +44,9 @@ fn main() -> anyhow::Result<()> {
         prompts: cli.prompt.clone(),
         negative_prompt: cli.negative_prompt.clone(),
         num_images_per_prompt: cli.num_images,
-        prior_steps: cli.prior_steps,
-        prior_guidance_scale: cli.prior_guidance,
         prior_candidates: cli.candidates,
-        decoder_steps: cli.decoder_steps,
-        decoder_guidance_scale: cli.decoder_guidance,
-        super_res_steps: cli.super_res_steps,
         seed: Some(cli.model.seed),
+        ..cli.sampling.resolve(&model).text_to_image("")
     };
     let mut bar = Progress::default();
     let g = match cli.rerank {
