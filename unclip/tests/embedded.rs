@@ -19,15 +19,24 @@ fn load() -> Unclip {
         .expect("models/shapes is committed and loads")
 }
 
-fn request(prompts: Vec<String>, seed: u64) -> TextToImage {
+/// The model's recommended guidance (its `sampling_config.json`), fewer steps.
+fn request(model: &Unclip, prompts: Vec<String>, seed: u64) -> TextToImage {
     TextToImage {
         prompts,
         prior_steps: 10,
         decoder_steps: 10,
         super_res_steps: 3,
         seed: Some(seed),
-        ..TextToImage::default()
+        ..model.sampling.text_to_image("")
     }
+}
+
+#[test]
+fn the_folder_recommends_its_own_decoder_guidance() {
+    // Karlo's 8 over-saturates this small decoder (README, "The embedded model").
+    let model = load();
+    assert_eq!(model.sampling.decoder_guidance_scale, 3.0);
+    assert_eq!(model.sampling.prior_guidance_scale, TextToImage::default().prior_guidance_scale);
 }
 
 #[test]
@@ -35,7 +44,9 @@ fn held_out_prompts_give_images_closest_to_their_own_prompt() {
     let mut model = load();
     let generator = SceneGenerator::new(Split::HeldOut, 7).with_kinds(&[PromptKind::Single]);
     let prompts: Vec<String> = (0..8).map(|i| caption(&generator.scene(i))).collect();
-    let out = model.text_to_image(&request(prompts.clone(), 0), &mut unclip::no_progress).unwrap();
+    let out = model
+        .text_to_image(&request(&model, prompts.clone(), 0), &mut unclip::no_progress)
+        .unwrap();
     assert_eq!(out.images.size(), [8, 3, 64, 64]);
     let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
     let text = model.clip_text_embeddings(&refs).unwrap();
@@ -54,7 +65,9 @@ fn the_analytic_checker_finds_the_prompted_background_and_color() {
     let generator = SceneGenerator::new(Split::HeldOut, 11).with_kinds(&[PromptKind::Single]);
     let scenes: Vec<_> = (0..12).map(|i| generator.scene(i)).collect();
     let prompts: Vec<String> = scenes.iter().map(caption).collect();
-    let out = model.text_to_image(&request(prompts.clone(), 0), &mut unclip::no_progress).unwrap();
+    let out = model
+        .text_to_image(&request(&model, prompts.clone(), 0), &mut unclip::no_progress)
+        .unwrap();
     let images = unclip::output::to_rgb_images(&out.images).unwrap();
     let reports: Vec<_> =
         images.iter().zip(&scenes).map(|(img, s)| check(img, &s.spec())).collect();
@@ -68,9 +81,9 @@ fn the_analytic_checker_finds_the_prompted_background_and_color() {
 fn the_readme_prompt_gives_the_same_image_for_the_same_seed() {
     let mut model = load();
     let prompt = || vec!["a red circle on a blue background".to_string()];
-    let a = model.text_to_image(&request(prompt(), 3), &mut unclip::no_progress).unwrap();
-    let b = model.text_to_image(&request(prompt(), 3), &mut unclip::no_progress).unwrap();
-    let c = model.text_to_image(&request(prompt(), 4), &mut unclip::no_progress).unwrap();
+    let a = model.text_to_image(&request(&model, prompt(), 3), &mut unclip::no_progress).unwrap();
+    let b = model.text_to_image(&request(&model, prompt(), 3), &mut unclip::no_progress).unwrap();
+    let c = model.text_to_image(&request(&model, prompt(), 4), &mut unclip::no_progress).unwrap();
     assert!(a.images.equal(&b.images), "same seed, same image");
     assert!(!a.images.equal(&c.images), "another seed, another image");
     let (lo, hi) = (a.images.min().double_value(&[]), a.images.max().double_value(&[]));
