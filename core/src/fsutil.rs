@@ -1,7 +1,19 @@
-//! Atomic file writes: training never leaves a half-written checkpoint behind.
+//! Atomic file writes (training never leaves a half-written checkpoint behind), and scratch
+//! folders.
 
 use crate::{Error, Result};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// An empty folder `<system temp>/unclip-<tag>-<pid>` (emptied first if it exists): scratch
+/// space for tests and probes that run in parallel processes without colliding.
+pub fn scratch_dir(tag: &str) -> Result<PathBuf> {
+    let d = std::env::temp_dir().join(format!("unclip-{tag}-{}", std::process::id()));
+    if d.exists() {
+        std::fs::remove_dir_all(&d).map_err(|e| Error::io(&d, e))?;
+    }
+    std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
+    Ok(d)
+}
 
 /// Writes a file through `write` into a temporary sibling, syncs it, then renames it over `path`.
 /// A crash at any point leaves either the old file or the new one, never a torn one.
@@ -29,6 +41,16 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scratch_dir_is_empty_each_time() {
+        let d = scratch_dir("fsutil-scratch").unwrap();
+        assert!(d.is_dir() && std::fs::read_dir(&d).unwrap().next().is_none());
+        std::fs::write(d.join("left-over"), b"x").unwrap();
+        assert_eq!(scratch_dir("fsutil-scratch").unwrap(), d);
+        assert!(std::fs::read_dir(&d).unwrap().next().is_none(), "emptied");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
 
     #[test]
     fn failed_write_keeps_old_file() {

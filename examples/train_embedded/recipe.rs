@@ -378,10 +378,7 @@ mod tests {
     use super::*;
 
     fn scratch(name: &str) -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!("unclip-recipe-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
+        unclip::core::fsutil::scratch_dir(&format!("recipe-{name}")).unwrap()
     }
 
     #[test]

@@ -94,10 +94,7 @@ mod tests {
     use super::*;
 
     fn scratch(name: &str) -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!("unclip-sampling-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
+        unclip_core::fsutil::scratch_dir(&format!("sampling-{name}")).unwrap()
     }
 
     #[test]
