@@ -79,13 +79,8 @@ fn save_component<M: Component>(
 /// decoder guidance 3. At Karlo's 8 this small decoder over-saturates: on 100 held-out
 /// single-object prompts the shipped model got the background right 92% of the time and drew
 /// exactly one object 23%; at 3, 100% and 48% (README, "The embedded model").
-pub const SAMPLING: SamplingDefaults = SamplingDefaults {
-    prior_steps: 25,
-    prior_guidance_scale: 4.0,
-    decoder_steps: 25,
-    decoder_guidance_scale: 3.0,
-    super_res_steps: 7,
-};
+pub const SAMPLING: SamplingDefaults =
+    SamplingDefaults { decoder_guidance_scale: 3.0, ..SamplingDefaults::KARLO };
 
 /// Writes `<out>/model/` and checks it loads and samples; returns its path.
 pub fn run(ctx: &Ctx) -> anyhow::Result<PathBuf> {

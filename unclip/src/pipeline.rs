@@ -62,16 +62,17 @@ pub struct TextToImage {
 
 impl Default for TextToImage {
     fn default() -> Self {
+        let k = SamplingDefaults::KARLO;
         Self {
             prompts: Vec::new(),
             negative_prompt: String::new(),
             num_images_per_prompt: 1,
-            prior_steps: 25,
-            prior_guidance_scale: 4.0,
+            prior_steps: k.prior_steps,
+            prior_guidance_scale: k.prior_guidance_scale,
             prior_candidates: 1,
-            decoder_steps: 25,
-            decoder_guidance_scale: 8.0,
-            super_res_steps: 7,
+            decoder_steps: k.decoder_steps,
+            decoder_guidance_scale: k.decoder_guidance_scale,
+            super_res_steps: k.super_res_steps,
             seed: None,
         }
     }
@@ -94,7 +95,7 @@ pub struct DecodeOptions {
 
 impl Default for DecodeOptions {
     fn default() -> Self {
-        Self { decoder_steps: 25, decoder_guidance_scale: 8.0, super_res_steps: 7, seed: None }
+        SamplingDefaults::KARLO.decode_options()
     }
 }
 

@@ -26,18 +26,20 @@ pub struct SamplingDefaults {
 
 impl Default for SamplingDefaults {
     fn default() -> Self {
-        let t = TextToImage::default();
-        Self {
-            prior_steps: t.prior_steps,
-            prior_guidance_scale: t.prior_guidance_scale,
-            decoder_steps: t.decoder_steps,
-            decoder_guidance_scale: t.decoder_guidance_scale,
-            super_res_steps: t.super_res_steps,
-        }
+        Self::KARLO
     }
 }
 
 impl SamplingDefaults {
+    /// UnCLIPPipeline's defaults, which [`TextToImage`] and [`DecodeOptions`] also start from.
+    pub const KARLO: Self = Self {
+        prior_steps: 25,
+        prior_guidance_scale: 4.0,
+        decoder_steps: 25,
+        decoder_guidance_scale: 8.0,
+        super_res_steps: 7,
+    };
+
     pub fn validate(&self) -> Result<()> {
         check_steps("prior_steps", self.prior_steps)?;
         check_steps("decoder_steps", self.decoder_steps)?;
@@ -84,7 +86,7 @@ impl SamplingDefaults {
             decoder_steps: self.decoder_steps,
             decoder_guidance_scale: self.decoder_guidance_scale,
             super_res_steps: self.super_res_steps,
-            ..DecodeOptions::default()
+            seed: None,
         }
     }
 }
