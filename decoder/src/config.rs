@@ -256,6 +256,16 @@ pub struct UNet2DConditionConfig {
     pub class_embeddings_concat: bool,
     #[serde(default)]
     pub dual_cross_attention: bool,
+    /// This crate's extension (diffusers ignores the key): the last `coordinate_channels` of
+    /// `in_channels` are not sampled but filled by the model with the pixel coordinates (x, then
+    /// y, from -1 to 1), so a small UNet knows where "top left" is without learning it from the
+    /// zero padding. 0 (absent) or 2.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub coordinate_channels: i64,
+}
+
+fn is_zero(v: &i64) -> bool {
+    *v == 0
 }
 
 /// Everything about one UNet level that the builders need, resolved from a config.
@@ -288,6 +298,11 @@ impl UNet2DConditionConfig {
 
     pub fn groups(&self) -> i64 {
         self.norm_num_groups.unwrap_or(32)
+    }
+
+    /// Channels of the sample the UNet denoises: `in_channels` less the coordinate channels.
+    pub fn sample_channels(&self) -> i64 {
+        self.in_channels - self.coordinate_channels
     }
 
     /// Total spatial downsampling factor (2 per level but the last).
@@ -379,6 +394,12 @@ impl UNet2DConditionConfig {
         }
         if self.in_channels <= 0 || self.out_channels <= 0 || self.time_embed_dim() <= 0 {
             return Err(Error::Config("channel counts must be positive".into()));
+        }
+        if !matches!(self.coordinate_channels, 0 | 2) || self.sample_channels() <= 0 {
+            return Err(Error::Config(format!(
+                "coordinate_channels must be 0 or 2 and less than in_channels {}, got {}",
+                self.in_channels, self.coordinate_channels
+            )));
         }
         for level in self.levels()? {
             if level.layers <= 0 {
@@ -700,5 +721,31 @@ mod tests {
             TextProjConfig::from_json_str(r#"{"time_embed_dim": 0, "cross_attention_dim": 8}"#)
                 .is_err()
         );
+    }
+
+    #[test]
+    fn coordinate_channels_are_checked_and_only_written_when_used() {
+        let base = r#"{"block_out_channels": [32, 64], "in_channels": 5,
+            "down_block_types": ["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"],
+            "up_block_types": ["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"],
+            "mid_block_type": "UNetMidBlock2DSimpleCrossAttn", "attention_head_dim": 4,
+            "class_embed_type": "identity", "resnet_time_scale_shift": "scale_shift"}"#;
+        let plain = UNet2DConditionConfig::from_json_str(base).unwrap();
+        assert_eq!((plain.coordinate_channels, plain.sample_channels()), (0, 5));
+        // Karlo's configs are written back without the key.
+        assert!(!serde_json::to_string(&plain).unwrap().contains("coordinate_channels"));
+        let with = |n: &str| base.replace("}", &format!(r#", "coordinate_channels": {n}}}"#));
+        let cfg = UNet2DConditionConfig::from_json_str(&with("2")).unwrap();
+        assert_eq!(cfg.sample_channels(), 3);
+        assert!(serde_json::to_string(&cfg).unwrap().contains(r#""coordinate_channels":2"#));
+        for bad in ["1", "3", "-2"] {
+            let e = UNet2DConditionConfig::from_json_str(&with(bad)).unwrap_err();
+            assert!(e.to_string().contains("coordinate_channels"), "{bad}: {e}");
+        }
+        let e = UNet2DConditionConfig::from_json_str(
+            &with("2").replace(r#""in_channels": 5"#, r#""in_channels": 2"#),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("coordinate_channels"), "{e}");
     }
 }

@@ -69,7 +69,7 @@ fn size_or(
 }
 
 /// Samples B images with the decoder (Karlo: 64x64 in [-1, 1], clamped). `latents` replaces the
-/// initial noise draw (shape (B, in_channels, H, W)).
+/// initial noise draw (shape (B, sample channels, H, W)).
 pub fn sample_decoder(
     unet: &UNet2DConditionModel,
     text_proj: &UnCLIPTextProjModel,
@@ -103,10 +103,10 @@ pub fn sample_decoder(
         )?;
         let b = inputs.image_embeddings.size()[0];
         let (h, w) = size_or(settings.size, cfg.sample_size)?;
-        let c = cfg.in_channels;
+        let c = cfg.sample_channels();
         if cfg.out_channels != c && cfg.out_channels != 2 * c {
             return Err(Error::Config(format!(
-                "decoder out_channels {} must be in_channels {c} or twice it",
+                "decoder out_channels {} must be its sample channels {c} or twice it",
                 cfg.out_channels
             )));
         }

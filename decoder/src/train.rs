@@ -41,11 +41,50 @@ fn bernoulli(rng: &mut dyn NoiseSource, b: i64, p: f64, device: Device) -> Resul
     Ok(rng.randint(RES, &[b], device).f_lt((p * RES as f64).round() as i64)?)
 }
 
-/// Noises `x0` at uniformly drawn timesteps, runs `model` and scores its output: the mean
+/// How training timesteps are drawn.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Timesteps {
+    /// Uniformly from 0..T (DDPM, GLIDE, Karlo).
+    Uniform,
+    /// Each row with probability `share` from `from..T`, else from 0..T. Where a small object
+    /// goes and what shape it takes is decided at high noise (on 32 px shapes with the cosine
+    /// schedule, above about t = 600); uniform draws spend most steps below that.
+    HighNoise { share: f64, from: i64 },
+}
+
+impl Timesteps {
+    /// (B) int64 timesteps on `device`.
+    pub fn sample(
+        self,
+        schedule: &NoiseSchedule,
+        b: i64,
+        device: Device,
+        rng: &mut dyn NoiseSource,
+    ) -> Result<Tensor> {
+        let t = schedule.sample_timesteps(b as usize, device, rng);
+        match self {
+            Timesteps::Uniform => Ok(t),
+            Timesteps::HighNoise { share, from } => {
+                let n = schedule.num_train_timesteps() as i64;
+                check_probability("high-noise share", share)?;
+                if !(0..n).contains(&from) {
+                    return Err(Error::Input(format!("high-noise start {from} must be in 0..{n}")));
+                }
+                let high = rng.randint(n - from, &[b], device).f_add_scalar(from)?;
+                let pick = bernoulli(rng, b, share, device)?;
+                Ok(high.f_where_self(&pick, &t)?)
+            }
+        }
+    }
+}
+
+/// Noises `x0` at timesteps drawn as `timesteps` says, runs `model` and scores its output: the mean
 /// squared error of its first C channels against the `prediction` target, plus the VLB term when
 /// it outputs 2C channels (learned variance).
+#[allow(clippy::too_many_arguments)]
 fn diffusion_loss(
     schedule: &NoiseSchedule,
+    timesteps: Timesteps,
     prediction: PredictionType,
     vlb: &VlbLoss,
     vlb_weight: f64,
@@ -54,7 +93,7 @@ fn diffusion_loss(
     model: impl FnOnce(&Tensor, &Tensor) -> Result<Tensor>,
 ) -> Result<TrainLoss> {
     let (b, c) = (x0.size()[0], x0.size()[1]);
-    let t = schedule.sample_timesteps(b as usize, x0.device(), rng);
+    let t = timesteps.sample(schedule, b, x0.device(), rng)?;
     let noise = rng.randn(&x0.size(), x0.kind(), x0.device());
     let x_t = schedule.add_noise(x0, &noise, &t)?;
     let target = schedule.target(prediction, x0, &noise, &t)?;
@@ -105,6 +144,8 @@ pub struct DecoderTrainer {
     pub vlb_weight: f64,
     /// What the UNet predicts (epsilon by default, as GLIDE and Karlo).
     pub prediction: PredictionType,
+    /// How timesteps are drawn (uniform by default).
+    pub timesteps: Timesteps,
 }
 
 impl DecoderTrainer {
@@ -132,7 +173,14 @@ impl DecoderTrainer {
             text_dropout,
             vlb_weight,
             prediction: PredictionType::Epsilon,
+            timesteps: Timesteps::Uniform,
         })
+    }
+
+    /// Draws training timesteps as `timesteps` says.
+    pub fn with_timesteps(mut self, timesteps: Timesteps) -> Self {
+        self.timesteps = timesteps;
+        self
     }
 
     /// Trains the UNet to predict `prediction` (the scheduler that samples it must use the same
@@ -215,6 +263,7 @@ impl DecoderTrainer {
         )?;
         diffusion_loss(
             &self.schedule,
+            self.timesteps,
             self.prediction,
             &self.vlb,
             self.vlb_weight,
@@ -381,6 +430,7 @@ impl UpsamplerTrainer {
         let low = Tensor::f_cat(&lows, 0)?;
         diffusion_loss(
             &self.schedule,
+            Timesteps::Uniform,
             self.prediction,
             &self.vlb,
             self.vlb_weight,
@@ -422,20 +472,23 @@ mod tests {
         let x0 = Tensor::rand([16, 3, 8, 8], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
         let mut expected = 0.0;
         let mut rng = TorchNoise::new(5);
-        let loss = diffusion_loss(&schedule, prediction, &vlb, 1e-3, &x0, &mut rng, |x_t, t| {
-            let ac = schedule.alphas_cumprod_tensor(Kind::Float, Device::Cpu).index_select(0, t);
-            let ac = ac.view([-1, 1, 1, 1]);
-            let s1 = (ac.neg() + 1.0).sqrt();
-            let noise: Tensor = (x_t - ac.sqrt() * &x0) / &s1;
-            let target = match prediction {
-                PredictionType::Epsilon => noise,
-                PredictionType::Sample => x0.shallow_clone(),
-                PredictionType::VPrediction => ac.sqrt() * noise - s1 * &x0,
-            };
-            expected = target.square().mean(Kind::Float).double_value(&[]);
-            Ok(Tensor::cat(&[x_t.zeros_like(), x_t.zeros_like()], 1))
-        })
-        .unwrap();
+        let uniform = Timesteps::Uniform;
+        let loss =
+            diffusion_loss(&schedule, uniform, prediction, &vlb, 1e-3, &x0, &mut rng, |x_t, t| {
+                let ac =
+                    schedule.alphas_cumprod_tensor(Kind::Float, Device::Cpu).index_select(0, t);
+                let ac = ac.view([-1, 1, 1, 1]);
+                let s1 = (ac.neg() + 1.0).sqrt();
+                let noise: Tensor = (x_t - ac.sqrt() * &x0) / &s1;
+                let target = match prediction {
+                    PredictionType::Epsilon => noise,
+                    PredictionType::Sample => x0.shallow_clone(),
+                    PredictionType::VPrediction => ac.sqrt() * noise - s1 * &x0,
+                };
+                expected = target.square().mean(Kind::Float).double_value(&[]);
+                Ok(Tensor::cat(&[x_t.zeros_like(), x_t.zeros_like()], 1))
+            })
+            .unwrap();
         (loss.mse.double_value(&[]), expected)
     }
 
@@ -452,5 +505,34 @@ mod tests {
             DecoderTrainer::karlo().with_prediction(PredictionType::VPrediction).prediction,
             PredictionType::VPrediction
         );
+    }
+
+    #[test]
+    fn high_noise_timesteps_take_their_share_from_the_top_range() {
+        let schedule = NoiseSchedule::karlo();
+        let _lock = unclip_scheduler::global_rng_lock();
+        let mut rng = TorchNoise::new(3);
+        let draw = |ts: Timesteps, rng: &mut TorchNoise| -> Vec<i64> {
+            let t = ts.sample(&schedule, 4000, Device::Cpu, rng).unwrap();
+            Vec::<i64>::try_from(&t).unwrap()
+        };
+        let share_high =
+            |t: &[i64]| t.iter().filter(|&&v| v >= 600).count() as f64 / t.len() as f64;
+        let all = draw(Timesteps::HighNoise { share: 1.0, from: 600 }, &mut rng);
+        assert!(all.iter().all(|&v| (600..1000).contains(&v)));
+        assert!(all.contains(&600) && all.contains(&999));
+        let uniform = draw(Timesteps::Uniform, &mut rng);
+        assert!(uniform.iter().all(|&v| (0..1000).contains(&v)));
+        // Uniform: 40% land in 600..1000; with half the rows moved there, 70%.
+        assert!((share_high(&uniform) - 0.4).abs() < 0.03, "{}", share_high(&uniform));
+        let half = draw(Timesteps::HighNoise { share: 0.5, from: 600 }, &mut rng);
+        assert!((share_high(&half) - 0.7).abs() < 0.03, "{}", share_high(&half));
+        for bad in [
+            Timesteps::HighNoise { share: 1.5, from: 600 },
+            Timesteps::HighNoise { share: 0.5, from: 1000 },
+            Timesteps::HighNoise { share: 0.5, from: -1 },
+        ] {
+            assert!(bad.sample(&schedule, 4, Device::Cpu, &mut rng).is_err(), "{bad:?}");
+        }
     }
 }

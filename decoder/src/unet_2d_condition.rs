@@ -121,6 +121,24 @@ impl Conditioning {
     }
 }
 
+/// (B, 2, H, W) maps of each pixel's x and y (pixel centres, -1 at the left / top edge to 1 at
+/// the right / bottom one), like `sample` in kind and device.
+pub fn coordinate_maps(sample: &Tensor) -> Result<Tensor> {
+    let size = sample.size();
+    let (b, h, w) = (size[0], size[2], size[3]);
+    let axis = |n: i64| -> Result<Tensor> {
+        let opts = (sample.kind(), sample.device());
+        // Centres of n equal cells of [-1, 1].
+        Ok(Tensor::f_arange(n, opts)?
+            .f_add_scalar(0.5)?
+            .f_mul_scalar(2.0 / n as f64)?
+            .f_sub_scalar(1.0)?)
+    };
+    let x = axis(w)?.f_view([1, 1, 1, w])?.f_expand([b, 1, h, w], false)?;
+    let y = axis(h)?.f_view([1, 1, h, 1])?.f_expand([b, 1, h, w], false)?;
+    Ok(Tensor::f_cat(&[x, y], 1)?)
+}
+
 /// Checks a (B, C, H, W) input against the UNet and turns `timestep` (0-d, (1) or (B)) into (B).
 pub(crate) fn check_input(
     sample: &Tensor,
@@ -276,7 +294,7 @@ impl UNet2DConditionModel {
         let t = check_input(
             sample,
             timestep,
-            self.cfg.in_channels,
+            self.cfg.sample_channels(),
             self.cfg.downsampling_factor(),
             &self.trunk.conv_in.ws,
         )?;
@@ -303,7 +321,11 @@ impl UNet2DConditionModel {
             emb = emb.f_add(&c.f_to_kind(kind)?)?;
         }
         let ctx = cond.context();
-
+        let sample = if self.cfg.coordinate_channels > 0 {
+            Tensor::f_cat(&[sample.shallow_clone(), coordinate_maps(&sample)?], 1)?
+        } else {
+            sample
+        };
         self.trunk.forward(&sample, &emb, ctx)
     }
 }

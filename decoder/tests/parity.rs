@@ -135,3 +135,24 @@ fn deep_super_res_matches_diffusers() {
         assert_close("deep super-res", &out, &io["out"], TOL, TOL);
     });
 }
+
+/// `coordinate_channels: 2`: the UNet takes a 3-channel sample and appends the pixel coordinate
+/// maps itself; diffusers' UNet (in_channels 5) was given them by the fixture script.
+#[test]
+fn coordinate_inputs_match_diffusers_given_the_maps() {
+    let m = decoder("decoder_coords");
+    assert_eq!(m.model.config().coordinate_channels, 2);
+    assert_eq!(m.model.config().sample_channels(), 3);
+    let io = io("decoder_coords");
+    let (sample, ehs, class) = (&io["sample"], &io["encoder_hidden_states"], &io["class_labels"]);
+    tch::no_grad(|| {
+        let out = m
+            .model
+            .forward(sample, &io["timesteps"], Some(ehs), Some(class), Some(&io["attention_mask"]))
+            .unwrap();
+        assert_close("decoder_coords", &out, &io["out"], TOL, TOL);
+        // The maps are an input the caller does not give: 5 channels are refused.
+        let five = Tensor::cat(&[sample.shallow_clone(), sample.narrow(1, 0, 2)], 1);
+        assert!(m.model.forward(&five, &io["timesteps"], Some(ehs), Some(class), None).is_err());
+    });
+}

@@ -182,7 +182,7 @@ impl Decoder for KarloDecoder {
             .sample_size
             .map(|s| s.hw())
             .ok_or_else(|| Error::Pipeline("the decoder config has no sample_size".into()))?;
-        Ok((cfg.in_channels, h, w))
+        Ok((cfg.sample_channels(), h, w))
     }
 
     fn out_channels(&self) -> i64 {
