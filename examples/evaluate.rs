@@ -14,7 +14,7 @@ use unclip::shapes::{
     Color, EvalTable, PromptKind, SceneGenerator, Shape, Spec, Split, caption, check, render,
 };
 use unclip::tch::{Kind, Tensor};
-use unclip::{LoadOptions, TextToImage, Unclip};
+use unclip::{DecodeOptions, LoadOptions, TextToImage, Unclip};
 use unclip_examples::{RuntimeArgs, SamplingArgs};
 
 #[derive(Parser)]
@@ -46,6 +46,14 @@ struct Cli {
     /// Folder for the generated PNGs and prompts.txt (none when absent).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Decoder-only evaluation: condition the decoder on our CLIP's embedding of each prompt's
+    /// ground-truth render instead of a prior sample (tells the prior's errors from the decoder's).
+    #[arg(long)]
+    oracle_embeddings: bool,
+    /// A diffusers `scheduler_config.json` to sample the decoder with instead of the folder's
+    /// (e.g. a `DDIMScheduler`: decoders trained with learned variance sample without it too).
+    #[arg(long)]
+    decoder_scheduler: Option<PathBuf>,
     /// libtorch CPU threads.
     #[arg(long, default_value_t = 2)]
     threads: i32,
@@ -144,6 +152,16 @@ fn main() -> anyhow::Result<()> {
     let mut model = Unclip::from_pretrained(&cli.model, &LoadOptions::new(device, kind))
         .with_context(|| format!("loading {}", cli.model.display()))?;
     let sampling = cli.sampling.resolve(&model);
+    if let Some(path) = &cli.decoder_scheduler {
+        let (scheduler, learned, _) = unclip::loading::load_scheduler(path)
+            .with_context(|| format!("loading {}", path.display()))?;
+        model.decoder_scheduler = scheduler;
+        model.decoder_learned_variance = learned;
+        println!("decoder sampler: {}", path.display());
+    }
+    if cli.oracle_embeddings {
+        println!("decoder only: image embeddings of the ground-truth renders, no prior");
+    }
     println!(
         "sampling: {}/{}/{} steps, prior guidance {}, decoder guidance {}",
         sampling.prior_steps,
@@ -170,13 +188,22 @@ fn main() -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let mut generated = Vec::new();
     for (b, chunk) in all.chunks(cli.batch).enumerate() {
-        let req = TextToImage {
-            prompts: chunk.iter().map(|c| c.prompt.clone()).collect(),
-            seed: Some(cli.seed.wrapping_add(b as u64)),
-            ..sampling.text_to_image("")
+        let seed = Some(cli.seed.wrapping_add(b as u64));
+        let out = if cli.oracle_embeddings {
+            let renders: Vec<Tensor> = chunk.iter().map(|c| c.render.shallow_clone()).collect();
+            let embeddings = model.clip_image_embeddings(&Tensor::f_cat(&renders, 0)?)?;
+            let prompts: Vec<&str> = chunk.iter().map(|c| c.prompt.as_str()).collect();
+            let opts = DecodeOptions { seed, ..sampling.decode_options() };
+            model.decode(&embeddings, &prompts, &opts, &mut unclip::no_progress)?.1
+        } else {
+            let req = TextToImage {
+                prompts: chunk.iter().map(|c| c.prompt.clone()).collect(),
+                seed,
+                ..sampling.text_to_image("")
+            };
+            model.text_to_image(&req, &mut unclip::no_progress)?.images
         };
-        let out = model.text_to_image(&req, &mut unclip::no_progress)?;
-        generated.push(out.images.f_to_kind(Kind::Float)?);
+        generated.push(out.f_to_kind(Kind::Float)?);
         eprintln!(
             "generated {}/{} ({:.0} s)",
             (b * cli.batch + chunk.len()).min(all.len()),

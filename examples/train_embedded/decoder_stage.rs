@@ -3,8 +3,9 @@
 //! variance, image embedding dropped 10% and caption 50% of the time (`unclip_decoder::train`).
 
 use crate::stage::{Ctx, encode_images, encode_text, train};
+use anyhow::{Context, bail};
 use tch::nn::VarStore;
-use unclip::decoder::train::{DecoderBatch, DecoderTrainer, EmptyCaption};
+use unclip::decoder::train::{DecoderBatch, DecoderTrainer, EmptyCaption, Timesteps};
 use unclip::decoder::{
     TextProjConfig, UNet2DConditionConfig, UNet2DConditionModel, UnCLIPTextProjModel,
 };
@@ -21,7 +22,14 @@ pub const TEXT_PROJ: &str = "text_proj";
 pub const PREDICTION: PredictionType = PredictionType::VPrediction;
 
 pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
-    let trainer = DecoderTrainer::karlo().with_prediction(PREDICTION);
+    let r = &ctx.recipe;
+    let timesteps = if r.decoder_high_noise > 0.0 {
+        Timesteps::HighNoise { share: r.decoder_high_noise, from: r.decoder_high_noise_from }
+    } else {
+        Timesteps::Uniform
+    };
+    let mut trainer = DecoderTrainer::karlo().with_prediction(PREDICTION).with_timesteps(timesteps);
+    trainer.text_dropout = r.decoder_text_dropout;
     let tok = ctx.tokenizer()?;
     let clip = ctx.clip()?;
     let data = ctx.data();
@@ -35,6 +43,9 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
     let vs = VarStore::new(device);
     let unet = UNet2DConditionModel::new(vs.root() / UNET, &unet_cfg)?;
     let text_proj = UnCLIPTextProjModel::new(vs.root() / TEXT_PROJ, &proj_cfg)?;
+    if let Some(path) = &r.decoder_init {
+        warm_start(&vs, path)?;
+    }
     let empty = encode_text(&clip, &tok, &[""])?;
     train(
         ctx,
@@ -65,4 +76,92 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
         || Ok(()),
     )?;
     Ok(())
+}
+
+/// Copies a finished decoder stage's weights into `vs` (a resumed run then loads its own
+/// checkpoint over them). Every variable must be there with its shape, except that an input
+/// convolution may have gained input channels (coordinate inputs): those start at zero, so the
+/// fine-tune starts from exactly the old model.
+fn warm_start(vs: &VarStore, path: &std::path::Path) -> anyhow::Result<()> {
+    let saved: std::collections::HashMap<String, tch::Tensor> = tch::Tensor::read_safetensors(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .into_iter()
+        .collect();
+    tch::no_grad(|| -> anyhow::Result<()> {
+        for (name, mut var) in vs.variables() {
+            let Some(old) = saved.get(&name) else {
+                bail!("{}: no tensor {name}", path.display());
+            };
+            let (want, have) = (var.size(), old.size());
+            if want == have {
+                var.f_copy_(old)?;
+            } else if name.ends_with("conv_in.weight")
+                && want.len() == 4
+                && have.len() == 4
+                && want[0] == have[0]
+                && want[2..] == have[2..]
+                && have[1] < want[1]
+            {
+                let _zeroed = var.f_zero_()?;
+                var.f_narrow(1, 0, have[1])?.f_copy_(old)?;
+            } else {
+                bail!("{}: {name} is {have:?}, the model needs {want:?}", path.display());
+            }
+        }
+        Ok(())
+    })?;
+    println!("decoder: started from {}", path.display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::recipe::Recipe;
+    use tch::{Device, Kind, Tensor};
+
+    /// A decoder (UNet + text projection) of `recipe`'s shape in a fresh VarStore.
+    fn build(recipe: &Recipe, seed: i64) -> (VarStore, UNet2DConditionModel) {
+        let cfg: UNet2DConditionConfig = serde_json::from_value(recipe.decoder_config()).unwrap();
+        let proj: TextProjConfig = serde_json::from_value(recipe.text_proj_config()).unwrap();
+        tch::manual_seed(seed);
+        let vs = VarStore::new(Device::Cpu);
+        let unet = UNet2DConditionModel::new(vs.root() / UNET, &cfg).unwrap();
+        UnCLIPTextProjModel::new(vs.root() / TEXT_PROJ, &proj).unwrap();
+        (vs, unet)
+    }
+
+    #[test]
+    fn a_warm_start_with_coordinate_inputs_begins_as_the_old_decoder() {
+        let dir = unclip::core::fsutil::scratch_dir("decoder-warm-start").unwrap();
+        let path = dir.join("weights.safetensors");
+        let plain = Recipe::quick();
+        let (old_vs, old) = build(&plain, 1);
+        old_vs.save(&path).unwrap();
+
+        let coords = Recipe { decoder_coordinates: true, ..plain.clone() };
+        let (vs, unet) = build(&coords, 2);
+        warm_start(&vs, &path).unwrap();
+        let d = coords.clip_dim;
+        let x = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let ctx = Tensor::randn([2, 5, d], (Kind::Float, Device::Cpu));
+        let class = Tensor::randn([2, 4 * 32], (Kind::Float, Device::Cpu));
+        let t = Tensor::from_slice(&[10i64, 900]);
+        let (a, b) = tch::no_grad(|| {
+            (
+                old.forward(&x, &t, Some(&ctx), Some(&class), None).unwrap(),
+                unet.forward(&x, &t, Some(&ctx), Some(&class), None).unwrap(),
+            )
+        });
+        assert_eq!(
+            Vec::<f32>::try_from(a.flatten(0, -1)).unwrap(),
+            Vec::<f32>::try_from(b.flatten(0, -1)).unwrap()
+        );
+
+        // Anything else that differs is refused, naming the tensor.
+        let wider = Recipe { decoder_channels: vec![32, 64, 96], ..plain };
+        let (vs, _) = build(&wider, 3);
+        let e = warm_start(&vs, &path).unwrap_err().to_string();
+        assert!(e.contains("decoder.") && e.contains("needs"), "{e}");
+    }
 }

@@ -79,6 +79,18 @@ struct Cli {
     /// Decoder training steps (the recipe's when absent).
     #[arg(long)]
     decoder_steps: Option<u64>,
+    /// Give the decoder pixel-coordinate inputs (see the recipe's `decoder_coordinates`).
+    #[arg(long)]
+    decoder_coordinates: bool,
+    /// Probability of training the decoder on the empty caption (the recipe's 0.5 when absent).
+    #[arg(long)]
+    decoder_text_dropout: Option<f64>,
+    /// Share of decoder timesteps drawn from 500..1000 instead of 0..1000.
+    #[arg(long)]
+    decoder_high_noise: Option<f64>,
+    /// Start the decoder from these weights (another run's decoder/weights.safetensors).
+    #[arg(long)]
+    decoder_init: Option<PathBuf>,
     /// Add steps to an existing run: only step counts may differ from its recipe.json; each stage
     /// given more steps resumes from its last checkpoint (a finished one's weights are kept as
     /// `weights-<steps>.safetensors`); finished later stages keep their weights.
@@ -109,6 +121,19 @@ fn main() -> anyhow::Result<()> {
     if let Some(n) = cli.decoder_steps {
         anyhow::ensure!(n >= 1, "--decoder-steps must be at least 1");
         recipe.set_decoder_steps(n);
+    }
+    recipe.decoder_coordinates |= cli.decoder_coordinates;
+    if let Some(p) = cli.decoder_text_dropout {
+        anyhow::ensure!((0.0..=1.0).contains(&p), "--decoder-text-dropout must be in [0, 1]");
+        recipe.decoder_text_dropout = p;
+    }
+    if let Some(p) = cli.decoder_high_noise {
+        anyhow::ensure!((0.0..=1.0).contains(&p), "--decoder-high-noise must be in [0, 1]");
+        recipe.decoder_high_noise = p;
+    }
+    if let Some(path) = &cli.decoder_init {
+        anyhow::ensure!(path.is_file(), "--decoder-init {} is not a file", path.display());
+        recipe.decoder_init = Some(path.clone());
     }
     if cli.estimate {
         return stage::estimate(&recipe, &cli.out, device);

@@ -74,6 +74,23 @@ pub struct Recipe {
     pub prior_layers: i64,
     pub decoder_channels: Vec<i64>,
     pub decoder_layers_per_block: i64,
+    /// The decoder sees each pixel's coordinates (`coordinate_channels` of its config): without
+    /// them the shipped decoder put every object where chance did, whatever the caption said.
+    #[serde(default)]
+    pub decoder_coordinates: bool,
+    /// Probability that a decoder example's caption is replaced by the empty one (unCLIP: 0.5).
+    #[serde(default = "half")]
+    pub decoder_text_dropout: f64,
+    /// Share of decoder examples whose timestep is drawn from `decoder_high_noise_from..T`
+    /// (`Timesteps::HighNoise`; 0: uniform).
+    #[serde(default)]
+    pub decoder_high_noise: f64,
+    #[serde(default = "high_noise_from")]
+    pub decoder_high_noise_from: i64,
+    /// Weights a fresh decoder stage starts from (a finished run's `decoder/weights.safetensors`):
+    /// a fine-tune. Coordinate inputs missing there start at zero.
+    #[serde(default)]
+    pub decoder_init: Option<std::path::PathBuf>,
     pub upsampler_channels: Vec<i64>,
     /// Side of the random high-res crops the upsampler trains on.
     pub upsampler_crop: i64,
@@ -81,6 +98,14 @@ pub struct Recipe {
     pub prior: Optim,
     pub decoder: Optim,
     pub upsampler: Optim,
+}
+
+fn half() -> f64 {
+    0.5
+}
+
+fn high_noise_from() -> i64 {
+    500
 }
 
 fn optim(steps: u64, batch: usize, lr: f64, ema_decay: f64) -> Optim {
@@ -117,6 +142,11 @@ impl Recipe {
             prior_layers: 4,
             decoder_channels: vec![32, 64, 128],
             decoder_layers_per_block: 2,
+            decoder_coordinates: false,
+            decoder_text_dropout: half(),
+            decoder_high_noise: 0.0,
+            decoder_high_noise_from: high_noise_from(),
+            decoder_init: None,
             upsampler_channels: vec![32, 64, 64],
             upsampler_crop: 32,
             // Measured on the shared 2-core CPU (2 threads): clip 0.40 s/step, prior 0.36,
@@ -300,7 +330,8 @@ impl Recipe {
         let up: Vec<&str> = (0..n)
             .map(|i| if i + 1 == n { "ResnetUpsampleBlock2D" } else { "SimpleCrossAttnUpBlock2D" })
             .collect();
-        json!({
+        let coords = if self.decoder_coordinates { 2 } else { 0 };
+        let mut cfg = json!({
             "_class_name": "UNet2DConditionModel",
             "act_fn": "silu",
             "attention_head_dim": 32,
@@ -313,7 +344,7 @@ impl Recipe {
             "dual_cross_attention": false,
             "flip_sin_to_cos": true,
             "freq_shift": 0,
-            "in_channels": 3,
+            "in_channels": 3 + coords,
             "layers_per_block": self.decoder_layers_per_block,
             "mid_block_scale_factor": 1,
             "mid_block_type": "UNetMidBlock2DSimpleCrossAttn",
@@ -327,7 +358,11 @@ impl Recipe {
             "up_block_types": up,
             "upcast_attention": false,
             "use_linear_projection": false,
-        })
+        });
+        if coords > 0 {
+            cfg["coordinate_channels"] = json!(coords);
+        }
+        cfg
     }
 
     /// diffusers' `UnCLIPTextProjModel` config matching the decoder.
