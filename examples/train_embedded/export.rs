@@ -77,8 +77,9 @@ fn save_component<M: Component>(
 
 /// The sampling settings the exported folder recommends (`sampling_config.json`): Karlo's, but
 /// decoder guidance 3. At Karlo's 8 this small decoder over-saturates: on 100 held-out
-/// single-object prompts the shipped model got the background right 92% of the time and drew
-/// exactly one object 23%; at 3, 100% and 48% (README, "The embedded model").
+/// single-object prompts the model shipped before the coordinate-input decoder got the
+/// background right 92% of the time and drew exactly one object 23%; at 3, 100% and 48%
+/// (README, "The embedded model").
 pub const SAMPLING: SamplingDefaults =
     SamplingDefaults { decoder_guidance_scale: 3.0, ..SamplingDefaults::KARLO };
 

@@ -69,7 +69,7 @@ pub struct Recipe {
     pub vision_patch: i64,
     /// CLIP batches are made of groups of this many scenes: an example and its counterparts
     /// (`Scene::pick_counterparts`), so shape, place, size and binding are needed to match them.
-    /// 1: plain random batches (the shipped model; README says what 4 gave).
+    /// 1: plain random batches (this recipe's default); the shipped model used 4 (README).
     pub clip_group: usize,
     pub prior_layers: i64,
     pub decoder_channels: Vec<i64>,
@@ -126,7 +126,9 @@ impl Recipe {
         [&mut self.clip, &mut self.prior, &mut self.decoder, &mut self.upsampler]
     }
 
-    /// The shipped model's recipe (sized for a few hours on a 2-core CPU).
+    /// The base recipe (sized for a few hours on a 2-core CPU). The shipped model came from it
+    /// with the flags the README gives: counterpart CLIP batches, a longer decoder, then a
+    /// decoder fine-tune with coordinate inputs.
     pub fn full() -> Self {
         Self {
             seed: 0,

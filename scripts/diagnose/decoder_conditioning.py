@@ -20,6 +20,7 @@ diffusers' UnCLIPScheduler does not take v_prediction).
 usage: .venv/bin/python scripts/diagnose/decoder_conditioning.py [--model models/shapes] [--samples OUT.png]
 """
 import argparse
+import json
 import os
 
 import numpy as np
@@ -63,6 +64,14 @@ def main():
     vis = CLIPVisionModelWithProjection.from_pretrained(j("image_encoder"), **F32).eval()
     proc = CLIPImageProcessor.from_pretrained(j("feature_extractor"))
     unet = UNet2DConditionModel.from_pretrained(j("decoder"), **F32).eval()
+    # A decoder with coordinate inputs (this project's `coordinate_channels`) gets the pixel
+    # coordinate maps appended, as unclip-decoder does.
+    with open(j("decoder/config.json")) as f:
+        coords = json.load(f).get("coordinate_channels", 0)
+    side0 = unet.config.sample_size
+    centres = (torch.arange(side0) + 0.5) / side0 * 2 - 1
+    maps = torch.cat([centres.view(1, 1, 1, side0).expand(1, 1, side0, side0),
+                      centres.view(1, 1, side0, 1).expand(1, 1, side0, side0)], 1)
     tp = UnCLIPTextProjModel.from_pretrained(j("text_proj"), **F32).eval()
     sched = UnCLIPScheduler.from_pretrained(j("decoder_scheduler"))
     ac, prediction = sched.alphas_cumprod, sched.config.prediction_type
@@ -84,7 +93,8 @@ def main():
     def eps_and_v(x_t, t, name):
         """The model's epsilon (derived from its x0 or v prediction), and its learned-variance
         interpolation channels (None without learned variance)."""
-        full = unet(x_t, t, **conds[name]).sample
+        x_in = torch.cat([x_t, maps.expand(x_t.shape[0], -1, -1, -1)], 1) if coords else x_t
+        full = unet(x_in, t, **conds[name]).sample
         out, var = full[:, :3], (full[:, 3:] if full.shape[1] > 3 else None)
         if prediction == "sample":
             out = (x_t - ac[t].sqrt() * out) / (1 - ac[t]).sqrt()
