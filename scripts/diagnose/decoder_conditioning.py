@@ -26,17 +26,15 @@ import os
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from transformers import (CLIPImageProcessor, CLIPTextModelWithProjection, CLIPTokenizer,
-                          CLIPVisionModelWithProjection)
+
+from common import F32, ROOT, coordinate_maps, load_clip
 
 from diffusers import PriorTransformer, UNet2DConditionModel, UNet2DModel, UnCLIPScheduler
 from diffusers.pipelines.deprecated.unclip import UnCLIPPipeline
 from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 BACKGROUNDS = {"blue": (30, 60, 225), "yellow": (245, 230, 40), "white": (245, 245, 245)}
 RED = (225, 30, 30)
-F32 = dict(torch_dtype=torch.float32)
 
 
 def render(bg, side):
@@ -59,19 +57,13 @@ def main():
     torch.set_num_threads(2)
     torch.set_grad_enabled(False)
     j = lambda n: os.path.join(a.model, n)  # noqa: E731
-    tok = CLIPTokenizer.from_pretrained(j("tokenizer"))
-    te = CLIPTextModelWithProjection.from_pretrained(j("text_encoder"), **F32).eval()
-    vis = CLIPVisionModelWithProjection.from_pretrained(j("image_encoder"), **F32).eval()
-    proc = CLIPImageProcessor.from_pretrained(j("feature_extractor"))
+    tok, te, vis, proc = load_clip(a.model)
     unet = UNet2DConditionModel.from_pretrained(j("decoder"), **F32).eval()
     # A decoder with coordinate inputs (this project's `coordinate_channels`) gets the pixel
     # coordinate maps appended, as unclip-decoder does.
     with open(j("decoder/config.json")) as f:
         coords = json.load(f).get("coordinate_channels", 0)
-    side0 = unet.config.sample_size
-    centres = (torch.arange(side0) + 0.5) / side0 * 2 - 1
-    maps = torch.cat([centres.view(1, 1, 1, side0).expand(1, 1, side0, side0),
-                      centres.view(1, 1, side0, 1).expand(1, 1, side0, side0)], 1)
+    maps = coordinate_maps(unet.config.sample_size)
     tp = UnCLIPTextProjModel.from_pretrained(j("text_proj"), **F32).eval()
     sched = UnCLIPScheduler.from_pretrained(j("decoder_scheduler"))
     ac, prediction = sched.alphas_cumprod, sched.config.prediction_type

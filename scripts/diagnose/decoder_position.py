@@ -22,17 +22,14 @@ import os
 import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
-from transformers import (CLIPImageProcessor, CLIPTextModelWithProjection, CLIPTokenizer,
-                          CLIPVisionModelWithProjection)
 
+from common import F32, ROOT, coordinate_maps, load_clip
 from diffusers import UNet2DConditionModel, UnCLIPScheduler
 from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 BACKGROUND, RED = (30, 60, 225), (225, 30, 30)
 PLACES = {"in the top left": (0.2, 0.2), "in the bottom right": (0.8, 0.8),
           "on the left": (0.2, 0.5), "at the top": (0.5, 0.2)}
-F32 = dict(torch_dtype=torch.float32)
 
 
 def render(center, side=64):
@@ -40,13 +37,6 @@ def render(center, side=64):
     r, (x, y) = 0.14 * side, (center[0] * side, center[1] * side)
     ImageDraw.Draw(im).ellipse((x - r, y - r, x + r, y + r), fill=RED)
     return im
-
-
-def coordinate_maps(side):
-    """(1, 2, side, side): x then y of each pixel centre, -1 at the left / top edge to 1."""
-    c = (torch.arange(side) + 0.5) / side * 2 - 1
-    return torch.cat([c.view(1, 1, 1, side).expand(1, 1, side, side),
-                      c.view(1, 1, side, 1).expand(1, 1, side, side)], 1)
 
 
 def main():
@@ -58,10 +48,7 @@ def main():
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
     j = lambda n: os.path.join(a.model, n)  # noqa: E731
-    tok = CLIPTokenizer.from_pretrained(j("tokenizer"))
-    te = CLIPTextModelWithProjection.from_pretrained(j("text_encoder"), **F32).eval()
-    vis = CLIPVisionModelWithProjection.from_pretrained(j("image_encoder"), **F32).eval()
-    proc = CLIPImageProcessor.from_pretrained(j("feature_extractor"))
+    tok, te, vis, proc = load_clip(a.model)
     tp = UnCLIPTextProjModel.from_pretrained(j("text_proj"), **F32).eval()
     with open(a.config or j("decoder/config.json")) as f:
         config = json.load(f)
