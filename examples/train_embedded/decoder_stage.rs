@@ -3,8 +3,9 @@
 //! variance, image embedding dropped 10% and caption 50% of the time (`unclip_decoder::train`).
 
 use crate::stage::{Ctx, encode_images, encode_text, train};
-use anyhow::{Context, bail};
+use tch::Tensor;
 use tch::nn::VarStore;
+use unclip::core::weights::{Unexpected, load_tensors, read_tensors};
 use unclip::decoder::train::{DecoderBatch, DecoderTrainer, EmptyCaption, Timesteps};
 use unclip::decoder::{
     TextProjConfig, UNet2DConditionConfig, UNet2DConditionModel, UnCLIPTextProjModel,
@@ -78,38 +79,27 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Copies a finished decoder stage's weights into `vs` (a resumed run then loads its own
-/// checkpoint over them). Every variable must be there with its shape, except that an input
-/// convolution may have gained input channels (coordinate inputs): those start at zero, so the
-/// fine-tune starts from exactly the old model.
+/// Loads a finished decoder stage's weights into `vs` (a resumed run then loads its own
+/// checkpoint over them) with the checked loader, which names every missing or misshapen tensor.
+/// One difference is allowed: an input convolution that gained input channels (coordinate
+/// inputs) gets zero weights for them, so the fine-tune starts from exactly the old model.
 fn warm_start(vs: &VarStore, path: &std::path::Path) -> anyhow::Result<()> {
-    let saved: std::collections::HashMap<String, tch::Tensor> = tch::Tensor::read_safetensors(path)
-        .with_context(|| format!("reading {}", path.display()))?
-        .into_iter()
-        .collect();
-    tch::no_grad(|| -> anyhow::Result<()> {
-        for (name, mut var) in vs.variables() {
-            let Some(old) = saved.get(&name) else {
-                bail!("{}: no tensor {name}", path.display());
-            };
-            let (want, have) = (var.size(), old.size());
-            if want == have {
-                var.f_copy_(old)?;
-            } else if name.ends_with("conv_in.weight")
-                && want.len() == 4
-                && have.len() == 4
-                && want[0] == have[0]
-                && want[2..] == have[2..]
-                && have[1] < want[1]
-            {
-                let _zeroed = var.f_zero_()?;
-                var.f_narrow(1, 0, have[1])?.f_copy_(old)?;
-            } else {
-                bail!("{}: {name} is {have:?}, the model needs {want:?}", path.display());
-            }
+    let mut saved = read_tensors(path)?;
+    for (name, var) in vs.variables() {
+        let Some(old) = saved.get(&name).filter(|_| name.ends_with("conv_in.weight")) else {
+            continue;
+        };
+        let (want, have) = (var.size(), old.size());
+        if want.len() == 4 && have.len() == 4 && want[1] > have[1] && want[0] == have[0] {
+            let extra = old.f_new_zeros(
+                [have[0], want[1] - have[1], have[2], have[3]],
+                (old.kind(), old.device()),
+            )?;
+            let widened = Tensor::f_cat(&[old.shallow_clone(), extra], 1)?;
+            saved.insert(name, widened);
         }
-        Ok(())
-    })?;
+    }
+    load_tensors(vs, &saved, &path.display().to_string(), Unexpected::Error)?;
     println!("decoder: started from {}", path.display());
     Ok(())
 }
@@ -118,7 +108,7 @@ fn warm_start(vs: &VarStore, path: &std::path::Path) -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use crate::recipe::Recipe;
-    use tch::{Device, Kind, Tensor};
+    use tch::{Device, Kind};
 
     /// A decoder (UNet + text projection) of `recipe`'s shape in a fresh VarStore.
     fn build(recipe: &Recipe, seed: i64) -> (VarStore, UNet2DConditionModel) {
@@ -162,6 +152,6 @@ mod tests {
         let wider = Recipe { decoder_channels: vec![32, 64, 96], ..plain };
         let (vs, _) = build(&wider, 3);
         let e = warm_start(&vs, &path).unwrap_err().to_string();
-        assert!(e.contains("decoder.") && e.contains("needs"), "{e}");
+        assert!(e.contains("decoder.") && e.contains("expected"), "{e}");
     }
 }
