@@ -10,8 +10,10 @@ toward it (top left: both below 0.5); one that does not gives the same centroid 
 A decoder whose config has `coordinate_channels` (this project's extension) gets the coordinate
 maps appended to its input, as unclip-decoder does.
 
-With --weights EMA.safetensors (a train_embedded checkpoint: `decoder.*` and `text_proj.*` names)
-and --config CONFIG.json, those decoder weights are measured instead of the folder's.
+With --weights EMA.safetensors (a train_embedded checkpoint, `<run>/decoder/step-*/ema.safetensors`:
+`decoder.*` and `text_proj.*` names) those weights are measured instead of the folder's, in the
+folder's decoder config; a checkpoint whose conv_in takes more channels than the folder's sample
+has coordinate inputs.
 
 usage: .venv/bin/python scripts/diagnose/decoder_position.py [--model models/shapes]
 """
@@ -43,18 +45,20 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=os.path.join(ROOT, "models", "shapes"))
     ap.add_argument("--weights", default=None)
-    ap.add_argument("--config", default=None)
     a = ap.parse_args()
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
     j = lambda n: os.path.join(a.model, n)  # noqa: E731
     tok, te, vis, proc = load_clip(a.model)
     tp = UnCLIPTextProjModel.from_pretrained(j("text_proj"), **F32).eval()
-    with open(a.config or j("decoder/config.json")) as f:
+    with open(j("decoder/config.json")) as f:
         config = json.load(f)
     coords = config.pop("coordinate_channels", 0)
     if a.weights:
         sd = load_file(a.weights)
+        sample_channels = config["in_channels"] - coords
+        config["in_channels"] = sd["decoder.conv_in.weight"].shape[1]
+        coords = config["in_channels"] - sample_channels
         part = lambda p: {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}  # noqa: E731
         unet = UNet2DConditionModel.from_config(config).eval()
         unet.load_state_dict(part("decoder."))
