@@ -50,6 +50,10 @@ struct Cli {
     /// ground-truth render instead of a prior sample (tells the prior's errors from the decoder's).
     #[arg(long)]
     oracle_embeddings: bool,
+    /// Upsampler-only evaluation: super-resolve each prompt's ground-truth render at the
+    /// decoder's size (no prior, no decoder; tells the upsampler's errors from the decoder's).
+    #[arg(long, conflicts_with = "oracle_embeddings")]
+    upsampler_only: bool,
     /// A diffusers `scheduler_config.json` to sample the decoder with instead of the folder's
     /// (e.g. a `DDIMScheduler`: decoders trained with learned variance sample without it too).
     #[arg(long)]
@@ -61,21 +65,33 @@ struct Cli {
     rt: RuntimeArgs,
 }
 
-/// A held-out prompt, the facts it states, and the ground-truth render of its scene.
+/// A held-out prompt, the facts it states, and the ground-truth render of its scene at the
+/// output size and at the decoder's.
 struct Case {
     prompt: String,
     spec: Spec,
     render: Tensor,
+    render_small: Tensor,
 }
 
-fn cases(seed: u64, kind: PromptKind, n: usize, side: u32) -> anyhow::Result<Vec<Case>> {
+fn cases(
+    seed: u64,
+    kind: PromptKind,
+    n: usize,
+    side: u32,
+    small_side: u32,
+) -> anyhow::Result<Vec<Case>> {
     let generator = SceneGenerator::new(Split::HeldOut, seed).with_kinds(&[kind]);
+    let to_tensor = |img| unclip::output::image_to_tensor(&image::DynamicImage::ImageRgb8(img));
     (0..n as u64)
         .map(|i| {
             let scene = generator.scene(i);
-            let img = render(&scene, side);
-            let render = unclip::output::image_to_tensor(&image::DynamicImage::ImageRgb8(img))?;
-            Ok(Case { prompt: caption(&scene), spec: scene.spec(), render })
+            Ok(Case {
+                prompt: caption(&scene),
+                spec: scene.spec(),
+                render: to_tensor(render(&scene, side))?,
+                render_small: to_tensor(render(&scene, small_side))?,
+            })
         })
         .collect()
 }
@@ -162,6 +178,9 @@ fn main() -> anyhow::Result<()> {
     if cli.oracle_embeddings {
         println!("decoder only: image embeddings of the ground-truth renders, no prior");
     }
+    if cli.upsampler_only {
+        println!("upsampler only: ground-truth renders at the decoder's size, no prior or decoder");
+    }
     println!(
         "sampling: {}/{}/{} steps, prior guidance {}, decoder guidance {}",
         sampling.prior_steps,
@@ -172,6 +191,7 @@ fn main() -> anyhow::Result<()> {
     );
     let (_, side, _) =
         model.upsampler.as_ref().map_or(model.decoder.sample_shape(), |u| u.sample_shape())?;
+    let (_, small_side, _) = model.decoder.sample_shape()?;
     anyhow::ensure!(cli.batch > 0, "--batch must be at least 1");
 
     let mut all = Vec::new();
@@ -181,7 +201,7 @@ fn main() -> anyhow::Result<()> {
         (PromptKind::Relation, cli.relation),
         (PromptKind::Negation, cli.negation),
     ] {
-        all.extend(cases(cli.seed, kind, n, side as u32)?);
+        all.extend(cases(cli.seed, kind, n, side as u32, small_side as u32)?);
     }
     anyhow::ensure!(!all.is_empty(), "no prompts to evaluate");
 
@@ -189,7 +209,10 @@ fn main() -> anyhow::Result<()> {
     let mut generated = Vec::new();
     for (b, chunk) in all.chunks(cli.batch).enumerate() {
         let seed = Some(cli.seed.wrapping_add(b as u64));
-        let out = if cli.oracle_embeddings {
+        let out = if cli.upsampler_only {
+            let small: Vec<Tensor> = chunk.iter().map(|c| c.render_small.shallow_clone()).collect();
+            model.super_resolve(&Tensor::f_cat(&small, 0)?, sampling.super_res_steps, seed)?
+        } else if cli.oracle_embeddings {
             let renders: Vec<Tensor> = chunk.iter().map(|c| c.render.shallow_clone()).collect();
             let embeddings = model.clip_image_embeddings(&Tensor::f_cat(&renders, 0)?)?;
             let prompts: Vec<&str> = chunk.iter().map(|c| c.prompt.as_str()).collect();

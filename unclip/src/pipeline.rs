@@ -469,33 +469,68 @@ impl Unclip {
         };
         drop(step);
         let small = small.f_clamp(-1.0, 1.0)?;
-        let last = match self.upsampler.as_deref() {
-            Some(up) => {
-                let (c2, h2, w2) = up.sample_shape()?;
-                self.super_res_scheduler.set_timesteps(opts.super_res_steps)?;
-                let sigma = self.super_res_scheduler.init_noise_sigma();
-                let x =
-                    noise.randn(&[b, c2, h2, w2], up.kind(), up.device()).f_mul_scalar(sigma)?;
-                let low = up.condition(&small)?;
-                run_loop(
-                    Stage::SuperRes,
-                    self.super_res_scheduler.as_mut(),
-                    x,
-                    noise,
-                    progress,
-                    |x, t, _, last| up.predict(x, &low, t, last),
-                )?
-            }
-            None => small.shallow_clone(),
+        let last = if self.upsampler.is_some() {
+            self.upsample_with(&small, opts.super_res_steps, noise, progress)?
+        } else {
+            small.shallow_clone()
         };
-        let images = last
-            .f_to_kind(Kind::Float)?
-            .f_mul_scalar(0.5)?
-            .f_add_scalar(0.5)?
-            .f_clamp(0.0, 1.0)?
-            .f_to_device(Device::Cpu)?;
-        Ok((small, images))
+        Ok((small, to_unit_range(&last)?))
     }
+
+    /// Super-resolution alone: the upsampler's loop on low-resolution images (B, 3, h, w) in
+    /// [0, 1], as if the decoder had drawn them. Grades the upsampler apart from the decoder (on
+    /// ground-truth renders, say). Returns images in [0, 1] on the CPU.
+    pub fn super_resolve(
+        &mut self,
+        images: &Tensor,
+        steps: usize,
+        seed: Option<u64>,
+    ) -> Result<Tensor> {
+        check_steps("super_res_steps", steps)?;
+        if self.upsampler.is_none() {
+            return Err(Error::Input("this model has no upsampler".into()));
+        }
+        let small = images.f_mul_scalar(2.0)?.f_sub_scalar(1.0)?.f_clamp(-1.0, 1.0)?;
+        let mut noise = noise_for(seed);
+        let last = self.upsample_with(&small, steps, &mut noise, &mut no_progress)?;
+        to_unit_range(&last)
+    }
+
+    /// The upsampler's loop on `small` (B, 3, h, w) in [-1, 1]; the caller checks there is one.
+    fn upsample_with(
+        &mut self,
+        small: &Tensor,
+        steps: usize,
+        noise: &mut dyn NoiseSource,
+        progress: &mut dyn FnMut(&StepInfo),
+    ) -> Result<Tensor> {
+        let Some(up) = self.upsampler.as_deref() else {
+            return Err(Error::Pipeline("no upsampler".into()));
+        };
+        let low = up.condition(small)?;
+        let b = small.size()[0];
+        let (c2, h2, w2) = up.sample_shape()?;
+        self.super_res_scheduler.set_timesteps(steps)?;
+        let sigma = self.super_res_scheduler.init_noise_sigma();
+        let x = noise.randn(&[b, c2, h2, w2], up.kind(), up.device()).f_mul_scalar(sigma)?;
+        run_loop(
+            Stage::SuperRes,
+            self.super_res_scheduler.as_mut(),
+            x,
+            noise,
+            progress,
+            |x, t, _, last| up.predict(x, &low, t, last),
+        )
+    }
+}
+
+/// Model-range images ([-1, 1]) as float images in [0, 1] on the CPU.
+fn to_unit_range(x: &Tensor) -> Result<Tensor> {
+    Ok(x.f_to_kind(Kind::Float)?
+        .f_mul_scalar(0.5)?
+        .f_add_scalar(0.5)?
+        .f_clamp(0.0, 1.0)?
+        .f_to_device(Device::Cpu)?)
 }
 
 pub(crate) fn check_embeddings(e: &Tensor) -> Result<i64> {

@@ -476,3 +476,26 @@ fn negative_prompt_and_unguided_runs() {
     assert_eq!(*rows.borrow(), [1, 1]);
     assert!(bool::try_from(out.images.isfinite().all()).unwrap());
 }
+
+#[test]
+fn super_resolution_runs_alone_and_checks_its_input() {
+    let _g = lock();
+    let mut m = t2i();
+    let (_, h, w) = m.upsampler.as_ref().unwrap().sample_shape().unwrap();
+    let (_, hs, ws) = m.decoder.sample_shape().unwrap();
+    let small = Tensor::rand([2, 3, hs, ws], (Kind::Float, Device::Cpu));
+    let a = m.super_resolve(&small, 2, Some(5)).unwrap();
+    assert_eq!(a.size(), [2, 3, h, w]);
+    assert!(a.min().double_value(&[]) >= 0.0 && a.max().double_value(&[]) <= 1.0);
+    let b = m.super_resolve(&small, 2, Some(5)).unwrap();
+    assert_eq!(max_abs_diff(&a, &b), 0.0, "same seed, same images");
+    let c = m.super_resolve(&small, 2, Some(6)).unwrap();
+    assert!(max_abs_diff(&a, &c) > 0.0, "another seed, other images");
+    let err = |r: unclip::Result<Tensor>| r.unwrap_err();
+    assert!(matches!(err(m.super_resolve(&small, 0, None)), Error::Input(_)));
+    let gray = Tensor::rand([2, 1, hs, ws], (Kind::Float, Device::Cpu));
+    assert!(matches!(err(m.super_resolve(&gray, 2, None)), Error::Input(_)));
+    assert!(matches!(err(m.super_resolve(&Tensor::from(0.5f32), 2, None)), Error::Input(_)));
+    m.upsampler = None;
+    assert!(matches!(err(m.super_resolve(&small, 2, None)), Error::Input(_)));
+}
