@@ -83,7 +83,7 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
 /// checkpoint over them) with the checked loader, which names every missing or misshapen tensor.
 /// One difference is allowed: an input convolution that gained input channels (coordinate
 /// inputs) gets zero weights for them, so the fine-tune starts from exactly the old model.
-fn warm_start(vs: &VarStore, path: &std::path::Path) -> anyhow::Result<()> {
+pub(crate) fn warm_start(vs: &VarStore, path: &std::path::Path) -> anyhow::Result<()> {
     let mut saved = read_tensors(path)?;
     for (name, var) in vs.variables() {
         let Some(old) = saved.get(&name).filter(|_| name.ends_with("conv_in.weight")) else {

@@ -26,6 +26,7 @@ mod clip_stage;
 mod data;
 mod decoder_stage;
 mod export;
+mod import;
 mod prior_stage;
 mod recipe;
 mod stage;
@@ -91,6 +92,11 @@ struct Cli {
     /// Start the decoder from these weights (another run's decoder/weights.safetensors).
     #[arg(long)]
     decoder_init: Option<PathBuf>,
+    /// Start the run from an installed model folder (e.g. models/shapes): its tokenizer, CLIP,
+    /// prior and upsampler become finished stages, and the decoder stage starts from its decoder
+    /// (as with --decoder-init), to train a shipped model further.
+    #[arg(long, conflicts_with = "decoder_init")]
+    from: Option<PathBuf>,
     /// Add steps to an existing run: only step counts may differ from its recipe.json; each stage
     /// given more steps resumes from its last checkpoint (a finished one's weights are kept as
     /// `weights-<steps>.safetensors`); finished later stages keep their weights.
@@ -135,6 +141,9 @@ fn main() -> anyhow::Result<()> {
         anyhow::ensure!(path.is_file(), "--decoder-init {} is not a file", path.display());
         recipe.decoder_init = Some(path.clone());
     }
+    if cli.from.is_some() {
+        recipe.decoder_init = Some(import::decoder_path(&cli.out));
+    }
     if cli.estimate {
         return stage::estimate(&recipe, &cli.out, device);
     }
@@ -143,6 +152,9 @@ fn main() -> anyhow::Result<()> {
     let ctx = stage::Ctx::new(cli.out.clone(), recipe, device);
     let all = cli.stage == StageArg::All;
     let started = std::time::Instant::now();
+    if let Some(from) = &cli.from {
+        import::run(&ctx, from)?;
+    }
     if all || cli.stage == StageArg::Tokenizer {
         tokenizer::run(&ctx)?;
     }
