@@ -8,7 +8,6 @@
 use crate::decoder_stage::{TEXT_PROJ, UNET};
 use crate::stage::{Ctx, WEIGHTS};
 use anyhow::Context;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor, nn::VarStore};
 use unclip::clip::{AnyConfig, ClipModel, Towers};
@@ -76,50 +75,45 @@ fn clip(ctx: &Ctx, from: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Loads `files` (each under its VarStore prefix) into `vs`, checking every name and shape, and
-/// writes them as `dest` in f32.
-fn convert(vs: &VarStore, files: &[(PathBuf, &str)], dest: &Path) -> anyhow::Result<()> {
-    let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    for (path, prefix) in files {
-        for (name, t) in read_tensors(path)? {
-            let name = if prefix.is_empty() { name } else { format!("{prefix}.{name}") };
-            tensors.insert(name, t);
-        }
+/// A diffusers component of the folder as the finished stage `stage`: `build` creates the
+/// recipe's model in the store, every tensor's name and shape is checked against it, and the
+/// weights are written in f32 where the stage writes its own.
+fn finished_stage(
+    ctx: &Ctx,
+    from: &Path,
+    stage: &str,
+    component: &str,
+    build: impl FnOnce(&VarStore) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let dest = ctx.out.join(stage).join(WEIGHTS);
+    if dest.exists() {
+        return Ok(());
     }
-    let source = files.iter().map(|(p, _)| p.display().to_string()).collect::<Vec<_>>();
-    load_tensors(vs, &tensors, &source.join(" + "), Unexpected::Error)?;
+    let vs = VarStore::new(ctx.device);
+    build(&vs)?;
+    let file = from.join(component).join("diffusion_pytorch_model.safetensors");
+    load_tensors(&vs, &read_tensors(&file)?, &file.display().to_string(), Unexpected::Error)?;
     std::fs::create_dir_all(dest.parent().context("no parent folder")?)?;
-    save_file(vs, dest, Some(Kind::Float))?;
+    save_file(&vs, &dest, Some(Kind::Float))?;
+    println!("import: {stage} from {}", file.display());
     Ok(())
 }
 
 fn prior(ctx: &Ctx, from: &Path) -> anyhow::Result<()> {
-    let dest = ctx.out.join("prior").join(WEIGHTS);
-    if dest.exists() {
-        return Ok(());
-    }
-    let cfg: PriorConfig = serde_json::from_value(ctx.recipe.prior_config())?;
-    let vs = VarStore::new(ctx.device);
-    PriorTransformer::new(vs.root(), &cfg)?;
-    let file = from.join("prior").join("diffusion_pytorch_model.safetensors");
-    convert(&vs, &[(file, "")], &dest)?;
-    println!("import: prior from {}", from.display());
-    Ok(())
+    finished_stage(ctx, from, "prior", "prior", |vs| {
+        let cfg: PriorConfig = serde_json::from_value(ctx.recipe.prior_config())?;
+        PriorTransformer::new(vs.root(), &cfg)?;
+        Ok(())
+    })
 }
 
 /// The folder's first super-res UNet (the export writes the one upsampler as both).
 fn upsampler(ctx: &Ctx, from: &Path) -> anyhow::Result<()> {
-    let dest = ctx.out.join("upsampler").join(WEIGHTS);
-    if dest.exists() {
-        return Ok(());
-    }
-    let cfg: UNet2DConfig = serde_json::from_value(ctx.recipe.upsampler_config())?;
-    let vs = VarStore::new(ctx.device);
-    UNet2DModel::new(vs.root(), &cfg)?;
-    let file = from.join("super_res_first").join("diffusion_pytorch_model.safetensors");
-    convert(&vs, &[(file, "")], &dest)?;
-    println!("import: upsampler from {}", from.display());
-    Ok(())
+    finished_stage(ctx, from, "upsampler", "super_res_first", |vs| {
+        let cfg: UNet2DConfig = serde_json::from_value(ctx.recipe.upsampler_config())?;
+        UNet2DModel::new(vs.root(), &cfg)?;
+        Ok(())
+    })
 }
 
 /// The decoder and text projection under the decoder stage's two prefixes. Their shapes are
