@@ -11,7 +11,8 @@ use clap::Parser;
 use std::path::PathBuf;
 use unclip::clip::normalize;
 use unclip::shapes::{
-    Color, EvalTable, PromptKind, SceneGenerator, Shape, Spec, Split, caption, check, render,
+    CheckReport, Color, EvalTable, PromptKind, SceneGenerator, Shape, Spec, Split, caption, check,
+    render,
 };
 use unclip::tch::{Kind, Tensor};
 use unclip::{DecodeOptions, LoadOptions, TextToImage, Unclip};
@@ -161,6 +162,33 @@ impl ClipProbe<'_> {
     }
 }
 
+/// Single-object prompts: the prompted shape against the shape the checker reads on the largest
+/// object found (which shape the decoder draws instead).
+fn print_shape_confusion(all: &[Case], reports: &[CheckReport]) {
+    let mut counts = [[0usize; 4]; 3];
+    for (case, r) in all.iter().zip(reports) {
+        let [obj] = case.spec.objects.as_slice() else { continue };
+        if r.kind != PromptKind::Single {
+            continue;
+        }
+        let row = Shape::ALL.iter().position(|s| *s == obj.shape).unwrap_or(0);
+        let col = r
+            .detected
+            .first()
+            .map_or(3, |d| Shape::ALL.iter().position(|s| *s == d.shape).unwrap_or(3));
+        counts[row][col] += 1;
+    }
+    if counts.iter().flatten().sum::<usize>() == 0 {
+        return;
+    }
+    println!("shape read on single-object images (rows: prompted; largest object found):");
+    println!("{:<10} {:>8} {:>8} {:>8} {:>8}", "", "circle", "square", "triangle", "none");
+    for (shape, row) in Shape::ALL.iter().zip(&counts) {
+        println!("{:<10} {:>8} {:>8} {:>8} {:>8}", shape.name(), row[0], row[1], row[2], row[3]);
+    }
+    println!();
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     unclip::tch::set_num_threads(cli.threads);
@@ -237,11 +265,14 @@ fn main() -> anyhow::Result<()> {
     let images = Tensor::f_cat(&generated, 0)?;
     let rgb = unclip::output::to_rgb_images(&images)?;
 
+    let reports: Vec<CheckReport> =
+        all.iter().zip(&rgb).map(|(case, img)| check(img, &case.spec)).collect();
     let mut table = EvalTable::new();
-    for (case, img) in all.iter().zip(&rgb) {
-        table.add(&check(img, &case.spec));
+    for r in &reports {
+        table.add(r);
     }
     println!("\nchecker on {} generated held-out images ({side} px):\n{table}", all.len());
+    print_shape_confusion(&all, &reports);
     let single = Some(PromptKind::Single);
     use unclip::shapes::Attribute as A;
     for (attr, target) in

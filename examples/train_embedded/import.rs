@@ -61,11 +61,7 @@ fn clip(ctx: &Ctx, from: &Path) -> anyhow::Result<()> {
     let model = ClipModel::new(AnyConfig::from_value(cfg)?, Towers::Both, ctx.device, Kind::Float)?;
     let mut tensors = read_tensors(&from.join("text_encoder").join("model.safetensors"))?;
     tensors.extend(read_tensors(&from.join("image_encoder").join("model.safetensors"))?);
-    for (name, var) in model.var_store().variables() {
-        if name == "logit_scale" {
-            tensors.insert(name, var.detach());
-        }
-    }
+    tensors.insert("logit_scale".into(), model.logit_scale()?.detach());
     load_tensors(model.var_store(), &tensors, &from.display().to_string(), Unexpected::Error)?;
     std::fs::create_dir_all(&dir)?;
     let json = serde_json::to_string_pretty(&model.config_json())?;
