@@ -12,6 +12,34 @@ pub fn cuda_available() -> bool {
     tch::Cuda::is_available()
 }
 
+/// Checks that `device` can hold tensors here, before anything is placed on it: libtorch panics
+/// (inside tch) when a tensor is created on a CUDA device that is absent, so every constructor
+/// that takes a device calls this first and returns the error instead.
+pub fn check_device(device: Device) -> Result<()> {
+    let name = device_name(device);
+    let unavailable =
+        |reason: String| Err(Error::CudaUnavailable { requested: name.clone(), reason });
+    match device {
+        Device::Cpu => Ok(()),
+        Device::Cuda(index) => {
+            if !cuda_available() {
+                return unavailable(
+                    "libtorch reports no usable CUDA device (no GPU, no driver, or a CPU-only libtorch)"
+                        .into(),
+                );
+            }
+            let count = tch::Cuda::device_count().max(0) as usize;
+            if index >= count {
+                return unavailable(format!("only {count} CUDA device(s) are present"));
+            }
+            Ok(())
+        }
+        Device::Mps | Device::Vulkan => {
+            Err(Error::InvalidDevice(format!("{name} (this library runs on cpu or cuda)")))
+        }
+    }
+}
+
 /// Parses `cpu`, `cuda`, `cuda:N`, `gpu` or `auto` (case-insensitive) and checks it can be used.
 pub fn parse_device(name: &str) -> Result<Device> {
     let s = name.trim().to_ascii_lowercase();
@@ -92,6 +120,10 @@ mod tests {
         }
         // An index past the last device is always an error.
         assert!(matches!(parse_device("cuda:4096"), Err(Error::CudaUnavailable { .. })));
+        assert!(matches!(check_device(Device::Cuda(4096)), Err(Error::CudaUnavailable { .. })));
+        assert_eq!(check_device(Device::Cuda(0)).is_ok(), cuda_available());
+        assert!(check_device(Device::Cpu).is_ok());
+        assert!(check_device(Device::Mps).is_err());
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub enum Error {
     Config { path: String, message: String },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// Installing a folder ([`crate::fsutil::install_dir`]) was refused or failed.
+    #[error("install {path}: {message}")]
+    Install { path: std::path::PathBuf, message: String },
     #[error("training checkpoint {path}: {message}")]
     Checkpoint { path: String, message: String },
 }

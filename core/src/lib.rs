@@ -5,7 +5,8 @@
 //! - [`weights`]: safetensors loading that names the missing or misshapen tensor, and saving;
 //! - [`config`]: reading diffusers / transformers `config.json` files;
 //! - [`nn`]: layers shared by several models (timestep embeddings, multi-head attention);
-//! - [`fsutil`]: atomic file writes for checkpoints;
+//! - [`fsutil`]: atomic file writes, stale-temporary cleanup, stage completion markers, safe
+//!   installs of a folder;
 //! - [`train`]: model-independent training machinery (AdamW, LR schedules, EMA, checkpoints, logs).
 
 pub mod config;
@@ -18,7 +19,7 @@ pub mod testing;
 pub mod train;
 pub mod weights;
 
-pub use device::{cuda_available, parse_device, select_device};
+pub use device::{check_device, cuda_available, parse_device, select_device};
 pub use dtype::parse_dtype;
 pub use error::{Error, Result};
 
