@@ -43,6 +43,7 @@ pub struct ClipOutput {
 impl ClipModel {
     /// A randomly initialised model (transformers-like init) for `config`, in `kind` on `device`.
     pub fn new(config: AnyConfig, towers: Towers, device: Device, kind: Kind) -> Result<Self> {
+        unclip_core::check_device(device)?;
         let mut vs = nn::VarStore::new(device);
         let root = vs.root();
         let (mut text, mut vision, mut logit_scale) = (None, None, None);

@@ -82,6 +82,7 @@ pub fn read_config<M: Component>(dir: &Path) -> Result<M::Config> {
 /// Builds a freshly initialized model (for training from scratch) on `device` in `kind`.
 pub fn init<M: Component>(cfg: &M::Config, device: Device, kind: Kind) -> Result<Loaded<M>> {
     M::validate(cfg)?;
+    unclip_core::check_device(device)?;
     let mut vs = nn::VarStore::new(device);
     // Set before building so the variables are created in `kind` (no f32 copy first).
     vs.set_kind(kind);

@@ -47,6 +47,7 @@ impl PriorTransformer {
     /// un-normalization is the identity.
     pub fn new(p: nn::Path, cfg: &PriorConfig) -> Result<Self> {
         cfg.validate()?;
+        unclip_core::check_device(p.device())?;
         let d = cfg.inner_dim();
         let ln = nn::LayerNormConfig { eps: 1e-5, ..Default::default() };
         let layer_norm = |name: &str, dim: i64, kind: &Option<String>| {

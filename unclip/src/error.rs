@@ -27,6 +27,13 @@ pub enum Error {
     Image { path: String, reason: String },
     #[error("invalid input: {0}")]
     Input(String),
+    /// A sampling loop's latents became NaN or infinite (broken weights, an extreme guidance
+    /// scale...): the run stops instead of returning garbage images.
+    #[error(
+        "the {stage} stage produced non-finite values (NaN or inf) at step {step} of {total}; \
+         its weights, inputs or settings are broken"
+    )]
+    NonFinite { stage: crate::pipeline::Stage, step: usize, total: usize },
 }
 
 /// `Result` with this crate's [`Error`].

@@ -84,7 +84,7 @@ impl LoadOptions {
             "super_res_first",
             "super_res_last",
         ];
-        for (name, (_, kind)) in self
+        for (name, (device, kind)) in self
             .overrides
             .iter()
             .chain(std::iter::once((&String::new(), &(self.device, self.kind))))
@@ -95,6 +95,7 @@ impl LoadOptions {
                     known.join(", ")
                 )));
             }
+            unclip_core::check_device(*device)?;
             if !matches!(kind, Kind::Float | Kind::Half | Kind::BFloat16) {
                 return Err(Error::Input(format!("dtype must be f32, f16 or bf16, got {kind:?}")));
             }

@@ -24,6 +24,17 @@ pub enum Stage {
     Inversion,
 }
 
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Stage::Prior => "prior",
+            Stage::Decoder => "decoder",
+            Stage::SuperRes => "super-resolution",
+            Stage::Inversion => "DDIM inversion",
+        })
+    }
+}
+
 /// What the per-step callback sees (for progress bars, previews and inspection).
 #[derive(Debug)]
 pub struct StepInfo<'a> {
@@ -99,11 +110,63 @@ impl Default for DecodeOptions {
     }
 }
 
+/// The most rows (images, or prior candidates) one call computes: about a million. Larger
+/// counts are certainly mistakes (`usize::MAX` from an unchecked subtraction, say), and every
+/// count must stay far below the `i64` sizes libtorch takes.
+pub const MAX_BATCH: usize = 1 << 20;
+
 pub(crate) fn check_steps(what: &str, n: usize) -> Result<()> {
     if n == 0 {
         return Err(Error::Input(format!("{what} must be at least 1")));
     }
     Ok(())
+}
+
+/// A count of images (or candidates, frames): at least 1 and at most [`MAX_BATCH`].
+pub(crate) fn check_count(what: &str, n: usize) -> Result<()> {
+    check_steps(what, n)?;
+    if n > MAX_BATCH {
+        return Err(Error::Input(format!(
+            "{what} is {n}, more than the {MAX_BATCH} one call allows"
+        )));
+    }
+    Ok(())
+}
+
+/// The product of named counts, refused (naming them) when it exceeds [`MAX_BATCH`].
+pub(crate) fn check_product(counts: &[(&str, usize)]) -> Result<i64> {
+    let total = counts.iter().try_fold(1usize, |acc, (_, n)| acc.checked_mul(*n));
+    match total {
+        Some(t) if t <= MAX_BATCH => Ok(t as i64),
+        _ => {
+            let terms: Vec<String> = counts.iter().map(|(w, n)| format!("{w} ({n})")).collect();
+            Err(Error::Input(format!(
+                "{} asks for more than the {MAX_BATCH} rows one call allows",
+                terms.join(" x ")
+            )))
+        }
+    }
+}
+
+/// Index of the first row (along dim 0) holding a NaN or an infinity, if any. A 0-d or 1-d
+/// tensor counts as one row.
+pub(crate) fn first_non_finite_row(t: &Tensor) -> Result<Option<usize>> {
+    let ok = t.f_isfinite()?;
+    let rows = match t.dim() {
+        0 | 1 => ok.f_all()?.f_reshape([1])?,
+        _ => ok.f_flatten(1, -1)?.f_all_dim(1, false)?,
+    };
+    let rows = Vec::<u8>::try_from(rows.f_to_kind(Kind::Uint8)?.f_to_device(Device::Cpu)?)?;
+    Ok(rows.iter().position(|&r| r == 0))
+}
+
+/// An input tensor the user gave, refused when it holds NaN or infinite values (naming it and
+/// the row).
+pub(crate) fn check_finite_input(what: &str, t: &Tensor) -> Result<()> {
+    match first_non_finite_row(t)? {
+        None => Ok(()),
+        Some(r) => Err(Error::Input(format!("{what} holds NaN or infinite values (row {r})"))),
+    }
 }
 
 pub(crate) fn check_guidance(what: &str, g: f64) -> Result<()> {
@@ -195,10 +258,13 @@ pub(crate) fn run_loop(
 ) -> Result<Tensor> {
     let ts = scheduler.timesteps().to_vec();
     let n = ts.len();
+    // One device-side flag per step, read once at the end: no synchronisation inside the loop.
+    let mut finite = Vec::with_capacity(n);
     for (i, &t) in ts.iter().enumerate() {
         let x_in = scheduler.scale_model_input(&x, t)?;
         let out = model(&x_in, t, i, i + 1 == n)?;
         x = scheduler.step(&out, t, &x, noise)?;
+        finite.push(x.f_isfinite()?.f_all()?);
         progress(&StepInfo {
             stage,
             step: i,
@@ -207,6 +273,13 @@ pub(crate) fn run_loop(
             model_output: &out,
             latents: &x,
         });
+    }
+    if !finite.is_empty() {
+        let flags =
+            Tensor::f_stack(&finite, 0)?.f_to_kind(Kind::Uint8)?.f_to_device(Device::Cpu)?;
+        if let Some(i) = Vec::<u8>::try_from(flags)?.iter().position(|&f| f == 0) {
+            return Err(Error::NonFinite { stage, step: i + 1, total: n });
+        }
     }
     Ok(x)
 }
@@ -286,8 +359,13 @@ impl Unclip {
                  variations or pass a description)"
             )));
         }
-        check_steps("num_images_per_prompt", req.num_images_per_prompt)?;
-        check_steps("prior_candidates", req.prior_candidates)?;
+        check_count("num_images_per_prompt", req.num_images_per_prompt)?;
+        check_count("prior_candidates", req.prior_candidates)?;
+        check_product(&[
+            ("prompts", req.prompts.len()),
+            ("num_images_per_prompt", req.num_images_per_prompt),
+            ("prior_candidates", req.prior_candidates),
+        ])?;
         check_steps("prior_steps", req.prior_steps)?;
         check_guidance("prior_guidance_scale", req.prior_guidance_scale)?;
         let dec = DecodeOptions {
@@ -390,6 +468,10 @@ impl Unclip {
             },
         )?;
         let embeds = prior.post_process(&latents)?;
+        if first_non_finite_row(&embeds)?.is_some() {
+            let total = self.prior_scheduler.timesteps().len();
+            return Err(Error::NonFinite { stage: Stage::Prior, step: total, total });
+        }
         if k == 1 {
             return Ok((embeds, None));
         }
@@ -413,6 +495,7 @@ impl Unclip {
     ) -> Result<(Tensor, Tensor)> {
         opts.validate()?;
         let b = check_embeddings(image_embeddings)?;
+        check_finite_input("image_embeddings", image_embeddings)?;
         let enc = self.text_encoder.encode(prompts)?;
         let cond = enc.conditioning.expand_to(b)?;
         let guided = opts.decoder_guidance_scale > 1.0;
@@ -490,6 +573,7 @@ impl Unclip {
         if self.upsampler.is_none() {
             return Err(Error::Input("this model has no upsampler".into()));
         }
+        check_finite_input("images", images)?;
         let small = images.f_mul_scalar(2.0)?.f_sub_scalar(1.0)?.f_clamp(-1.0, 1.0)?;
         let mut noise = noise_for(seed);
         let last = self.upsample_with(&small, steps, &mut noise, &mut no_progress)?;

@@ -40,9 +40,7 @@ impl Unclip {
         k: usize,
         progress: &mut dyn FnMut(&StepInfo),
     ) -> Result<Ranked> {
-        if k == 0 {
-            return Err(Error::Input("reranking needs at least one image per prompt".into()));
-        }
+        crate::pipeline::check_count("the rerank count k (images per prompt)", k)?;
         if self.image_encoder.is_none() {
             return Err(Error::Pipeline(
                 "reranking needs an image encoder (Unclip::load_image_encoder)".into(),

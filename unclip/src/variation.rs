@@ -4,8 +4,8 @@
 
 use crate::output::image_to_tensor;
 use crate::pipeline::{
-    DecodeOptions, Generation, Stage, StepInfo, Unclip, check_steps, interleave, noise_for,
-    run_loop,
+    DecodeOptions, Generation, Stage, StepInfo, Unclip, check_count, check_product,
+    first_non_finite_row, interleave, noise_for, run_loop,
 };
 use crate::{Error, Result};
 use image::DynamicImage;
@@ -64,12 +64,15 @@ fn ddim_pair(eta: f64) -> Result<(DdimInverseScheduler, DdimScheduler)> {
 }
 
 impl Unclip {
-    /// CLIP image embeddings (B, D) of images (needs an image encoder).
+    /// CLIP image embeddings (B, D) of images (needs an image encoder). An embedding with NaN
+    /// or infinite values (broken encoder weights) is an error naming the image.
     pub fn embed_images(&self, images: &[DynamicImage]) -> Result<Tensor> {
         if images.is_empty() {
             return Err(Error::Input("no images given".into()));
         }
-        self.image_encoder
+        check_count("images", images.len())?;
+        let embeds = self
+            .image_encoder
             .as_deref()
             .ok_or_else(|| {
                 Error::Pipeline(
@@ -78,7 +81,14 @@ impl Unclip {
                         .into(),
                 )
             })?
-            .embed_images(images)
+            .embed_images(images)?;
+        match first_non_finite_row(&embeds)? {
+            None => Ok(embeds),
+            Some(i) => Err(Error::Pipeline(format!(
+                "the image encoder's embedding of image {i} holds NaN or infinite values (its \
+                 weights are broken)"
+            ))),
+        }
     }
 
     /// Variations of each image.
@@ -89,7 +99,11 @@ impl Unclip {
         progress: &mut dyn FnMut(&StepInfo),
     ) -> Result<Generation> {
         opts.decode.validate()?;
-        check_steps("num_images_per_image", opts.num_images_per_image)?;
+        check_count("num_images_per_image", opts.num_images_per_image)?;
+        check_product(&[
+            ("images", images.len()),
+            ("num_images_per_image", opts.num_images_per_image),
+        ])?;
         let n = opts.num_images_per_image as i64;
         let embeds = self.embed_images(images)?.f_repeat_interleave_self_int(n, 0, None)?;
         let mut noise = noise_for(opts.decode.seed);
@@ -177,12 +191,9 @@ impl Unclip {
                 Ok(out.f_narrow(1, 0, c.min(out.size()[1]))?)
             })?
         };
-        if bool::try_from(xt.f_isfinite()?.f_all()?)? {
-            let guided = opts.decoder_guidance_scale > 1.0;
-            let text = self.guidance_text(&cond, "", guided)?;
-            self.decode_with(embeds, &text, guided, opts, noise, progress, Some((xt, &mut fwd)))
-        } else {
-            Err(Error::Pipeline("DDIM inversion diverged (non-finite latents)".into()))
-        }
+        // A diverged inversion (non-finite latents) stopped the loop with Error::NonFinite.
+        let guided = opts.decoder_guidance_scale > 1.0;
+        let text = self.guidance_text(&cond, "", guided)?;
+        self.decode_with(embeds, &text, guided, opts, noise, progress, Some((xt, &mut fwd)))
     }
 }
