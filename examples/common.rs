@@ -34,6 +34,16 @@ impl RuntimeArgs {
     }
 }
 
+/// A clap value parser for flags that take a finite number > 0 (scales, factors): refuses 0,
+/// negative values, NaN and infinities with a message clap prefixes with the flag's name.
+pub fn positive_finite(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if v.is_finite() && v > 0.0 { Ok(v) } else { Err(format!("{v} is not a finite number > 0")) }
+}
+
+/// The libtorch CPU thread counts the examples accept (`--threads`).
+pub const THREADS_RANGE: std::ops::RangeInclusive<i64> = 1..=1024;
+
 /// The model and run flags of the unCLIP examples.
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
@@ -189,5 +199,13 @@ mod tests {
         assert_eq!(cli.rt.dtype().unwrap(), Kind::BFloat16);
         let bad = Cli::try_parse_from(["x", "--device", "quantum"]).unwrap();
         assert!(bad.rt.device().is_err());
+    }
+
+    #[test]
+    fn positive_finite_refuses_zero_negative_and_non_finite() {
+        assert_eq!(positive_finite("0.5"), Ok(0.5));
+        for bad in ["0", "-1", "NaN", "inf", "-inf", "abc", "1e999"] {
+            assert!(positive_finite(bad).is_err(), "{bad}");
+        }
     }
 }

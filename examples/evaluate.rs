@@ -60,7 +60,7 @@ struct Cli {
     #[arg(long)]
     decoder_scheduler: Option<PathBuf>,
     /// libtorch CPU threads.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(unclip_examples::THREADS_RANGE))]
     threads: i32,
     #[command(flatten)]
     rt: RuntimeArgs,
@@ -189,6 +189,9 @@ fn print_shape_confusion(all: &[Case], reports: &[CheckReport]) {
     println!();
 }
 
+/// The most prompts of one kind an evaluation takes (a larger count is a typo).
+const MAX_CASES: usize = 100_000;
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     unclip::tch::set_num_threads(cli.threads);
@@ -221,6 +224,15 @@ fn main() -> anyhow::Result<()> {
         model.upsampler.as_ref().map_or(model.decoder.sample_shape(), |u| u.sample_shape())?;
     let (_, small_side, _) = model.decoder.sample_shape()?;
     anyhow::ensure!(cli.batch > 0, "--batch must be at least 1");
+    anyhow::ensure!(cli.batch <= unclip::pipeline::MAX_BATCH, "--batch {} is too large", cli.batch);
+    for (flag, n) in [
+        ("--single", cli.single),
+        ("--binding", cli.binding),
+        ("--relation", cli.relation),
+        ("--negation", cli.negation),
+    ] {
+        anyhow::ensure!(n <= MAX_CASES, "{flag} {n}: at most {MAX_CASES} prompts of a kind");
+    }
 
     let mut all = Vec::new();
     for (kind, n) in [

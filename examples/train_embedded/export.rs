@@ -202,24 +202,95 @@ fn folder_bytes(dir: &Path) -> anyhow::Result<u64> {
     Ok(n)
 }
 
-/// Copies the exported folder to `dest` (replacing it).
-pub fn install(src: &Path, dest: &Path) -> anyhow::Result<()> {
-    if dest.exists() {
-        std::fs::remove_dir_all(dest)?;
-    }
-    copy_dir(src, dest)
-}
-
-fn copy_dir(src: &Path, dest: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dest)?;
-    for e in std::fs::read_dir(src)? {
-        let e = e?;
-        let to = dest.join(e.file_name());
-        if e.metadata()?.is_dir() {
-            copy_dir(&e.path(), &to)?;
-        } else {
-            std::fs::copy(e.path(), &to)?;
-        }
+/// Installs the exported folder at `dest` (`unclip_core::fsutil::install_dir`): written beside
+/// it and swapped in; a previous install there is replaced, anything else refused unless
+/// `overwrite`; `dest` may neither lie inside the run folder `run` nor contain it.
+pub fn install(src: &Path, dest: &Path, run: &Path, overwrite: bool) -> anyhow::Result<()> {
+    let done = unclip::core::fsutil::install_dir(src, dest, &[run], overwrite)?;
+    let what = if done.replaced { "replaced" } else { "new" };
+    println!("installed the model at {} ({what})", done.path.display());
+    if let Some(old) = done.leftover {
+        eprintln!("warning: the previous content could not be removed: it is at {}", old.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(dir: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                files(&p, out);
+            } else {
+                out.push((p.clone(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+
+    fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+        let mut out = Vec::new();
+        files(dir, &mut out);
+        out.sort();
+        out
+    }
+
+    /// `--install` pointed at the run folder, a folder inside it, a folder containing it, or a
+    /// folder of the user's files: refused with every path named, nothing deleted. A previous
+    /// install is replaced.
+    #[test]
+    fn install_never_deletes_what_it_did_not_write() {
+        let d = unclip::core::fsutil::scratch_dir("export-install").unwrap();
+        let run = d.join("runs").join("shapes");
+        let model = run.join("model");
+        std::fs::create_dir_all(model.join("prior")).unwrap();
+        std::fs::write(model.join("model_index.json"), "{}").unwrap();
+        std::fs::write(model.join("prior").join("w.safetensors"), "w1").unwrap();
+        std::fs::create_dir_all(run.join("clip").join("step-000100")).unwrap();
+        std::fs::write(run.join("clip").join("step-000100").join("model.safetensors"), "c")
+            .unwrap();
+        let user = d.join("mine");
+        std::fs::create_dir_all(&user).unwrap();
+        std::fs::write(user.join("thesis.tex"), "years of work").unwrap();
+        let before = snapshot(&d);
+
+        for target in
+            [run.clone(), run.join("clip"), run.join("installed"), d.join("runs"), user.clone()]
+        {
+            for overwrite in [false, true] {
+                if target == user && overwrite {
+                    continue;
+                }
+                let e = install(&model, &target, &run, overwrite).unwrap_err().to_string();
+                assert!(e.contains(&target.display().to_string()), "{e}");
+                if target != user {
+                    assert!(e.contains(&run.display().to_string()), "{e}");
+                } else {
+                    assert!(e.contains("thesis.tex"), "{e}");
+                }
+                assert_eq!(snapshot(&d), before, "{} changed files", target.display());
+            }
+        }
+        assert!(!run.join("installed").exists());
+
+        let dest = d.join("models").join("shapes");
+        install(&model, &dest, &run, false).unwrap();
+        std::fs::write(model.join("prior").join("w.safetensors"), "w2").unwrap();
+        install(&model, &dest, &run, false).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dest.join("prior").join("w.safetensors")).unwrap(),
+            "w2"
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// The shipped model folder is a previous install (it carries its manifest): the documented
+    /// `--install models/shapes` may replace it without --overwrite.
+    #[test]
+    fn the_shipped_model_is_a_replaceable_install() {
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/shapes");
+        unclip::core::fsutil::check_install_target(&shipped, &[], false).unwrap();
+    }
 }

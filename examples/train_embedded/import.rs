@@ -11,6 +11,7 @@ use anyhow::Context;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor, nn::VarStore};
 use unclip::clip::{AnyConfig, ClipModel, Towers};
+use unclip::core::fsutil;
 use unclip::core::weights::{Unexpected, load_tensors, read_tensors, save_file};
 use unclip::decoder::{UNet2DConfig, UNet2DModel};
 use unclip::prior::{PriorConfig, PriorTransformer};
@@ -36,15 +37,21 @@ pub fn run(ctx: &Ctx, from: &Path) -> anyhow::Result<()> {
 
 fn tokenizer(ctx: &Ctx, from: &Path) -> anyhow::Result<()> {
     let dir = ctx.out.join("tokenizer");
-    if dir.join("vocab.json").exists() {
+    if fsutil::is_complete(&dir) {
         return Ok(());
     }
     std::fs::create_dir_all(&dir)?;
-    // vocab.json last: the tokenizer stage counts as done once it exists.
-    for f in ["merges.txt", "tokenizer_config.json", "vocab.json"] {
-        std::fs::copy(from.join("tokenizer").join(f), dir.join(f))
-            .with_context(|| format!("copying tokenizer/{f} from {}", from.display()))?;
+    for f in crate::tokenizer::FILES {
+        let src = from.join("tokenizer").join(f);
+        fsutil::atomic_write(&dir.join(f), |tmp| {
+            std::fs::copy(&src, tmp).map(drop).map_err(|e| unclip::core::Error::io(&src, e))
+        })
+        .with_context(|| format!("copying tokenizer/{f} from {}", from.display()))?;
     }
+    // Last: the stage is complete only once every file is there.
+    let info =
+        serde_json::json!({ "stage": "tokenizer", "imported_from": from.display().to_string() });
+    fsutil::mark_complete(&dir, &info)?;
     println!("import: tokenizer from {}", from.display());
     Ok(())
 }
@@ -67,6 +74,7 @@ fn clip(ctx: &Ctx, from: &Path) -> anyhow::Result<()> {
     let json = serde_json::to_string_pretty(&model.config_json())?;
     crate::stage::write_bytes(&dir.join("config.json"), json.as_bytes())?;
     save_file(model.var_store(), &dir.join(WEIGHTS), Some(Kind::Float))?;
+    crate::stage::mark_done(&dir, "clip", ctx.recipe.clip.steps)?;
     println!("import: CLIP (both towers) from {}", from.display());
     Ok(())
 }
@@ -91,6 +99,8 @@ fn finished_stage(
     load_tensors(&vs, &read_tensors(&file)?, &file.display().to_string(), Unexpected::Error)?;
     std::fs::create_dir_all(dest.parent().context("no parent folder")?)?;
     save_file(&vs, &dest, Some(Kind::Float))?;
+    let steps = if stage == "prior" { ctx.recipe.prior.steps } else { ctx.recipe.upsampler.steps };
+    crate::stage::mark_done(dest.parent().context("no parent folder")?, stage, steps)?;
     println!("import: {stage} from {}", file.display());
     Ok(())
 }

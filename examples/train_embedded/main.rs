@@ -61,24 +61,25 @@ struct Cli {
     /// A few steps per stage with the same sizes: checks that everything runs end to end.
     #[arg(long)]
     quick: bool,
-    /// Multiply every stage's step count (e.g. 0.5 for a shorter run).
-    #[arg(long, default_value_t = 1.0)]
+    /// Multiply every stage's step count (e.g. 0.5 for a shorter run); each stage must keep more
+    /// steps than its warmup.
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true, value_parser = unclip_examples::positive_finite)]
     steps_scale: f64,
     /// Only measure seconds per step of each stage (a few steps each in a scratch folder) and
     /// print the estimated duration of the full recipe.
     #[arg(long)]
     estimate: bool,
-    /// libtorch CPU threads (keep it small on shared machines).
-    #[arg(long, default_value_t = 2)]
+    /// libtorch CPU threads (keep it small on shared machines), 1 to 1024.
+    #[arg(long, default_value_t = 2, allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(unclip_examples::THREADS_RANGE))]
     threads: i32,
     /// CLIP batches of groups of this many counterpart scenes (hard negatives; 1: plain batches).
     #[arg(long)]
     clip_group: Option<usize>,
-    /// CLIP training steps (the recipe's when absent).
-    #[arg(long)]
+    /// CLIP training steps (the recipe's when absent), 1 to 10^9.
+    #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(u64).range(1..=recipe::MAX_STEPS))]
     clip_steps: Option<u64>,
-    /// Decoder training steps (the recipe's when absent).
-    #[arg(long)]
+    /// Decoder training steps (the recipe's when absent), 1 to 10^9.
+    #[arg(long, allow_negative_numbers = true, value_parser = clap::value_parser!(u64).range(1..=recipe::MAX_STEPS))]
     decoder_steps: Option<u64>,
     /// Give the decoder pixel-coordinate inputs (see the recipe's `decoder_coordinates`).
     #[arg(long)]
@@ -102,9 +103,16 @@ struct Cli {
     /// `weights-<steps>.safetensors`); finished later stages keep their weights.
     #[arg(long)]
     extend: bool,
-    /// Where to copy the exported model folder at the end (e.g. models/shapes).
+    /// Where to install the exported model folder at the end (e.g. models/shapes). The folder is
+    /// written beside it and swapped in; a previous install there is replaced, but a target that
+    /// holds anything else (or lies inside the run folder, or contains it) is refused before any
+    /// work is done.
     #[arg(long)]
     install: Option<PathBuf>,
+    /// With --install: replace the target even when it holds files that are not a previous
+    /// install (they are deleted after the swap). Never allows the run folder or a folder in it.
+    #[arg(long, requires = "install")]
+    overwrite: bool,
     #[command(flatten)]
     rt: RuntimeArgs,
 }
@@ -115,7 +123,7 @@ fn main() -> anyhow::Result<()> {
     tch::set_num_interop_threads(1);
     let device = cli.rt.device()?;
     let mut recipe = if cli.quick { recipe::Recipe::quick() } else { recipe::Recipe::full() };
-    recipe.scale_steps(cli.steps_scale);
+    recipe.scale_steps(cli.steps_scale)?;
     if let Some(g) = cli.clip_group {
         anyhow::ensure!(g >= 1, "--clip-group must be at least 1");
         recipe.clip_group = g;
@@ -147,7 +155,14 @@ fn main() -> anyhow::Result<()> {
     if cli.estimate {
         return stage::estimate(&recipe, &cli.out, device);
     }
+    if let Some(dest) = &cli.install {
+        // Refused before hours of work, not after.
+        unclip::core::fsutil::check_install_target(dest, &[&cli.out], cli.overwrite)?;
+    }
     std::fs::create_dir_all(&cli.out).with_context(|| format!("creating {}", cli.out.display()))?;
+    for p in unclip::core::fsutil::clean_stale_temps(&cli.out)? {
+        println!("removed {} (left by a killed write)", p.display());
+    }
     recipe.write_or_check(&cli.out, cli.extend)?;
     let ctx = stage::Ctx::new(cli.out.clone(), recipe, device);
     let all = cli.stage == StageArg::All;
@@ -173,10 +188,44 @@ fn main() -> anyhow::Result<()> {
     if all || cli.stage == StageArg::Export {
         let dir = export::run(&ctx)?;
         if let Some(dest) = &cli.install {
-            export::install(&dir, dest)?;
-            println!("installed the model at {}", dest.display());
+            export::install(&dir, dest, &cli.out, cli.overwrite)?;
         }
     }
     println!("done in {:.1} min", started.elapsed().as_secs_f64() / 60.0);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(args: &[&str], flag: &str) {
+        let mut all = vec!["train_embedded"];
+        all.extend_from_slice(args);
+        let e = match Cli::try_parse_from(&all) {
+            Ok(_) => panic!("{args:?} accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains(flag), "{args:?}: {e}");
+    }
+
+    /// Numeric flags at their extremes are refused by name (they used to panic inside
+    /// libtorch, or silently train an untrained model).
+    #[test]
+    fn numeric_flags_at_extremes_are_refused() {
+        for v in ["0", "-1", "1025", "99999999999"] {
+            refused(&["--threads", v], "--threads");
+        }
+        for v in ["0", "-1", "NaN", "inf", "-0.5", "x"] {
+            refused(&["--steps-scale", v], "--steps-scale");
+        }
+        for v in ["0", "-1", "1000000001", "18446744073709551616"] {
+            refused(&["--clip-steps", v], "--clip-steps");
+            refused(&["--decoder-steps", v], "--decoder-steps");
+        }
+        refused(&["--threads=-1"], "--threads");
+        refused(&["--overwrite"], "--install");
+        let ok = Cli::try_parse_from(["x", "--threads", "4", "--steps-scale", "0.5"]).unwrap();
+        assert_eq!((ok.threads, ok.steps_scale), (4, 0.5));
+    }
 }

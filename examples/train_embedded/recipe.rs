@@ -120,6 +120,12 @@ fn optim(steps: u64, batch: usize, lr: f64, ema_decay: f64) -> Optim {
     }
 }
 
+/// The most steps a stage may be given (a larger count is a typo, not a plan).
+pub const MAX_STEPS: u64 = 1_000_000_000;
+
+/// The stage names of [`Recipe::stages_mut`], in the same order.
+const STAGES: [&str; 4] = ["clip", "prior", "decoder", "upsampler"];
+
 impl Recipe {
     /// Every stage's settings, in training order.
     fn stages_mut(&mut self) -> [&mut Optim; 4] {
@@ -214,15 +220,35 @@ impl Recipe {
         [&self.clip, &self.prior, &self.decoder, &self.upsampler]
     }
 
-    pub fn scale_steps(&mut self, factor: f64) {
+    /// Multiplies every stage's step count by `factor` (finite, > 0). Refused when a stage would
+    /// be left no more steps than its warmup (it would train at a rising learning rate only, an
+    /// untrained model) or more than [`MAX_STEPS`].
+    pub fn scale_steps(&mut self, factor: f64) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            factor.is_finite() && factor > 0.0,
+            "--steps-scale must be a finite number > 0, got {factor}"
+        );
         if factor == 1.0 {
-            return;
+            return Ok(());
         }
-        for o in self.stages_mut() {
-            o.steps = ((o.steps as f64 * factor).round() as u64).max(1);
-            o.warmup = o.warmup.min(o.steps);
+        for (name, o) in STAGES.iter().zip(self.stages_mut()) {
+            let scaled = (o.steps as f64 * factor).round();
+            anyhow::ensure!(
+                scaled <= MAX_STEPS as f64,
+                "--steps-scale {factor}: the {name} stage would get {scaled:e} steps, more than \
+                 {MAX_STEPS}"
+            );
+            let steps = scaled as u64;
+            anyhow::ensure!(
+                steps > o.warmup,
+                "--steps-scale {factor}: the {name} stage would get {steps} steps, not more than \
+                 its {} warmup steps (it would never reach its learning rate)",
+                o.warmup
+            );
+            o.steps = steps;
             o.checkpoint_every = o.checkpoint_every.min(o.steps);
         }
+        Ok(())
     }
 
     /// Writes `<out>/recipe.json`, or checks that the run there used this recipe. With `extend`,
@@ -253,6 +279,8 @@ impl Recipe {
                         .with_context(|| format!("setting {} aside", weights.display()))?;
                     println!("{stage}: extending from {before} steps ({} kept)", kept.display());
                 }
+                // After the weights are set aside (a run killed in between redoes this).
+                unclip::core::fsutil::clear_complete(&out.join(stage))?;
             }
         }
         unclip::core::config::write_json(&path, self).context("writing recipe.json")?;
@@ -441,6 +469,7 @@ mod tests {
         old.write_or_check(&out, false).unwrap();
         std::fs::create_dir_all(out.join("decoder")).unwrap();
         std::fs::write(out.join("decoder").join(crate::stage::WEIGHTS), b"final").unwrap();
+        unclip::core::fsutil::mark_complete(&out.join("decoder"), &serde_json::json!({})).unwrap();
         let mut new = old.clone();
         new.set_decoder_steps(3000);
 
@@ -449,10 +478,33 @@ mod tests {
 
         new.write_or_check(&out, true).unwrap();
         assert!(!out.join("decoder").join(crate::stage::WEIGHTS).exists());
+        assert!(!unclip::core::fsutil::is_complete(&out.join("decoder")), "the stage is redone");
         assert_eq!(std::fs::read(out.join("decoder/weights-2000.safetensors")).unwrap(), b"final");
         let stored: Recipe = unclip::core::config::read_json(&out.join("recipe.json")).unwrap();
         assert_eq!(stored, new);
         new.write_or_check(&out, false).unwrap();
         std::fs::remove_dir_all(&out).unwrap();
+    }
+
+    /// --steps-scale at its extremes: 0, negative, NaN, infinite, so small that a stage would
+    /// train within its warmup only, or so large the count overflows: each refused, naming the
+    /// flag and the stage.
+    #[test]
+    fn steps_scale_extremes_are_refused() {
+        for f in [0.0, -1.0, -0.0, f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 1e-9, 1e300] {
+            let e = Recipe::full().scale_steps(f).unwrap_err().to_string();
+            assert!(e.contains("--steps-scale"), "{f}: {e}");
+        }
+        let e = Recipe::full().scale_steps(0.001).unwrap_err().to_string();
+        assert!(e.contains("clip") && e.contains("warmup"), "{e}");
+        let mut r = Recipe::full();
+        r.scale_steps(0.5).unwrap();
+        for (o, full) in r.stages().iter().zip(Recipe::full().stages()) {
+            assert_eq!(o.steps, (full.steps as f64 * 0.5).round() as u64);
+            assert!(o.steps > o.warmup && o.checkpoint_every <= o.steps);
+        }
+        let mut quick = Recipe::quick();
+        quick.scale_steps(1.0).unwrap();
+        assert_eq!(quick, Recipe::quick());
     }
 }

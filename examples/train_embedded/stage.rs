@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor, nn::VarStore};
 use unclip::clip::{AnyConfig, ClipModel, ClipTokenizer, Towers, Truncation};
+use unclip::core::fsutil;
 use unclip::core::train::{TrainLoop, batch_indices, default_no_decay};
 use unclip::prior::TextConditioning;
 
@@ -82,7 +83,10 @@ pub fn encode_images(clip: &ClipModel, pixels: &Tensor) -> anyhow::Result<Tensor
 /// Runs (or resumes) a stage's loop in `<out>/<name>/`: `step` gets the step index and the
 /// batch's dataset indices and returns the loss (with its graph) and extra logged numbers;
 /// `after` runs after each optimizer update. Writes the EMA weights to `<dir>/weights.safetensors`
-/// at the end. A stage whose weights exist is done and skipped.
+/// at the end, then the stage's completion marker (`unclip_core::fsutil::mark_complete`). A
+/// marked stage is done and skipped. (Weights without a marker, from a run before markers or
+/// killed between the two writes, are complete too: they are written atomically, last; they get
+/// their marker.)
 #[allow(clippy::too_many_arguments)]
 pub fn train(
     ctx: &Ctx,
@@ -95,7 +99,10 @@ pub fn train(
 ) -> anyhow::Result<PathBuf> {
     let dir = ctx.out.join(name);
     let weights = dir.join(WEIGHTS);
-    if weights.exists() {
+    if fsutil::is_complete(&dir) || weights.is_file() {
+        if !fsutil::is_complete(&dir) {
+            mark_done(&dir, name, optim.steps)?;
+        }
         println!("{name}: done already ({})", weights.display());
         return Ok(weights);
     }
@@ -126,8 +133,16 @@ pub fn train(
         }
     }
     run.finish(vs, &weights, None)?;
+    mark_done(&dir, name, optim.steps)?;
     println!("{name}: finished; loss curve {}", dir.join("loss.png").display());
     Ok(weights)
+}
+
+/// Writes the completion marker of the stage folder `dir`, after all its files.
+pub fn mark_done(dir: &Path, name: &str, steps: u64) -> anyhow::Result<()> {
+    let info = serde_json::json!({ "stage": name, "steps": steps });
+    fsutil::mark_complete(dir, &info)?;
+    Ok(())
 }
 
 /// A stable per-stage seed offset, so stages do not share batch orders.

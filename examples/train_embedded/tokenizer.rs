@@ -10,6 +10,7 @@ use std::path::Path;
 use tokenizers::models::bpe::{BPE, BpeTrainer};
 use tokenizers::{Model, Trainer};
 use unclip::clip::ClipTokenizer;
+use unclip::core::fsutil;
 
 pub const BOS: &str = "<|startoftext|>";
 pub const EOS: &str = "<|endoftext|>";
@@ -128,16 +129,27 @@ pub fn train(
     Ok(())
 }
 
-/// Runs the stage (skipped when `<out>/tokenizer` exists), then checks the folder loads and
-/// every training caption fits the context.
+/// The files of a tokenizer folder, in the order [`train`] writes them.
+pub const FILES: [&str; 3] = ["vocab.json", "merges.txt", "tokenizer_config.json"];
+
+/// Runs the stage unless `<out>/tokenizer` is marked complete (a run killed between its files
+/// redoes it), then checks the folder loads and every training caption fits the context.
 pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
     let dir = ctx.out.join("tokenizer");
-    if !dir.join("vocab.json").exists() {
+    // A folder from before completion markers: complete when all its files are there and load.
+    if !fsutil::is_complete(&dir)
+        && FILES.iter().all(|f| dir.join(f).is_file())
+        && ClipTokenizer::from_dir(&dir).is_ok()
+    {
+        fsutil::mark_complete(&dir, &json!({ "stage": "tokenizer", "adopted": true }))?;
+    }
+    if !fsutil::is_complete(&dir) {
         std::fs::create_dir_all(&dir)?;
         let data = ctx.data();
         let n = data.len.min(20_000);
         let captions: Vec<String> = (0..n).map(|i| data.caption(i)).collect();
         train(&captions, ctx.recipe.vocab_size, ctx.recipe.context_length, &dir)?;
+        fsutil::mark_complete(&dir, &json!({ "stage": "tokenizer", "captions": n }))?;
         println!("tokenizer: trained on {n} captions -> {}", dir.display());
     }
     let tok = ClipTokenizer::from_dir(&dir)?;
@@ -155,4 +167,51 @@ pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
     );
     anyhow::ensure!(longest <= tok.context_length(), "captions do not fit the context length");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::recipe::Recipe;
+    use tch::Device;
+
+    /// A run killed after `vocab.json` was written but before the stage's other files used to
+    /// fail on every rerun (the stage was judged done by `vocab.json`). Now the stage has no
+    /// completion marker, so the rerun redoes it and completes; the killed write's temporary file
+    /// is removed when the run folder is opened again.
+    #[test]
+    fn a_stage_killed_between_its_files_is_redone() {
+        let out = fsutil::scratch_dir("tokenizer-killed").unwrap();
+        let ctx = Ctx::new(out.clone(), Recipe::quick(), Device::Cpu);
+        run(&ctx).unwrap();
+        let dir = out.join("tokenizer");
+        assert!(fsutil::is_complete(&dir));
+        let vocab = std::fs::read(dir.join("vocab.json")).unwrap();
+        let config = std::fs::read(dir.join("tokenizer_config.json")).unwrap();
+
+        // The state a kill during the stage leaves: vocab.json only, a temporary file of the
+        // write in progress (of a process that is gone), no marker.
+        fsutil::clear_complete(&dir).unwrap();
+        std::fs::remove_file(dir.join("merges.txt")).unwrap();
+        std::fs::remove_file(dir.join("tokenizer_config.json")).unwrap();
+        let stale = dir.join(".merges.txt.tmp-4999999");
+        std::fs::write(&stale, b"#version: 0.2\nt h").unwrap();
+
+        assert_eq!(fsutil::clean_stale_temps(&out).unwrap(), vec![stale.clone()]);
+        run(&ctx).unwrap();
+        assert!(fsutil::is_complete(&dir));
+        assert!(!stale.exists());
+        assert_eq!(std::fs::read(dir.join("vocab.json")).unwrap(), vocab, "same tokenizer again");
+        assert_eq!(std::fs::read(dir.join("tokenizer_config.json")).unwrap(), config);
+        assert_eq!(ctx.tokenizer().unwrap().context_length(), ctx.recipe.context_length);
+
+        // A complete folder from before markers (all files, loadable) is adopted, not redone.
+        fsutil::clear_complete(&dir).unwrap();
+        let before = std::fs::metadata(dir.join("vocab.json")).unwrap().modified().unwrap();
+        run(&ctx).unwrap();
+        assert!(fsutil::is_complete(&dir));
+        let after = std::fs::metadata(dir.join("vocab.json")).unwrap().modified().unwrap();
+        assert_eq!(before, after);
+        std::fs::remove_dir_all(&out).unwrap();
+    }
 }
