@@ -16,6 +16,7 @@
 #include <c10/util/Exception.h>
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/FileStore.hpp>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <torch/csrc/distributed/c10d/Types.hpp>
@@ -116,6 +117,9 @@ int udist_pg_new(udist_store* store, int backend, int rank, int world_size, int6
                  int device_index, const char* hostname, udist_pg** out, char** err) {
   return guarded(err, [&] {
     auto timeout = std::chrono::milliseconds(timeout_ms);
+    // Own key space: under torchrun the store is its agent's, shared with its rendezvous keys.
+    c10::intrusive_ptr<c10d::Store> prefixed =
+        c10::make_intrusive<c10d::PrefixStore>("unclip_dist", store->store);
     if (backend == UDIST_GLOO) {
       c10::intrusive_ptr<c10d::ProcessGroupGloo::Options> opts;
       if (hostname != nullptr) {
@@ -125,7 +129,7 @@ int udist_pg_new(udist_store* store, int backend, int rank, int world_size, int6
       } else {
         opts = c10d::ProcessGroupGloo::Options::create_default(timeout);
       }
-      auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(store->store, rank, world_size, opts);
+      auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, world_size, opts);
       *out = new udist_pg{pg, world_size, false};
       return;
     }
@@ -133,7 +137,7 @@ int udist_pg_new(udist_store* store, int backend, int rank, int world_size, int6
 #ifdef USE_C10D_NCCL
       auto opts = c10d::ProcessGroupNCCL::Options::create();
       opts->timeout = timeout;
-      auto pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(store->store, rank, world_size, opts);
+      auto pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, rank, world_size, opts);
       if (device_index >= 0) {
         pg->setBoundDeviceId(at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(device_index)));
       }

@@ -22,6 +22,9 @@ pub struct DistEnv {
     pub master_addr: String,
     /// Its port; 0 lets a job of one pick a free port.
     pub master_port: u16,
+    /// torchrun's agent already serves the TCPStore at that address
+    /// (TORCHELASTIC_USE_AGENT_STORE=True): every rank, rank 0 included, connects as a client.
+    pub agent_store: bool,
 }
 
 impl DistEnv {
@@ -33,6 +36,7 @@ impl DistEnv {
             local_rank: 0,
             master_addr: "127.0.0.1".into(),
             master_port: 0,
+            agent_store: false,
         }
     }
 
@@ -96,7 +100,8 @@ impl DistEnv {
             None if world_size == 1 => 0,
             None => DEFAULT_MASTER_PORT,
         };
-        Ok(DistEnv { rank, world_size, local_rank, master_addr, master_port })
+        let agent_store = get("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v == "True");
+        Ok(DistEnv { rank, world_size, local_rank, master_addr, master_port, agent_store })
     }
 
     /// Whether this is rank 0 (the one that writes checkpoints and logs).
@@ -172,10 +177,19 @@ mod tests {
                 world_size: 8,
                 local_rank: 1,
                 master_addr: "10.0.0.7".into(),
-                master_port: 29400
+                master_port: 29400,
+                agent_store: false,
             }
         );
         assert!(!e.is_main());
+        let under_torchrun = env(&[
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("LOCAL_RANK", "0"),
+            ("MASTER_ADDR", "h"),
+            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+        ]);
+        assert!(under_torchrun.unwrap().agent_store);
     }
 
     #[test]

@@ -126,7 +126,7 @@ impl ProcessGroup {
         let (store, _port) = ffi::tcp_store(
             &env.master_addr,
             env.master_port,
-            env.rank == 0,
+            env.rank == 0 && !env.agent_store,
             to_i32(env.world_size)?,
             timeout_ms(opts.timeout)?,
         )

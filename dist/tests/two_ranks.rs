@@ -163,6 +163,22 @@ fn job_of_one_needs_no_launcher() {
     pg.barrier().unwrap();
 }
 
+#[test]
+fn nccl_without_a_gpu_is_an_error_not_an_abort() {
+    if tch::Cuda::is_available() {
+        return; // the NCCL path itself needs a GPU run (not available in CI)
+    }
+    let opts = Options { backend: Backend::Nccl, timeout: Duration::from_secs(10) };
+    let err = ProcessGroup::init(&DistEnv::single(), &opts).unwrap_err();
+    println!("{err}");
+    if Backend::Nccl.available() {
+        // Compiled in (libtorch_cuda present): libtorch's ProcessGroupNCCL refuses without GPUs.
+        assert!(matches!(err, DistError::Init { backend: "nccl", .. }), "{err}");
+    } else {
+        assert!(matches!(err, DistError::NcclUnavailable), "{err}");
+    }
+}
+
 fn mlp(p: &nn::Path) -> impl Module + use<> {
     nn::seq()
         .add(nn::linear(p / "l1", 8, 16, Default::default()))
