@@ -189,3 +189,47 @@ fn free_port() -> Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str) -> Vec<OsString> {
+        vec!["-c".into(), script.into()]
+    }
+
+    #[test]
+    fn workers_get_torchrun_variables() {
+        let script = r#"test "$WORLD_SIZE" = 3 && test "$LOCAL_WORLD_SIZE" = 3 && test "$LOCAL_RANK" = "$RANK" \
+            && test "$MASTER_ADDR" = 127.0.0.1 && test "$MASTER_PORT" -gt 0 && echo "rank $RANK""#;
+        let mut launch = LocalLaunch::new(3, "sh");
+        launch.args = sh(script);
+        launch.capture = true;
+        let exits = launch.run().unwrap();
+        for (r, e) in exits.iter().enumerate() {
+            assert!(e.status.success(), "{e:?}");
+            assert_eq!(e.stdout.trim(), format!("rank {r}"));
+        }
+        spawn_local(2, "sh", &sh("test -n \"$RANK\"")).unwrap();
+    }
+
+    #[test]
+    fn a_failing_worker_stops_the_others() {
+        let start = Instant::now();
+        let err = spawn_local(2, "sh", &sh("if [ \"$RANK\" = 1 ]; then exit 3; fi; sleep 60"))
+            .unwrap_err();
+        assert!(matches!(err, DistError::WorkerFailed { rank: 1, nproc: 2, .. }), "{err}");
+        assert!(start.elapsed() < Duration::from_secs(30), "rank 0 was not stopped");
+    }
+
+    #[test]
+    fn a_stuck_worker_is_killed_at_the_deadline() {
+        let mut launch = LocalLaunch::new(2, "sh");
+        launch.args = sh("sleep 60");
+        launch.deadline = Some(Duration::from_millis(300));
+        let err = launch.run().unwrap_err().to_string();
+        assert!(err.contains("still running"), "{err}");
+        let missing = spawn_local(1, "/nonexistent/program", &[]).unwrap_err();
+        assert!(matches!(missing, DistError::Spawn { rank: 0, .. }), "{missing}");
+    }
+}
