@@ -103,8 +103,9 @@ fn main() {
             Err(missing) => {
                 let msg = format!(
                     "unclip-dist: libtorch_cuda is present but the NCCL backend is left out: header(s) \
-                     not found: {missing}. Run scripts/setup-libtorch.sh (it installs them next to \
-                     torch) or set UNCLIP_DIST_CUDA_INCLUDE"
+                     not found: {missing}. Install them next to torch (`pip install \
+                     nvidia-cuda-crt==13.0.* nvidia-cuda-cccl==13.0.*` for CUDA 13.0; \
+                     scripts/setup-libtorch.sh does it for its .venv) or set UNCLIP_DIST_CUDA_INCLUDE"
                 );
                 if nccl_wanted.as_deref() == Some("1") {
                     panic!("{msg}");

@@ -153,7 +153,8 @@ fn collectives_give_the_right_values() {
 #[test]
 fn job_of_one_needs_no_launcher() {
     // Outside any launcher: rank 0 of 1 on a free loopback port; collectives are identities.
-    let pg = ProcessGroup::init(&DistEnv::single(), &Options::default()).unwrap();
+    let opts = Options { backend: Backend::Gloo, timeout: Duration::from_secs(60) };
+    let pg = ProcessGroup::init(&DistEnv::single(), &opts).unwrap();
     let mut t = [Tensor::from_slice(&[1.5f32, -2.0])];
     pg.all_reduce_mean(&mut t).unwrap();
     assert_eq!(values(&t[0]), vec![1.5, -2.0]);
@@ -301,7 +302,7 @@ fn a_dead_rank_fails_the_other_within_the_timeout() {
     let took = start.elapsed();
     println!("rank 0 got, after {took:?}: {err}");
     assert!(matches!(err, DistError::Collective { op: "all_reduce", rank: 0, .. }), "{err}");
-    assert!(took < TIMEOUT + Duration::from_secs(2), "the error took {took:?}");
+    assert!(took < TIMEOUT + Duration::from_secs(3), "the error took {took:?}");
     println!("DEAD-PEER-OK rank 0");
     // The group's threads may still hold the broken pair; leave without running its destructor.
     std::process::exit(0);
@@ -329,7 +330,7 @@ fn a_silent_rank_fails_the_other_at_the_timeout() {
     println!("rank 0 got, after {took:?}: {err}");
     assert!(matches!(err, DistError::Collective { op: "all_reduce", rank: 0, .. }), "{err}");
     assert!(took >= TIMEOUT - Duration::from_millis(500), "failed before the timeout: {took:?}");
-    assert!(took < TIMEOUT + Duration::from_secs(2), "the error took {took:?}");
+    assert!(took < TIMEOUT + Duration::from_secs(3), "the error took {took:?}");
     println!("SILENT-PEER-OK rank 0");
     std::process::exit(0);
 }
