@@ -3,7 +3,8 @@
 //! torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. Under `srun` without
 //! torchrun, SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID stand in for the first three and the
 //! master address defaults to the first host of SLURM_JOB_NODELIST. With none of them set the
-//! process is a job of one.
+//! process is a job of one. In an sbatch script's own shell the SLURM_* variables describe the
+//! whole allocation: start the ranks with `srun` (or torchrun), not by running the program there.
 
 use crate::error::{DistError, Result};
 
