@@ -7,7 +7,8 @@
 //!
 //! torch-sys (a direct dependency, `links = "tch"`) hands the lib dir over as DEP_TCH_LIBTORCH_LIB.
 
-fn main() {
+/// `pub` so that a crate with a build script of its own (unclip-dist) can run this one too.
+pub fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     let Some(lib) = std::env::var_os("DEP_TCH_LIBTORCH_LIB") else {
         println!("cargo:warning=DEP_TCH_LIBTORCH_LIB unset: no rpath to libtorch");

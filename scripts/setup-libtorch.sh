@@ -26,6 +26,15 @@ if [[ "$have" != "$TORCH_VERSION" ]]; then
   .venv/bin/pip install --quiet "torch==$TORCH_VERSION"
 fi
 torch_dir=$(.venv/bin/python -c 'import os, torch; print(os.path.dirname(torch.__file__))')
+# unclip-dist's NCCL backend compiles against CUDA's headers: the wheel's nvidia packages carry the
+# runtime's and NCCL's but not crt/ and nv/, which come in two header-only packages of the same CUDA.
+cuda_inc="$(dirname "$torch_dir")/nvidia/cu13/include"
+if [[ -f "$torch_dir/lib/libtorch_cuda.so" && -f "$cuda_inc/cuda_runtime_api.h" \
+      && ! ( -f "$cuda_inc/crt/host_config.h" && -e "$cuda_inc/nv/target" ) ]]; then
+  cuda=$(.venv/bin/python -c 'import importlib.metadata as m; print(".".join(m.version("nvidia-cuda-runtime").split(".")[:2]))')
+  echo "setup-libtorch: installing CUDA $cuda's crt and cccl headers (for unclip-dist's NCCL backend)"
+  .venv/bin/pip install --quiet --no-deps "nvidia-cuda-crt==$cuda.*" "nvidia-cuda-cccl==$cuda.*"
+fi
 if [[ "$(readlink .venv/libtorch 2>/dev/null || true)" != "$torch_dir" ]]; then
   ln -sfn "$torch_dir" .venv/libtorch
 fi
