@@ -50,7 +50,7 @@ for c in unclip unclip-core unclip-scheduler unclip-clip unclip-prior unclip-dec
 done
 
 start=$SECONDS
-(cd "$app" && cargo build --offline --quiet "${profile[@]}")
+(cd "$app" && cargo build --offline "${profile[@]}")
 echo "check-dependent-app: built in $((SECONDS - start)) s"
 bin=$CARGO_TARGET_DIR/debug/unclip-app-check
 dynamic=$(readelf -d "$bin")

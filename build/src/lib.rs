@@ -220,9 +220,10 @@ fn standard_include_dirs(root: &Path) -> Vec<PathBuf> {
 
 fn parse_version_py(py: &str) -> Option<String> {
     for line in py.lines() {
-        if let Some(rest) = line.strip_prefix("__version__") {
-            let v = rest.trim_start_matches([' ', '=', ':']).trim_start_matches("str").trim();
-            return Some(v.trim_matches(|c| c == '\'' || c == '"').to_string());
+        // `__version__ = '2.13.0+cu130'`, or with a type annotation.
+        if let Some((_, value)) = line.strip_prefix("__version__").and_then(|r| r.rsplit_once('='))
+        {
+            return Some(value.trim().trim_matches(|c| c == '\'' || c == '"').to_string());
         }
     }
     None

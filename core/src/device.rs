@@ -115,6 +115,7 @@ mod tests {
                 assert!(e.to_string().contains("cuda"));
                 // The reason is this process's, with a fix (see cuda_link's tests for each one).
                 assert!(e.to_string().contains(&cuda_unavailable_reason()));
+                eprintln!("{e}");
             }
         }
         // An index past the last device is always an error.

@@ -104,7 +104,8 @@ pub fn resolve_in(name: &Path, cache: Option<&Path>) -> Result<PathBuf> {
     Err(Error::ModelNotFound { id: id.to_string(), folder, cache, download })
 }
 
-/// Downloads of missing model files through the `hf-hub` crate (feature `hub`).
+/// Downloads of missing model files through the `hf-hub` crate (feature `hub`), from
+/// `HF_ENDPOINT` (default: the Hugging Face hub), with `HF_TOKEN` when set.
 #[cfg(feature = "hub")]
 mod download {
     use std::path::{Path, PathBuf};
@@ -120,11 +121,16 @@ mod download {
     /// Fetches `model_index.json` and every file the loader needs for the pipeline it names
     /// into `cache` (files already there are not fetched again); the snapshot folder, or why not.
     pub fn fetch(id: &str, cache: &Path) -> Result<PathBuf, String> {
-        let api = hf_hub::api::sync::ApiBuilder::new()
-            .with_cache_dir(cache.to_path_buf())
-            .with_token(std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()))
-            .build()
-            .map_err(|e| e.to_string())?;
+        let cache_handle = hf_hub::Cache::new(cache.to_path_buf());
+        let mut builder = hf_hub::api::sync::ApiBuilder::from_cache(cache_handle);
+        if let Some(token) = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()) {
+            builder = builder.with_token(Some(token));
+        }
+        // A mirror, as huggingface_hub reads it.
+        if let Some(endpoint) = std::env::var("HF_ENDPOINT").ok().filter(|e| !e.is_empty()) {
+            builder = builder.with_endpoint(endpoint.trim_end_matches('/').to_string());
+        }
+        let api = builder.build().map_err(|e| e.to_string())?;
         let repo = api.model(id.to_string());
         let get = |file: &str| repo.get(file).map_err(|e| format!("{file}: {e}"));
         let index_path = get("model_index.json")?;
@@ -132,11 +138,12 @@ mod download {
         let index: serde_json::Value =
             unclip_core::config::read_json(&index_path).map_err(|e| e.to_string())?;
         let class = index.get("_class_name").and_then(|v| v.as_str()).unwrap_or("");
+        // The tokenizer: vocab.json + merges.txt (CLIP's files), else tokenizer.json.
+        if let Err(why) = get("tokenizer/vocab.json").and_then(|_| get("tokenizer/merges.txt")) {
+            get("tokenizer/tokenizer.json").map_err(|e| format!("{why}; {e}"))?;
+        }
         let mut files: Vec<String> = Vec::new();
         for &comp in crate::loading::required_components(class) {
-            if comp == "tokenizer" {
-                files.extend(["tokenizer/vocab.json".into(), "tokenizer/merges.txt".into()]);
-            }
             for f in crate::loading::required_files(comp) {
                 files.push(format!("{comp}/{f}"));
             }
