@@ -15,6 +15,9 @@
 //! ([`Libtorch::include_dirs`], [`Libtorch::cxx_flags`]). Every unclip-rs crate's own build script
 //! calls [`for_library`].
 
+// The doc example is a whole build.rs, `fn main` included.
+#![allow(clippy::needless_doctest_main)]
+
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -134,7 +134,7 @@ mod tests {
     #[test]
     fn probe_answers_with_a_warp_size_or_libtorchs_reason() {
         match probe() {
-            None => assert!(!cfg!(unclip_cuda_anchor)),
+            None => assert!(!LinkFacts::of_this_process().built_with_anchor),
             Some(Ok(n)) => assert!(tch::Cuda::is_available() && (n == 32 || n == 64)),
             Some(Err(msg)) => {
                 assert!(!tch::Cuda::is_available());
