@@ -7,7 +7,9 @@
 # The app builds into this workspace's target folder with its profile, so only the app itself
 # compiles (seconds, not the minutes of tch's C++).
 set -euo pipefail
-repo=$(cd "$(dirname "$0")/.." && pwd)
+# The physical path, as cargo sees it: LIBTORCH below must be the very string the workspace build
+# used, or torch-sys rebuilds its C++.
+repo=$(cd "$(dirname "$0")/.." && pwd -P)
 cd "$repo"
 # The README's build instruction: LIBTORCH as for this workspace (an environment value wins).
 export LIBTORCH=${LIBTORCH:-$repo/.venv/libtorch}
