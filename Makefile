@@ -2,7 +2,7 @@
 CARGO ?= cargo
 PROMPT ?= a red circle on a blue background
 
-.PHONY: demo test setup lint bench fixtures
+.PHONY: demo test setup lint bench fixtures app-check
 
 setup:
 	@./scripts/setup-libtorch.sh
@@ -19,3 +19,7 @@ lint: setup
 
 bench: setup
 	$(CARGO) bench --workspace
+
+# Builds the README's "Use it in your app" example outside the workspace and checks it.
+app-check: setup
+	./scripts/check-dependent-app.sh

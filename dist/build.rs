@@ -1,10 +1,10 @@
 //! Compiles the C++ shim over libtorch's c10d (csrc/dist_shim.cpp) with the flags torch-sys uses for
 //! its own C++ (C++17, the wheel's `_GLIBCXX_USE_CXX11_ABI`), Gloo always, NCCL when the libtorch
-//! has libtorch_cuda and the CUDA/NCCL headers are found. Also runs the workspace's shared libtorch
-//! link script (rpath, libtorch_cuda kept linked).
+//! has libtorch_cuda and the CUDA/NCCL headers are found. libtorch itself (lib dir, headers, C++
+//! flags, rpath) comes from unclip-build, as for every crate of the workspace.
 //!
 //! Headers, where they come from:
-//! - libtorch's: `LIBTORCH_INCLUDE`, `LIBTORCH` or the parent of torch-sys' lib dir (as torch-sys).
+//! - libtorch's: unclip-build's `Libtorch::include_dirs` (torch-sys' libtorch).
 //! - gloo's: PyTorch's wheels ship none, and `ProcessGroupGloo.hpp` includes four of them. The
 //!   shim only holds Gloo objects through pointers c10d hands out and calls no gloo function, so
 //!   any gloo release's headers compile it: Debian's `libgloo-dev` (/usr/include), or a folder
@@ -20,9 +20,6 @@
 use std::env;
 use std::path::{Path, PathBuf};
 
-#[path = "../build/torch_link.rs"]
-mod torch_link;
-
 /// Headers the NCCL path needs, each with the package that ships it in a PyPI layout.
 const CUDA_HEADERS: [(&str, &str); 4] = [
     ("cuda_runtime_api.h", "nvidia-cuda-runtime"),
@@ -32,11 +29,8 @@ const CUDA_HEADERS: [(&str, &str); 4] = [
 ];
 
 fn main() {
-    torch_link::main();
+    let torch = unclip_build::for_library();
     for var in [
-        "LIBTORCH",
-        "LIBTORCH_INCLUDE",
-        "LIBTORCH_CXX11_ABI",
         "UNCLIP_DIST_GLOO_INCLUDE",
         "UNCLIP_DIST_CUDA_INCLUDE",
         "UNCLIP_DIST_NCCL",
@@ -48,22 +42,13 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/dist_shim.cpp");
     println!("cargo:rerun-if-changed=csrc/dist_shim.h");
 
-    let lib_dir = match env::var_os("DEP_TCH_LIBTORCH_LIB") {
-        Some(dir) => PathBuf::from(dir),
-        None => panic!(
-            "unclip-dist: torch-sys did not report its libtorch lib dir (DEP_TCH_LIBTORCH_LIB)"
-        ),
-    };
-    let lib_dir = lib_dir.canonicalize().unwrap_or(lib_dir);
-    let root = match env::var_os("LIBTORCH_INCLUDE") {
-        Some(dir) => PathBuf::from(dir),
-        None => lib_dir.parent().map(Path::to_path_buf).unwrap_or_else(|| lib_dir.clone()),
-    };
-    let torch_includes = [root.join("include"), root.join("include/torch/csrc/api/include")];
+    let lib_dir = torch.lib_dir().to_path_buf();
+    let root = lib_dir.parent().map(Path::to_path_buf).unwrap_or_else(|| lib_dir.clone());
+    let torch_includes = torch.include_dirs().to_vec();
     if !torch_includes[0].join("torch/csrc/distributed/c10d/ProcessGroupGloo.hpp").is_file() {
         panic!(
             "unclip-dist: {} has no torch/csrc/distributed/c10d/ProcessGroupGloo.hpp; this libtorch \
-             was built without the distributed engine (or LIBTORCH_INCLUDE points elsewhere)",
+             was built without the distributed engine",
             torch_includes[0].display()
         );
     }
@@ -76,7 +61,6 @@ fn main() {
         )
     });
 
-    let abi = env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
     let mut build = cc::Build::new();
     build
         .cpp(true)
@@ -85,13 +69,13 @@ fn main() {
         .includes(&torch_includes)
         .include(&gloo)
         .include("csrc")
-        .flag("-std=c++17")
-        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
-        .flag("-DGLOG_USE_GLOG_EXPORT")
         .define("USE_C10D_GLOO", None)
         .file("csrc/dist_shim.cpp");
+    for flag in torch.cxx_flags() {
+        build.flag(&flag);
+    }
 
-    let has_torch_cuda = lib_dir.join("libtorch_cuda.so").exists();
+    let has_torch_cuda = torch.gpu_library() == Some("torch_cuda");
     let nccl_wanted = env::var("UNCLIP_DIST_NCCL").ok();
     let mut nccl = false;
     if has_torch_cuda && nccl_wanted.as_deref() != Some("0") {

@@ -20,10 +20,13 @@ fn main() -> anyhow::Result<()> {
     println!("libtorch {}", unclip_core::libtorch_version());
     println!(
         "cuda available: {} ({} device(s)), cudnn: {}",
-        tch::Cuda::is_available(),
+        unclip_core::cuda_available(),
         tch::Cuda::device_count(),
         tch::Cuda::cudnn_is_available()
     );
+    if !unclip_core::cuda_available() {
+        println!("why not: {}", unclip_core::cuda_unavailable_reason());
+    }
     println!(
         "device: {}  dtype: {}",
         unclip_core::device::device_name(device),

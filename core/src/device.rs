@@ -7,9 +7,21 @@ use tch::Device;
 /// Environment variable consulted by [`select_device`] when no explicit choice is given.
 pub const DEVICE_ENV: &str = "UNCLIP_DEVICE";
 
-/// Whether libtorch can use a CUDA device here (needs libtorch_cuda linked and a driver).
+/// Whether libtorch can use a CUDA device here: it reports one, and libtorch_cuda can read its
+/// properties. Going through libtorch_cuda here is also what keeps that library linked into every
+/// binary that selects a device (see `cuda_link`), with no linker flags on the app's side.
 pub fn cuda_available() -> bool {
-    tch::Cuda::is_available()
+    tch::Cuda::is_available() && crate::cuda_link::probe().is_none_or(|r| r.is_ok())
+}
+
+/// Why CUDA cannot be used here and how to fix it: no GPU or driver (with libtorch's own
+/// message), a CPU-only libtorch, or a CUDA libtorch whose libtorch_cuda.so this binary did not
+/// load (built against another libtorch).
+pub fn cuda_unavailable_reason() -> String {
+    crate::cuda_link::diagnose(
+        &crate::cuda_link::LinkFacts::of_this_process(),
+        crate::cuda_link::probe(),
+    )
 }
 
 /// Checks that `device` can hold tensors here, before anything is placed on it: libtorch panics
@@ -47,8 +59,7 @@ pub fn parse_device(name: &str) -> Result<Device> {
         if !cuda_available() {
             return Err(Error::CudaUnavailable {
                 requested: name.to_string(),
-                reason: "libtorch reports no usable CUDA device (no GPU, no driver, or a CPU-only libtorch)"
-                    .into(),
+                reason: cuda_unavailable_reason(),
             });
         }
         let count = tch::Cuda::device_count() as usize;
@@ -62,7 +73,7 @@ pub fn parse_device(name: &str) -> Result<Device> {
     };
     match s.as_str() {
         "cpu" => Ok(Device::Cpu),
-        "auto" | "" => Ok(Device::cuda_if_available()),
+        "auto" | "" => Ok(auto()),
         "cuda" | "gpu" => want_cuda(0),
         _ => match s.strip_prefix("cuda:") {
             Some(idx) => {
@@ -81,8 +92,22 @@ pub fn select_device(explicit: Option<&str>) -> Result<Device> {
         Some(name) => parse_device(name),
         None => match std::env::var(DEVICE_ENV) {
             Ok(name) if !name.trim().is_empty() => parse_device(&name),
-            _ => Ok(Device::cuda_if_available()),
+            _ => Ok(auto()),
         },
+    }
+}
+
+/// CUDA device 0 when [`cuda_available`], else the CPU.
+fn auto() -> Device {
+    if cuda_available() { Device::Cuda(0) } else { Device::Cpu }
+}
+
+/// Checks that `device` can be used here (a CUDA index that exists, with libtorch's CUDA loaded):
+/// what loaders call on devices given in code rather than by name.
+pub fn check_device(device: Device) -> Result<()> {
+    match device {
+        Device::Cuda(i) => parse_device(&format!("cuda:{i}")).map(|_| ()),
+        _ => Ok(()),
     }
 }
 
@@ -116,6 +141,9 @@ mod tests {
                 assert!(!cuda_available());
                 assert!(matches!(e, Error::CudaUnavailable { .. }));
                 assert!(e.to_string().contains("cuda"));
+                // The reason is this process's, with a fix (see cuda_link's tests for each one).
+                assert!(e.to_string().contains(&cuda_unavailable_reason()));
+                eprintln!("{e}");
             }
         }
         // An index past the last device is always an error.

@@ -1,6 +1,7 @@
 //! Foundation shared by every unclip-rs crate.
 //!
-//! - [`device`]: one place that decides CPU or CUDA (and the `UNCLIP_DEVICE` override);
+//! - [`device`]: one place that decides CPU or CUDA (and the `UNCLIP_DEVICE` override), and says
+//!   why CUDA cannot be used;
 //! - [`dtype`]: `f32` / `f16` / `bf16` parsing;
 //! - [`weights`]: safetensors loading that names the missing or misshapen tensor, and saving;
 //! - [`config`]: reading diffusers / transformers `config.json` files;
@@ -10,6 +11,7 @@
 //! - [`train`]: model-independent training machinery (AdamW, LR schedules, EMA, checkpoints, logs).
 
 pub mod config;
+mod cuda_link;
 pub mod device;
 pub mod dtype;
 pub mod error;
@@ -19,7 +21,9 @@ pub mod testing;
 pub mod train;
 pub mod weights;
 
-pub use device::{check_device, cuda_available, parse_device, select_device};
+pub use device::{
+    check_device, cuda_available, cuda_unavailable_reason, parse_device, select_device,
+};
 pub use dtype::parse_dtype;
 pub use error::{Error, Result};
 

@@ -34,6 +34,37 @@ pub enum Error {
          its weights, inputs or settings are broken"
     )]
     NonFinite { stage: crate::pipeline::Stage, step: usize, total: usize },
+    /// A Hugging Face repo id that is neither a folder nor in the local hub cache.
+    #[error("{}", model_not_found(id, folder, cache.as_deref(), download.as_deref()))]
+    ModelNotFound {
+        id: String,
+        /// The folder looked at (the id as a path from the current directory).
+        folder: std::path::PathBuf,
+        /// The hub cache folder looked at (`<cache>/models--org--name`).
+        cache: Option<std::path::PathBuf>,
+        /// Why downloading failed (with the `hub` feature), or why there is no cache.
+        download: Option<String>,
+    },
+}
+
+fn model_not_found(
+    id: &str,
+    folder: &std::path::Path,
+    cache: Option<&std::path::Path>,
+    download: Option<&str>,
+) -> String {
+    let cache = cache.map_or("no Hugging Face hub cache".into(), |c| {
+        format!("no snapshot in the Hugging Face hub cache at {}", c.display())
+    });
+    let fix = match download {
+        Some(why) => format!("; downloading failed: {why}"),
+        None => format!(
+            ". Download it (`huggingface-cli download {id}`; the cache is HF_HUB_CACHE, else \
+             HF_HOME/hub, else ~/.cache/huggingface/hub), pass its folder, or build unclip with \
+             the `hub` feature to download it"
+        ),
+    };
+    format!("model {id:?} not found: no folder {}, and {cache}{fix}", folder.display())
 }
 
 /// `Result` with this crate's [`Error`].

@@ -9,6 +9,8 @@
 //!   this workspace's models in [`stages`];
 //! - [`loading`]: [`Unclip::from_pretrained`] / [`Unclip::save_pretrained`] for diffusers-layout
 //!   Karlo folders, with per-component device and dtype ([`LoadOptions`]);
+//! - [`hub`]: Hugging Face repo ids (`org/name`) resolved through the local hub cache (and
+//!   downloaded, with the `hub` feature);
 //! - [`pipeline`]: text-to-image ([`TextToImage`]), per-step callbacks, intermediate results;
 //! - [`sampling`]: the steps and guidance a model folder recommends ([`SamplingDefaults`]);
 //! - [`variation`], [`manipulate`], [`rerank`]: image variations (also from DDIM inversion),
@@ -28,6 +30,7 @@
 //! The stage crates are re-exported: [`clip`], [`prior`], [`decoder`], [`scheduler`], [`core`].
 
 pub mod error;
+pub mod hub;
 pub mod loading;
 pub mod manipulate;
 pub mod output;

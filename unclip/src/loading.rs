@@ -99,13 +99,14 @@ impl LoadOptions {
             if !matches!(kind, Kind::Float | Kind::Half | Kind::BFloat16) {
                 return Err(Error::Input(format!("dtype must be f32, f16 or bf16, got {kind:?}")));
             }
+            unclip_core::check_device(*device)?;
         }
         Ok(())
     }
 }
 
 /// The files a component folder must have.
-fn required_files(component: &str) -> &'static [&'static str] {
+pub(crate) fn required_files(component: &str) -> &'static [&'static str] {
     match component {
         "tokenizer" => &[],
         "text_encoder" | "image_encoder" => &["config.json", "model.safetensors"],
@@ -116,7 +117,7 @@ fn required_files(component: &str) -> &'static [&'static str] {
 }
 
 /// The components a pipeline class needs.
-fn required_components(class: &str) -> &'static [&'static str] {
+pub(crate) fn required_components(class: &str) -> &'static [&'static str] {
     match class {
         IMAGE_VARIATION => &[
             "tokenizer",
@@ -297,12 +298,13 @@ fn component_err<'a>(name: &'a str, dir: &'a Path) -> impl Fn(Error) -> Error + 
 
 impl Unclip {
     /// Loads a diffusers-layout unCLIP folder (`UnCLIPPipeline` or
-    /// `UnCLIPImageVariationPipeline`). A folder that is not one, or that lacks components or
-    /// files, is an error listing every problem; a component whose tensors are missing or
-    /// misshapen is an error naming the component and the tensors.
+    /// `UnCLIPImageVariationPipeline`), or a Hugging Face repo id (`org/name`) from the local hub
+    /// cache when no such folder exists (see [`crate::hub`]). A folder that is not one, or that
+    /// lacks components or files, is an error listing every problem; a component whose tensors
+    /// are missing or misshapen is an error naming the component and the tensors.
     pub fn from_pretrained(dir: impl AsRef<Path>, opts: &LoadOptions) -> Result<Self> {
-        let dir = dir.as_ref();
         opts.check()?;
+        let dir = &crate::hub::resolve(dir.as_ref())?;
         let (class, _) = inspect(dir)?;
         let sub = |c: &str| dir.join(c);
 
