@@ -35,10 +35,7 @@ pub fn check_device(device: Device) -> Result<()> {
         Device::Cpu => Ok(()),
         Device::Cuda(index) => {
             if !cuda_available() {
-                return unavailable(
-                    "libtorch reports no usable CUDA device (no GPU, no driver, or a CPU-only libtorch)"
-                        .into(),
-                );
+                return unavailable(cuda_unavailable_reason());
             }
             let count = tch::Cuda::device_count().max(0) as usize;
             if index >= count {
@@ -100,15 +97,6 @@ pub fn select_device(explicit: Option<&str>) -> Result<Device> {
 /// CUDA device 0 when [`cuda_available`], else the CPU.
 fn auto() -> Device {
     if cuda_available() { Device::Cuda(0) } else { Device::Cpu }
-}
-
-/// Checks that `device` can be used here (a CUDA index that exists, with libtorch's CUDA loaded):
-/// what loaders call on devices given in code rather than by name.
-pub fn check_device(device: Device) -> Result<()> {
-    match device {
-        Device::Cuda(i) => parse_device(&format!("cuda:{i}")).map(|_| ()),
-        _ => Ok(()),
-    }
 }
 
 /// A short human name: `cpu`, `cuda:0`, ...
