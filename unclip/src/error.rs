@@ -27,6 +27,8 @@ pub enum Error {
     Image { path: String, reason: String },
     #[error("invalid input: {0}")]
     Input(String),
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
 }
 
 /// `Result` with this crate's [`Error`].

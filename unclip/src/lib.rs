@@ -13,7 +13,9 @@
 //! - [`sampling`]: the steps and guidance a model folder recommends ([`SamplingDefaults`]);
 //! - [`variation`], [`manipulate`], [`rerank`]: image variations (also from DDIM inversion),
 //!   interpolation, text diffs, CLIP reranking;
-//! - [`output`]: tensors to `RgbImage`, `ndarray` and PNG.
+//! - [`output`]: tensors to `RgbImage`, `ndarray` and PNG;
+//! - [`data`]: training data from your own images (image folders, webdataset shards,
+//!   precomputed embeddings, the shapes scenes) and a parallel, resumable batch loader.
 //!
 //! ```no_run
 //! # fn main() -> unclip::Result<()> {
@@ -27,6 +29,7 @@
 //!
 //! The stage crates are re-exported: [`clip`], [`prior`], [`decoder`], [`scheduler`], [`core`].
 
+pub mod data;
 pub mod error;
 pub mod loading;
 pub mod manipulate;
