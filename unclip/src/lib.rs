@@ -40,6 +40,7 @@ pub mod sampling;
 pub mod shapes;
 pub mod stages;
 pub mod traits;
+pub mod train;
 pub mod variation;
 
 pub use error::{Error, Result};

@@ -2,14 +2,14 @@
 //! CLIP's format (`vocab.json` + `merges.txt`: the 256 byte symbols, the same with `</w>`, one
 //! token per merge, then `<|startoftext|>` and `<|endoftext|>`), which `ClipTokenizer` loads.
 
-use crate::stage::{Ctx, write_bytes};
-use anyhow::Context;
+use super::loop_::{Ctx, MODEL};
+use super::{Result, TrainError, write_bytes};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::Path;
 use tokenizers::models::bpe::{BPE, BpeTrainer};
 use tokenizers::{Model, Trainer};
-use unclip::clip::ClipTokenizer;
+use unclip_clip::ClipTokenizer;
 
 pub const BOS: &str = "<|startoftext|>";
 pub const EOS: &str = "<|endoftext|>";
@@ -69,7 +69,8 @@ pub fn train(
     vocab_size: usize,
     context_length: usize,
     dir: &Path,
-) -> anyhow::Result<()> {
+) -> Result<()> {
+    let bpe = |e: String| TrainError::stage("tokenizer", e);
     let mut trainer = BpeTrainer::builder()
         .vocab_size(vocab_size)
         .min_frequency(2)
@@ -78,26 +79,27 @@ pub fn train(
         .build();
     trainer
         .feed(captions.iter(), |s| Ok(words(s)))
-        .map_err(|e| anyhow::anyhow!("BPE trainer: {e}"))?;
+        .map_err(|e| bpe(format!("BPE trainer: {e}")))?;
     let mut model = BPE::builder()
         .end_of_word_suffix(END_OF_WORD.into())
         .build()
-        .map_err(|e| anyhow::anyhow!("BPE model: {e}"))?;
-    trainer.train(&mut model).map_err(|e| anyhow::anyhow!("BPE training: {e}"))?;
+        .map_err(|e| bpe(format!("BPE model: {e}")))?;
+    trainer.train(&mut model).map_err(|e| bpe(format!("BPE training: {e}")))?;
     // The trained merges, in rank order, from the model's own merges file.
     let scratch = dir.join("bpe-raw");
-    std::fs::create_dir_all(&scratch)?;
-    model.save(&scratch, None).map_err(|e| anyhow::anyhow!("saving BPE: {e}"))?;
-    let raw = std::fs::read_to_string(scratch.join("merges.txt"))?;
-    std::fs::remove_dir_all(&scratch)?;
+    std::fs::create_dir_all(&scratch).map_err(|e| TrainError::io(&scratch, e))?;
+    model.save(&scratch, None).map_err(|e| bpe(format!("saving BPE: {e}")))?;
+    let raw_path = scratch.join("merges.txt");
+    let raw = std::fs::read_to_string(&raw_path).map_err(|e| TrainError::io(&raw_path, e))?;
+    std::fs::remove_dir_all(&scratch).map_err(|e| TrainError::io(&scratch, e))?;
     let merges: Vec<(String, String)> = raw
         .lines()
         .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
         .map(|l| {
-            let (a, b) = l.split_once(' ').context("malformed merge line")?;
+            let (a, b) = l.split_once(' ').ok_or_else(|| bpe(format!("malformed merge line {l:?}")))?;
             Ok((a.to_string(), b.to_string()))
         })
-        .collect::<anyhow::Result<_>>()?;
+        .collect::<Result<_>>()?;
     // CLIP's layout: all bytes (so any text encodes), then merge results, then the specials
     // last (so <|endoftext|> has the largest id).
     let symbols = byte_symbols();
@@ -112,8 +114,11 @@ pub fn train(
     vocab.push(EOS.into());
     let ids: BTreeMap<&str, usize> =
         vocab.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
-    anyhow::ensure!(ids.len() == vocab.len(), "duplicate tokens in the trained vocabulary");
-    write_bytes(&dir.join("vocab.json"), serde_json::to_string(&ids)?.as_bytes())?;
+    if ids.len() != vocab.len() {
+        return Err(bpe("duplicate tokens in the trained vocabulary".into()));
+    }
+    let vocab_json = serde_json::to_string(&ids).map_err(|e| bpe(e.to_string()))?;
+    write_bytes(&dir.join("vocab.json"), vocab_json.as_bytes())?;
     write_bytes(&dir.join("merges.txt"), (merge_lines.join("\n") + "\n").as_bytes())?;
     let config = json!({
         "tokenizer_class": "CLIPTokenizer",
@@ -124,35 +129,44 @@ pub fn train(
         "model_max_length": context_length,
         "do_lower_case": true,
     });
-    unclip::core::config::write_json(&dir.join("tokenizer_config.json"), &config)?;
+    unclip_core::config::write_json(&dir.join("tokenizer_config.json"), &config)?;
     Ok(())
 }
 
-/// Runs the stage (skipped when `<out>/tokenizer` exists), then checks the folder loads and
-/// every training caption fits the context.
-pub fn run(ctx: &Ctx) -> anyhow::Result<()> {
-    let dir = ctx.out.join("tokenizer");
-    if !dir.join("vocab.json").exists() {
-        std::fs::create_dir_all(&dir)?;
-        let data = ctx.data();
-        let n = data.len.min(20_000);
-        let captions: Vec<String> = (0..n).map(|i| data.caption(i)).collect();
-        train(&captions, ctx.recipe.vocab_size, ctx.recipe.context_length, &dir)?;
-        println!("tokenizer: trained on {n} captions -> {}", dir.display());
+/// Runs the stage: learns the merges on the first `captions` training captions and writes
+/// `<run>/tokenizer/model/tokenizer/`, then checks that it loads and that the first 2000
+/// captions fit the context. (A killed run redoes it: only the marker written after says done.)
+pub(crate) fn run(ctx: &Ctx) -> Result<()> {
+    let cfg = ctx.cfg.tokenizer.as_ref().ok_or_else(|| TrainError::stage("tokenizer", "no [tokenizer] section"))?;
+    let dir = ctx.stage_dir("tokenizer").join(MODEL).join("tokenizer");
+    std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
+    let data = &ctx.data.train;
+    let n = data.len().min(cfg.captions);
+    let mut captions = Vec::with_capacity(n);
+    let mut bad = 0usize;
+    for i in 0..n {
+        match data.item(i) {
+            Ok(item) => captions.push(item.caption),
+            Err(_) => bad += 1,
+        }
     }
+    if captions.is_empty() {
+        return Err(TrainError::stage("tokenizer", format!("none of the first {n} items of {} could be read", data.describe())));
+    }
+    train(&captions, cfg.vocab_size, cfg.context_length, &dir)?;
+    println!("tokenizer: trained on {} captions ({bad} unreadable items skipped) -> {}", captions.len(), dir.display());
     let tok = ClipTokenizer::from_dir(&dir)?;
-    let data = ctx.data();
-    let longest = (0..2000)
-        .map(|i| tok.tokens(&data.caption(i)).map(|t| t.len() + 2))
-        .collect::<Result<Vec<_>, _>>()?
-        .into_iter()
-        .max()
-        .unwrap_or(0);
+    let mut longest = 0;
+    for c in captions.iter().take(2000) {
+        longest = longest.max(tok.tokens(c)?.len() + 2);
+    }
     println!(
-        "tokenizer: {} tokens, longest of 2000 captions {longest} of {} with start/end",
+        "tokenizer: {} tokens, longest of the first 2000 captions {longest} of {} with start/end",
         tok.vocab_size(),
         tok.context_length()
     );
-    anyhow::ensure!(longest <= tok.context_length(), "captions do not fit the context length");
+    if longest > tok.context_length() {
+        println!("tokenizer: warning: longer captions are truncated to {} tokens", tok.context_length());
+    }
     Ok(())
 }

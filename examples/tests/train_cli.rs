@@ -1,0 +1,206 @@
+//! The `train` command line end to end: config files in, a resumable run, an exported model
+//! folder that `Unclip::from_pretrained` loads and samples from.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use unclip::tch::{Device, Kind, Tensor};
+use unclip::{LoadOptions, TextToImage, Unclip};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Runs `train ARGS` with 2 libtorch threads; returns (success, stdout + stderr).
+fn train(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_train")).args(args).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+fn train_ok(args: &[&str]) -> String {
+    let (ok, text) = train(args);
+    assert!(ok, "train {args:?} failed:\n{text}");
+    text
+}
+
+fn bytes(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// A prior and a decoder trained a few steps on the committed data with the shapes model's
+/// frozen CLIP: a run stopped after 3 steps and rerun ends bit for bit where an uninterrupted
+/// run does; the export swaps both into a copy of the model folder, which loads and samples.
+#[test]
+fn prior_and_decoder_train_resume_export_and_generate() {
+    let dir = unclip::core::fsutil::scratch_dir("train-cli-e2e").unwrap();
+    let config = dir.join("run.toml");
+    let text = format!(
+        r#"
+[run]
+out = "{out}"
+seed = 3
+threads = 2
+conditioning = "{model}"
+
+[data]
+source = "shapes"
+items = 40
+
+[validation]
+items = 4
+grid = 2
+sample_steps = 2
+
+[prior]
+stat_items = 16
+[prior.model]
+layers = 1
+[prior.train]
+steps = 4
+batch_size = 4
+lr = 1e-4
+checkpoint_every = 2
+validate_every = 2
+
+[decoder]
+resolution = 32
+prediction = "v_prediction"
+[decoder.model]
+channels = [16, 32]
+layers_per_block = 1
+attention_head_dim = 16
+norm_groups = 8
+[decoder.train]
+steps = 4
+batch_size = 2
+lr = 1e-4
+checkpoint_every = 2
+validate_every = 2
+"#,
+        out = s(&dir.join("whole")),
+        model = s(&root().join("models/shapes")),
+    );
+    std::fs::write(&config, text).unwrap();
+    let cfg = s(&config);
+    let whole = train_ok(&["--config", &cfg]);
+    assert!(whole.contains("[run]") && whole.contains("complete: [prior, decoder]"), "{whole}");
+
+    let split_out = format!("run.out={:?}", s(&dir.join("split")));
+    let first = train_ok(&["--config", &cfg, "--set", &split_out, "--stop-after", "3"]);
+    assert!(first.contains("stopped"), "{first}");
+    assert!(!dir.join("split/prior/done.json").exists());
+    let second = train_ok(&["--config", &cfg, "--set", &split_out]);
+    assert!(second.contains("prior: resuming at step 2"), "{second}");
+    for stage in ["prior", "decoder"] {
+        let w = format!("{stage}/weights.safetensors");
+        assert_eq!(bytes(&dir.join("whole").join(&w)), bytes(&dir.join("split").join(&w)), "{stage}");
+        assert!(dir.join("split").join(stage).join("done.json").is_file());
+    }
+    assert!(dir.join("split/decoder/validation/step-00000004.png").is_file());
+    let csv = std::fs::read_to_string(dir.join("split/decoder/validation.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 3, "{csv}");
+    assert_eq!(std::fs::read_to_string(dir.join("whole/config.toml")).unwrap().contains("conditioning"), true);
+
+    // Export: a new folder from the run plus the conditioning model's other components.
+    let model = dir.join("model");
+    train_ok(&["export", "--config", &cfg, "--to", &s(&model)]);
+    let prior_out = model.join("prior/diffusion_pytorch_model.safetensors");
+    let shipped = root().join("models/shapes/prior/diffusion_pytorch_model.safetensors");
+    assert_ne!(bytes(&prior_out), bytes(&shipped));
+    let mut m = Unclip::from_pretrained(&model, &LoadOptions::new(Device::Cpu, Kind::Float)).unwrap();
+    let req = TextToImage {
+        seed: Some(0),
+        prior_steps: 2,
+        decoder_steps: 2,
+        super_res_steps: 2,
+        ..m.sampling.text_to_image("a red circle on a white background")
+    };
+    let out = m.text_to_image(&req, &mut unclip::no_progress).unwrap();
+    assert_eq!(out.images.size(), vec![1, 3, 64, 64]);
+    assert!(bool::try_from(out.images.isfinite().all()).unwrap());
+
+    // Exporting again swaps into the existing model folder.
+    train_ok(&["export", "--config", &cfg, "--to", &s(&model)]);
+    assert!(model.join("model_index.json").is_file());
+
+    // Never deletes what it did not write: a folder with the user's files, the run folder, a
+    // folder inside it, and one containing it are refused, naming the paths.
+    let mine = dir.join("mine");
+    std::fs::create_dir_all(&mine).unwrap();
+    std::fs::write(mine.join("notes.txt"), b"mine").unwrap();
+    std::fs::write(mine.join("model_index.json"), b"{}").unwrap();
+    let (ok, text) = train(&["export", "--config", &cfg, "--to", &s(&mine)]);
+    assert!(!ok && text.contains("notes.txt"), "{text}");
+    assert_eq!(bytes(&mine.join("notes.txt")), b"mine");
+    let run = dir.join("whole");
+    for bad in [run.clone(), run.join("sub"), dir.clone()] {
+        let (ok, text) = train(&["export", "--config", &cfg, "--to", &s(&bad)]);
+        assert!(!ok && text.contains(&s(&bad)) && text.contains("run folder"), "{text}");
+    }
+    assert!(run.join("prior/weights.safetensors").is_file() && run.join("decoder/done.json").is_file());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A decoder fine-tuned from a diffusers-layout folder (the tiny fixtures) starts from exactly
+/// the folder's weights, and trains.
+#[test]
+fn a_decoder_fine_tune_starts_from_the_folder_weights() {
+    let dir = unclip::core::fsutil::scratch_dir("train-cli-finetune").unwrap();
+    let folder = root().join("fixtures/data/pipeline/variation");
+    let config = dir.join("run.toml");
+    let text = format!(
+        r#"
+[run]
+out = "{out}"
+conditioning = "{folder}"
+[data]
+source = "shapes"
+items = 12
+[validation]
+items = 2
+grid = 2
+sample_steps = 2
+[decoder]
+init = "{folder}/decoder"
+resolution = 16
+[decoder.train]
+steps = 2
+batch_size = 2
+lr = 1e-4
+"#,
+        out = s(&dir.join("run")),
+        folder = s(&folder),
+    );
+    std::fs::write(&config, text).unwrap();
+    let cfg = unclip::train::RunConfig::load(&config, &[]).unwrap();
+    let trainer = unclip::train::Trainer::open(cfg, &config).unwrap();
+    let start = trainer.initial_decoder_weights().unwrap();
+    let mut expected = unclip::core::weights::read_tensors(&folder.join("decoder/diffusion_pytorch_model.safetensors")).unwrap();
+    for (k, t) in unclip::core::weights::read_tensors(&folder.join("text_proj/diffusion_pytorch_model.safetensors")).unwrap() {
+        expected.insert(format!("text_proj.{k}"), t);
+    }
+    assert_eq!(start.len(), expected.len());
+    for (name, t) in &start {
+        let key = name.strip_prefix("decoder.").unwrap_or(name);
+        let want: &Tensor = expected.get(key).unwrap_or_else(|| panic!("{name} not in the folder"));
+        assert!(t.to_kind(Kind::Float).equal(&want.to_kind(Kind::Float)), "{name} differs from the folder's");
+    }
+    let out = train_ok(&["--config", &s(&config)]);
+    assert!(out.contains("decoder: started from") && out.contains("complete: [decoder]"), "{out}");
+    let trained = unclip::core::weights::read_tensors(&dir.join("run/decoder/model/decoder/diffusion_pytorch_model.safetensors")).unwrap();
+    assert_eq!(trained.len(), expected.len() - start.iter().filter(|(n, _)| n.starts_with("text_proj.")).count());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Config errors come out of the command line named, with a failing exit status.
+#[test]
+fn config_errors_fail_the_command_with_the_key() {
+    let (ok, text) = train(&["--config", &s(&root().join("configs/shapes/base.toml")), "--set", "decoder.train.stepz=3"]);
+    assert!(!ok && text.contains("base.toml: key `decoder.train") && text.contains("stepz"), "{text}");
+    let (ok, text) = train(&["--config", &s(&root().join("configs/shapes/base.toml")), "--set", "clip.train.lr=fast"]);
+    assert!(!ok && text.contains("key `clip.train.lr`") && text.contains("f64"), "{text}");
+}
