@@ -382,6 +382,38 @@ impl Dataset for WithEmbeddings {
     }
 }
 
+/// A safetensors file of f32 tensors, byte for byte the same for the same input (the header's
+/// entries in a fixed order, unlike a hash map's).
+fn safetensors_bytes(
+    metadata: serde_json::Map<String, serde_json::Value>,
+    tensors: &[(&str, Vec<usize>, Vec<u8>)],
+) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), metadata.into());
+    let mut offset = 0usize;
+    for (name, shape, bytes) in tensors {
+        let info = serde_json::json!({
+            "dtype": "F32",
+            "shape": shape,
+            "data_offsets": [offset, offset + bytes.len()],
+        });
+        header.insert(name.to_string(), info);
+        offset += bytes.len();
+    }
+    let mut json = serde_json::Value::Object(header).to_string().into_bytes();
+    // The data starts 8-byte aligned, as the reference writer pads it.
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + json.len() + offset);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    for (_, _, bytes) in tensors {
+        out.extend_from_slice(bytes);
+    }
+    out
+}
+
 /// Writes one shard atomically (a temporary file renamed into place, so an interrupted write
 /// never leaves a shard that looks complete). `image` and `text` are `[N, D]` float tensors on
 /// any device; `extra` adds metadata entries (e.g. `("model", "models/shapes")`).
@@ -412,33 +444,20 @@ pub fn write_embedding_shard(
             .f_to_device(tch::Device::Cpu)?
             .f_to_kind(Kind::Float)?
             .f_contiguous()?
-            .f_view([-1])?;
+            .f_flatten(0, -1)?;
         let v = Vec::<f32>::try_from(&flat)?;
         let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
         tensors.push((name, size.iter().map(|&d| d as usize).collect::<Vec<_>>(), bytes));
     }
     let to_json = |v: &[String]| serde_json::to_string(v).expect("strings serialize");
-    let mut meta: HashMap<String, String> = HashMap::from([
-        ("format".to_string(), FORMAT.to_string()),
-        ("keys".to_string(), to_json(keys)),
-        ("captions".to_string(), to_json(captions)),
-    ]);
+    let mut meta = serde_json::Map::new();
+    meta.insert("format".into(), FORMAT.into());
+    meta.insert("keys".into(), to_json(keys).into());
+    meta.insert("captions".into(), to_json(captions).into());
     for (k, v) in extra {
-        meta.insert(k.to_string(), v.to_string());
+        meta.insert(k.to_string(), v.to_string().into());
     }
-    let views = tensors
-        .iter()
-        .map(|(name, shape, bytes)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
-                .map(|v| (*name, v))
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| {
-            DataError::InvalidArgument(format!("embedding shard {}: {e}", path.display()))
-        })?;
-    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| {
-        DataError::InvalidArgument(format!("embedding shard {}: {e}", path.display()))
-    })?;
+    let bytes = safetensors_bytes(meta, &tensors);
     unclip_core::fsutil::atomic_write(path, |tmp| {
         std::fs::write(tmp, &bytes).map_err(|e| unclip_core::Error::io(tmp, e))
     })?;

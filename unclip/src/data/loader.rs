@@ -8,9 +8,10 @@
 //! and gets the same batch.
 //!
 //! Bad items. A slot whose item is bad takes the next good item after the batch in the rank's
-//! stream (so the batch has no duplicate and stays deterministic); each bad read is counted and
-//! logged once with its key and shard, and when more than `max_bad_fraction` of the reads were
-//! bad (once `min(len, 100)` items were read) the loader returns [`DataError::TooManyBad`].
+//! stream (so the batch has no duplicate and stays deterministic); each bad item is counted and
+//! logged once with its key and shard, and when more than `max_bad_fraction` of the distinct
+//! items read were bad (once `min(len, 100)` items were read) the loader returns
+//! [`DataError::TooManyBad`].
 //!
 //! Threads. [`Loader::iter_from`] hands steps to `workers` threads; at most `prefetch` batches
 //! are ready or being built ahead of the consumer, so memory stays bounded whatever the speed of
@@ -87,12 +88,13 @@ pub struct Batch {
 /// Bad items met so far.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SkipStats {
-    /// Item reads (good and bad).
+    /// Distinct items read (good and bad).
     pub seen: u64,
-    /// Bad item reads.
+    /// Distinct bad items found (each is logged once); the run fails when `skipped / seen`
+    /// passes `max_bad_fraction`.
     pub skipped: u64,
-    /// Distinct bad items found (each is logged once).
-    pub distinct: u64,
+    /// Times a slot passed over a bad item (a bad item is met again every epoch).
+    pub skips: u64,
     /// The last few bad items: key, shard and reason.
     pub last: Vec<String>,
 }
@@ -114,8 +116,10 @@ struct Inner {
 
 #[derive(Default)]
 struct State {
+    /// One bit per item: read at least once.
+    read: Vec<u64>,
     seen: u64,
-    skipped: u64,
+    skips: u64,
     last: VecDeque<String>,
     bad: HashSet<usize>,
     /// The two most recent epoch permutations (a batch spans at most two epochs... or more for
@@ -203,8 +207,8 @@ impl Loader {
         let s = self.inner.lock();
         SkipStats {
             seen: s.seen,
-            skipped: s.skipped,
-            distinct: s.bad.len() as u64,
+            skipped: s.bad.len() as u64,
+            skips: s.skips,
             last: s.last.iter().cloned().collect(),
         }
     }
@@ -278,7 +282,14 @@ impl Inner {
     fn load(&self, index: usize, step: u64) -> DataResult<Ready> {
         {
             let mut s = self.lock();
-            s.seen += 1;
+            if s.read.is_empty() {
+                s.read = vec![0; self.len.div_ceil(64)];
+            }
+            let (word, bit) = (index / 64, 1u64 << (index % 64));
+            if s.read[word] & bit == 0 {
+                s.read[word] |= bit;
+                s.seen += 1;
+            }
             if s.bad.contains(&index) {
                 drop(s);
                 // Known bad: read again for its message (cheap for most sources) is not needed.
@@ -325,7 +336,7 @@ impl Inner {
 
     fn record_bad(&self, index: usize, e: &DataError) -> DataResult<()> {
         let mut s = self.lock();
-        s.skipped += 1;
+        s.skips += 1;
         if s.bad.insert(index) {
             let msg = e.to_string();
             eprintln!("data: skipped {msg}");
@@ -335,7 +346,8 @@ impl Inner {
             s.last.push_back(msg);
         }
         let min_reads = self.len.min(MIN_READS_FOR_FRACTION) as u64;
-        if s.seen >= min_reads && s.skipped as f64 > self.config.max_bad_fraction * s.seen as f64 {
+        if s.seen >= min_reads && s.bad.len() as f64 > self.config.max_bad_fraction * s.seen as f64
+        {
             drop(s);
             return Err(self.too_many_bad());
         }
@@ -345,7 +357,7 @@ impl Inner {
     fn too_many_bad(&self) -> DataError {
         let s = self.lock();
         DataError::TooManyBad {
-            skipped: s.skipped,
+            skipped: s.bad.len() as u64,
             seen: s.seen,
             max_fraction: self.config.max_bad_fraction,
             last: s.last.iter().cloned().collect(),
