@@ -31,7 +31,7 @@ fn s(p: &Path) -> String {
     p.display().to_string()
 }
 
-/// A prior and a decoder trained a few steps on the committed data with the shapes model's
+/// A prior and a decoder trained a few steps on the committed webdataset with the shapes model's
 /// frozen CLIP: a run stopped after 3 steps and rerun ends bit for bit where an uninterrupted
 /// run does; the export swaps both into a copy of the model folder, which loads and samples.
 #[test]
@@ -47,8 +47,8 @@ threads = 2
 conditioning = "{model}"
 
 [data]
-source = "shapes"
-items = 40
+source = "webdataset"
+path = "{data}"
 
 [validation]
 items = 4
@@ -83,6 +83,7 @@ validate_every = 2
 "#,
         out = s(&dir.join("whole")),
         model = s(&root().join("models/shapes")),
+        data = s(&root().join("fixtures/dataset/webdataset")),
     );
     std::fs::write(&config, text).unwrap();
     let cfg = s(&config);
@@ -203,4 +204,124 @@ fn config_errors_fail_the_command_with_the_key() {
     assert!(!ok && text.contains("base.toml: key `decoder.train") && text.contains("stepz"), "{text}");
     let (ok, text) = train(&["--config", &s(&root().join("configs/shapes/base.toml")), "--set", "clip.train.lr=fast"]);
     assert!(!ok && text.contains("key `clip.train.lr`") && text.contains("f64"), "{text}");
+}
+
+/// Overrides that shrink a shapes config to a few steps of every stage (same model sizes).
+fn quick(out: &Path) -> Vec<String> {
+    let mut v = vec![format!("run.out={:?}", s(out))];
+    for kv in [
+        "data.items=64",
+        "validation.items=4",
+        "validation.grid=2",
+        "validation.sample_steps=2",
+        "tokenizer.captions=64",
+        "clip.train.steps=3",
+        "clip.train.batch_size=8",
+        "prior.stat_items=16",
+        "prior.train.steps=3",
+        "prior.train.batch_size=4",
+        "decoder.train.steps=3",
+        "decoder.train.batch_size=2",
+        "upsampler.train.steps=3",
+        "upsampler.train.batch_size=2",
+    ] {
+        v.push(kv.to_string());
+    }
+    v
+}
+
+fn with_sets<'a>(base: &[&'a str], sets: &'a [String]) -> Vec<&'a str> {
+    let mut args = base.to_vec();
+    for kv in sets {
+        args.push("--set");
+        args.push(kv);
+    }
+    args
+}
+
+/// The committed shapes recipe runs end to end at a few steps per stage: every stage, the
+/// export loads and samples; more steps extend a finished stage; a stage killed between its
+/// files is redone; and the decoder fine-tune config starts from exactly the shipped decoder.
+#[test]
+fn the_shapes_configs_run_every_stage() {
+    let dir = unclip::core::fsutil::scratch_dir("train-cli-shapes").unwrap();
+    let run = dir.join("run");
+    let config = s(&root().join("configs/shapes/embedded.toml"));
+    let sets = quick(&run);
+    let out = train_ok(&with_sets(&["--config", &config], &sets));
+    assert!(out.contains("complete: [tokenizer, clip, prior, decoder, upsampler]"), "{out}");
+    assert!(run.join("upsampler/validation/step-00000003.png").is_file());
+
+    let model = dir.join("model");
+    train_ok(&["export", "--config", &config, "--set", &sets[0], "--to", &s(&model)]);
+    let mut m = Unclip::from_pretrained(&model, &LoadOptions::new(Device::Cpu, Kind::Float)).unwrap();
+    assert_eq!(m.sampling.decoder_guidance_scale, 3.0);
+    let req = TextToImage {
+        seed: Some(0),
+        prior_steps: 2,
+        decoder_steps: 2,
+        super_res_steps: 2,
+        ..m.sampling.text_to_image("a small red circle in the top left on a white background")
+    };
+    let images = m.text_to_image(&req, &mut unclip::no_progress).unwrap().images;
+    assert_eq!(images.size(), vec![1, 3, 64, 64]);
+
+    // More prior steps: the finished prior resumes from its last checkpoint (its weights kept
+    // aside); the other stages stay complete.
+    let mut more = sets.clone();
+    more.push("prior.train.steps=5".into());
+    let out = train_ok(&with_sets(&["--config", &config], &more));
+    assert!(out.contains("prior: extending from 3 steps") && out.contains("prior: resuming at step 3 of 5"), "{out}");
+    assert!(run.join("prior/weights-3.safetensors").is_file() && run.join("prior/done.json").is_file());
+    // Anything but step counts is refused, naming the key.
+    let mut other = more.clone();
+    other.push("decoder.train.lr=0.001".into());
+    let (ok, text) = train(&with_sets(&["--config", &config], &other));
+    assert!(!ok && text.contains("key `decoder.train.lr`") && text.contains("config.toml"), "{text}");
+
+    // A tokenizer stage killed after vocab.json, before tokenizer_config.json (and a temporary
+    // file of a killed write) is redone on the next run.
+    let tok = run.join("tokenizer/model/tokenizer");
+    std::fs::remove_file(run.join("tokenizer/done.json")).unwrap();
+    std::fs::remove_file(tok.join("tokenizer_config.json")).unwrap();
+    std::fs::write(tok.join(".merges.txt.tmp-99999"), b"half").unwrap();
+    let out = train_ok(&with_sets(&["--config", &config, "--stage", "tokenizer"], &more));
+    assert!(out.contains("tokenizer: trained on"), "{out}");
+    assert!(tok.join("tokenizer_config.json").is_file() && run.join("tokenizer/done.json").is_file());
+    assert!(!tok.join(".merges.txt.tmp-99999").exists());
+
+    // The decoder fine-tune config: step 0 is the shipped decoder exactly; two steps; the
+    // decoder swapped into a copy of the shipped folder, which loads.
+    let shipped = root().join("models/shapes");
+    let ft = root().join("configs/shapes/decoder-finetune.toml");
+    let ft_sets = vec![
+        format!("run.out={:?}", s(&dir.join("finetune"))),
+        format!("run.conditioning={:?}", s(&shipped)),
+        format!("decoder.init={:?}", s(&shipped)),
+        "data.items=32".into(),
+        "validation.items=2".into(),
+        "validation.grid=2".into(),
+        "validation.sample_steps=2".into(),
+        "decoder.train.steps=2".into(),
+        "decoder.train.batch_size=2".into(),
+    ];
+    let cfg = unclip::train::RunConfig::load(&ft, &ft_sets).unwrap();
+    let start = unclip::train::Trainer::open(cfg, &ft).unwrap().initial_decoder_weights().unwrap();
+    let folder =
+        unclip::core::weights::read_tensors(&shipped.join("decoder/diffusion_pytorch_model.safetensors")).unwrap();
+    for (name, t) in start.iter().filter(|(n, _)| n.starts_with("decoder.")) {
+        let want = &folder[name.strip_prefix("decoder.").unwrap()];
+        assert!(t.equal(&want.to_kind(Kind::Float)), "{name}");
+    }
+    train_ok(&with_sets(&["--config", &s(&ft)], &ft_sets));
+    let copy = dir.join("shapes-copy");
+    let status = Command::new("cp").args(["-r", &s(&shipped), &s(&copy)]).status().unwrap();
+    assert!(status.success());
+    train_ok(&with_sets(&["export", "--config", &s(&ft), "--to", &s(&copy)], &ft_sets));
+    let before = bytes(&shipped.join("prior/diffusion_pytorch_model.safetensors"));
+    assert_eq!(bytes(&copy.join("prior/diffusion_pytorch_model.safetensors")), before, "untrained stages kept");
+    let decoder = bytes(&copy.join("decoder/diffusion_pytorch_model.safetensors"));
+    assert_ne!(decoder, bytes(&shipped.join("decoder/diffusion_pytorch_model.safetensors")));
+    Unclip::from_pretrained(&copy, &LoadOptions::new(Device::Cpu, Kind::Float)).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
 }

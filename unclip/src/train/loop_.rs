@@ -237,6 +237,7 @@ pub(crate) struct Ctx<'a> {
 }
 
 /// How far a stage got.
+#[derive(Debug)]
 pub(crate) struct StageSteps {
     pub steps: u64,
     pub finished: bool,
@@ -418,7 +419,14 @@ pub(crate) fn train(
                     Some(m) => format!("{} (step {})", dir.join(&m.dir).display(), m.step),
                     None => format!("none yet in {}", dir.display()),
                 };
-                return Err(TrainError::NonFinite { stage: name.into(), count: in_a_row, step: s + 1, checkpoint });
+                return Err(TrainError::NonFinite {
+                    stage: name.into(),
+                    count: in_a_row,
+                    first: s + 2 - in_a_row,
+                    step: s + 1,
+                    last_good: s + 1 - in_a_row,
+                    checkpoint,
+                });
             }
         } else {
             in_a_row = 0;
@@ -487,4 +495,49 @@ fn validate(
     let pics = dir.join("validation");
     (pictures)(done, run.ema(), &pics)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::source::Needs;
+
+    /// Steps whose loss is not finite are skipped; `max_nonfinite` of them in a row stop the run
+    /// with the step and the last good checkpoint.
+    #[test]
+    fn non_finite_steps_are_skipped_then_stop_the_run() {
+        let dir = unclip_core::fsutil::scratch_dir("train-nonfinite").unwrap();
+        let text = format!(
+            "[run]\nout = {:?}\nconditioning = \"x\"\n[data]\nsource = \"shapes\"\nitems = 16\n\
+             [validation]\nitems = 0\n[decoder]\nresolution = 8\n[decoder.model]\nchannels = [16]\n\
+             [decoder.train]\nsteps = 20\nbatch_size = 2\nlr = 0.01\ncheckpoint_every = 1\nmax_nonfinite = 3\n",
+            dir.display().to_string()
+        );
+        let cfg = RunConfig::parse(&text, Path::new("t.toml"), &[]).unwrap();
+        let split = source::open(&cfg.data, 0, 8, 0).unwrap();
+        let ctx = Ctx { cfg: &cfg, out: &dir, device: Device::Cpu, data: &split, budget: None };
+        let needs = |b| Needs { batch_size: b, resolution: Some(8), clip_resolution: None, low_resolution: None };
+        let (loader, _) = ctx.loaders("toy", needs, 2).unwrap();
+        let vs = VarStore::new(Device::Cpu);
+        let w = vs.root().var("w", &[3], tch::nn::Init::Const(1.0));
+        let mut calls = 0;
+        let mut step = |_: &Batch| -> Result<(Tensor, Vec<f64>)> {
+            calls += 1;
+            let loss = w.square().sum(Kind::Float);
+            // Steps 1 and 2 are fine, then NaN (step 4 alone is fine: the count restarts).
+            Ok((if calls <= 2 || calls == 4 { loss } else { loss * f64::NAN }, vec![]))
+        };
+        let mut after = || Ok(());
+        let mut pictures = |_: u64, _: Option<&Ema>, _: &Path| Ok(());
+        let hooks = StageHooks { step: &mut step, after: &mut after, pictures: &mut pictures };
+        let t = &cfg.decoder.as_ref().unwrap().train;
+        let e = train(&ctx, "toy", &vs, t, &[], &loader, None, hooks).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, TrainError::NonFinite { count: 3, first: 5, step: 7, last_good: 4, .. }), "{msg}");
+        assert!(msg.contains("stage toy") && msg.contains("steps 5 to 7") && msg.contains("step-00000007 (step 7)"), "{msg}");
+        // The skipped steps left the weights as the good steps made them.
+        let good: Vec<f32> = Vec::try_from(&w.detach()).unwrap();
+        assert!(good.iter().all(|v| v.is_finite() && *v < 1.0), "{good:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -45,9 +45,9 @@ pub enum TrainError {
     Stage { stage: String, message: String },
     /// Too many non-finite steps in a row.
     #[error(
-        "stage {stage}: the loss or the gradients were not finite for {count} steps in a row (the last at step {step}); stopped. Last good checkpoint: {checkpoint}"
+        "stage {stage}: the loss or the gradients were not finite for {count} steps in a row (steps {first} to {step}); stopped. The last finite step was {last_good}; last good checkpoint: {checkpoint} (skipped steps leave the weights unchanged)"
     )]
-    NonFinite { stage: String, count: u64, step: u64, checkpoint: String },
+    NonFinite { stage: String, count: u64, first: u64, step: u64, last_good: u64, checkpoint: String },
     #[error("export: {0}")]
     Export(String),
     #[error("{}: {source}", path.display())]
