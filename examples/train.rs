@@ -80,9 +80,16 @@ fn main() -> anyhow::Result<()> {
             let opts = RunOptions { only: cli.stage.clone(), stop_after: cli.stop_after };
             let summary = trainer.run(&opts)?;
             if summary.stopped {
-                println!("stopped; complete: [{}]; rerun the same command to resume", summary.complete.join(", "));
+                println!(
+                    "stopped; complete: [{}]; rerun the same command to resume",
+                    summary.complete.join(", ")
+                );
             } else {
-                println!("complete: [{}] in {}", summary.complete.join(", "), trainer.out().display());
+                println!(
+                    "complete: [{}] in {}",
+                    summary.complete.join(", "),
+                    trainer.out().display()
+                );
             }
         }
     }

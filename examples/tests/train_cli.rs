@@ -13,7 +13,8 @@ fn root() -> PathBuf {
 /// Runs `train ARGS` with 2 libtorch threads; returns (success, stdout + stderr).
 fn train(args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_train")).args(args).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
 }
 
@@ -98,13 +99,18 @@ validate_every = 2
     assert!(second.contains("prior: resuming at step 2"), "{second}");
     for stage in ["prior", "decoder"] {
         let w = format!("{stage}/weights.safetensors");
-        assert_eq!(bytes(&dir.join("whole").join(&w)), bytes(&dir.join("split").join(&w)), "{stage}");
+        assert_eq!(
+            bytes(&dir.join("whole").join(&w)),
+            bytes(&dir.join("split").join(&w)),
+            "{stage}"
+        );
         assert!(dir.join("split").join(stage).join("done.json").is_file());
     }
     assert!(dir.join("split/decoder/validation/step-00000004.png").is_file());
     let csv = std::fs::read_to_string(dir.join("split/decoder/validation.csv")).unwrap();
     assert_eq!(csv.lines().count(), 3, "{csv}");
-    assert_eq!(std::fs::read_to_string(dir.join("whole/config.toml")).unwrap().contains("conditioning"), true);
+    let stored = std::fs::read_to_string(dir.join("whole/config.toml")).unwrap();
+    assert!(stored.contains("conditioning") && stored.contains("max_nonfinite = 10"), "{stored}");
 
     // Export: a new folder from the run plus the conditioning model's other components.
     let model = dir.join("model");
@@ -112,7 +118,8 @@ validate_every = 2
     let prior_out = model.join("prior/diffusion_pytorch_model.safetensors");
     let shipped = root().join("models/shapes/prior/diffusion_pytorch_model.safetensors");
     assert_ne!(bytes(&prior_out), bytes(&shipped));
-    let mut m = Unclip::from_pretrained(&model, &LoadOptions::new(Device::Cpu, Kind::Float)).unwrap();
+    let mut m =
+        Unclip::from_pretrained(&model, &LoadOptions::new(Device::Cpu, Kind::Float)).unwrap();
     let req = TextToImage {
         seed: Some(0),
         prior_steps: 2,
@@ -142,7 +149,9 @@ validate_every = 2
         let (ok, text) = train(&["export", "--config", &cfg, "--to", &s(&bad)]);
         assert!(!ok && text.contains(&s(&bad)) && text.contains("run folder"), "{text}");
     }
-    assert!(run.join("prior/weights.safetensors").is_file() && run.join("decoder/done.json").is_file());
+    assert!(
+        run.join("prior/weights.safetensors").is_file() && run.join("decoder/done.json").is_file()
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -180,29 +189,58 @@ lr = 1e-4
     let cfg = unclip::train::RunConfig::load(&config, &[]).unwrap();
     let trainer = unclip::train::Trainer::open(cfg, &config).unwrap();
     let start = trainer.initial_decoder_weights().unwrap();
-    let mut expected = unclip::core::weights::read_tensors(&folder.join("decoder/diffusion_pytorch_model.safetensors")).unwrap();
-    for (k, t) in unclip::core::weights::read_tensors(&folder.join("text_proj/diffusion_pytorch_model.safetensors")).unwrap() {
+    let mut expected = unclip::core::weights::read_tensors(
+        &folder.join("decoder/diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
+    for (k, t) in unclip::core::weights::read_tensors(
+        &folder.join("text_proj/diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap()
+    {
         expected.insert(format!("text_proj.{k}"), t);
     }
     assert_eq!(start.len(), expected.len());
     for (name, t) in &start {
         let key = name.strip_prefix("decoder.").unwrap_or(name);
         let want: &Tensor = expected.get(key).unwrap_or_else(|| panic!("{name} not in the folder"));
-        assert!(t.to_kind(Kind::Float).equal(&want.to_kind(Kind::Float)), "{name} differs from the folder's");
+        assert!(
+            t.to_kind(Kind::Float).equal(&want.to_kind(Kind::Float)),
+            "{name} differs from the folder's"
+        );
     }
     let out = train_ok(&["--config", &s(&config)]);
     assert!(out.contains("decoder: started from") && out.contains("complete: [decoder]"), "{out}");
-    let trained = unclip::core::weights::read_tensors(&dir.join("run/decoder/model/decoder/diffusion_pytorch_model.safetensors")).unwrap();
-    assert_eq!(trained.len(), expected.len() - start.iter().filter(|(n, _)| n.starts_with("text_proj.")).count());
+    let trained = unclip::core::weights::read_tensors(
+        &dir.join("run/decoder/model/decoder/diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
+    assert_eq!(
+        trained.len(),
+        expected.len() - start.iter().filter(|(n, _)| n.starts_with("text_proj.")).count()
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// Config errors come out of the command line named, with a failing exit status.
 #[test]
 fn config_errors_fail_the_command_with_the_key() {
-    let (ok, text) = train(&["--config", &s(&root().join("configs/shapes/base.toml")), "--set", "decoder.train.stepz=3"]);
-    assert!(!ok && text.contains("base.toml: key `decoder.train") && text.contains("stepz"), "{text}");
-    let (ok, text) = train(&["--config", &s(&root().join("configs/shapes/base.toml")), "--set", "clip.train.lr=fast"]);
+    let (ok, text) = train(&[
+        "--config",
+        &s(&root().join("configs/shapes/base.toml")),
+        "--set",
+        "decoder.train.stepz=3",
+    ]);
+    assert!(
+        !ok && text.contains("base.toml: key `decoder.train") && text.contains("stepz"),
+        "{text}"
+    );
+    let (ok, text) = train(&[
+        "--config",
+        &s(&root().join("configs/shapes/base.toml")),
+        "--set",
+        "clip.train.lr=fast",
+    ]);
     assert!(!ok && text.contains("key `clip.train.lr`") && text.contains("f64"), "{text}");
 }
 
@@ -254,7 +292,8 @@ fn the_shapes_configs_run_every_stage() {
 
     let model = dir.join("model");
     train_ok(&["export", "--config", &config, "--set", &sets[0], "--to", &s(&model)]);
-    let mut m = Unclip::from_pretrained(&model, &LoadOptions::new(Device::Cpu, Kind::Float)).unwrap();
+    let mut m =
+        Unclip::from_pretrained(&model, &LoadOptions::new(Device::Cpu, Kind::Float)).unwrap();
     assert_eq!(m.sampling.decoder_guidance_scale, 3.0);
     let req = TextToImage {
         seed: Some(0),
@@ -271,13 +310,22 @@ fn the_shapes_configs_run_every_stage() {
     let mut more = sets.clone();
     more.push("prior.train.steps=5".into());
     let out = train_ok(&with_sets(&["--config", &config], &more));
-    assert!(out.contains("prior: extending from 3 steps") && out.contains("prior: resuming at step 3 of 5"), "{out}");
-    assert!(run.join("prior/weights-3.safetensors").is_file() && run.join("prior/done.json").is_file());
+    assert!(
+        out.contains("prior: extending from 3 steps")
+            && out.contains("prior: resuming at step 3 of 5"),
+        "{out}"
+    );
+    assert!(
+        run.join("prior/weights-3.safetensors").is_file() && run.join("prior/done.json").is_file()
+    );
     // Anything but step counts is refused, naming the key.
     let mut other = more.clone();
     other.push("decoder.train.lr=0.001".into());
     let (ok, text) = train(&with_sets(&["--config", &config], &other));
-    assert!(!ok && text.contains("key `decoder.train.lr`") && text.contains("config.toml"), "{text}");
+    assert!(
+        !ok && text.contains("key `decoder.train.lr`") && text.contains("config.toml"),
+        "{text}"
+    );
 
     // A tokenizer stage killed after vocab.json, before tokenizer_config.json (and a temporary
     // file of a killed write) is redone on the next run.
@@ -287,7 +335,9 @@ fn the_shapes_configs_run_every_stage() {
     std::fs::write(tok.join(".merges.txt.tmp-99999"), b"half").unwrap();
     let out = train_ok(&with_sets(&["--config", &config, "--stage", "tokenizer"], &more));
     assert!(out.contains("tokenizer: trained on"), "{out}");
-    assert!(tok.join("tokenizer_config.json").is_file() && run.join("tokenizer/done.json").is_file());
+    assert!(
+        tok.join("tokenizer_config.json").is_file() && run.join("tokenizer/done.json").is_file()
+    );
     assert!(!tok.join(".merges.txt.tmp-99999").exists());
 
     // The decoder fine-tune config: step 0 is the shipped decoder exactly; two steps; the
@@ -307,8 +357,10 @@ fn the_shapes_configs_run_every_stage() {
     ];
     let cfg = unclip::train::RunConfig::load(&ft, &ft_sets).unwrap();
     let start = unclip::train::Trainer::open(cfg, &ft).unwrap().initial_decoder_weights().unwrap();
-    let folder =
-        unclip::core::weights::read_tensors(&shipped.join("decoder/diffusion_pytorch_model.safetensors")).unwrap();
+    let folder = unclip::core::weights::read_tensors(
+        &shipped.join("decoder/diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
     for (name, t) in start.iter().filter(|(n, _)| n.starts_with("decoder.")) {
         let want = &folder[name.strip_prefix("decoder.").unwrap()];
         assert!(t.equal(&want.to_kind(Kind::Float)), "{name}");
@@ -319,7 +371,11 @@ fn the_shapes_configs_run_every_stage() {
     assert!(status.success());
     train_ok(&with_sets(&["export", "--config", &s(&ft), "--to", &s(&copy)], &ft_sets));
     let before = bytes(&shipped.join("prior/diffusion_pytorch_model.safetensors"));
-    assert_eq!(bytes(&copy.join("prior/diffusion_pytorch_model.safetensors")), before, "untrained stages kept");
+    assert_eq!(
+        bytes(&copy.join("prior/diffusion_pytorch_model.safetensors")),
+        before,
+        "untrained stages kept"
+    );
     let decoder = bytes(&copy.join("decoder/diffusion_pytorch_model.safetensors"));
     assert_ne!(decoder, bytes(&shipped.join("decoder/diffusion_pytorch_model.safetensors")));
     Unclip::from_pretrained(&copy, &LoadOptions::new(Device::Cpu, Kind::Float)).unwrap();

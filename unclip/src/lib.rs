@@ -15,7 +15,9 @@
 //!   interpolation, text diffs, CLIP reranking;
 //! - [`output`]: tensors to `RgbImage`, `ndarray` and PNG;
 //! - [`data`]: training data from your own images (image folders, webdataset shards,
-//!   precomputed embeddings, the shapes scenes) and a parallel, resumable batch loader.
+//!   precomputed embeddings, the shapes scenes) and a parallel, resumable batch loader;
+//! - [`train`]: every stage trained from a TOML run config on any [`data`] source, resumable, and
+//!   exported as a model folder.
 //!
 //! ```no_run
 //! # fn main() -> unclip::Result<()> {
@@ -39,8 +41,8 @@ pub mod rerank;
 pub mod sampling;
 pub mod shapes;
 pub mod stages;
-pub mod traits;
 pub mod train;
+pub mod traits;
 pub mod variation;
 
 pub use error::{Error, Result};

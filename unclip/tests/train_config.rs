@@ -93,7 +93,12 @@ fn missing_data_is_named() {
     ];
     let cfg = RunConfig::parse(MINIMAL, &file(), &sets).unwrap();
     let e = Trainer::open(cfg, &file()).unwrap_err().to_string();
-    assert!(e.contains("run.toml: key `data.path`") && e.contains("nowhere") && e.contains("does not exist"), "{e}");
+    assert!(
+        e.contains("run.toml: key `data.path`")
+            && e.contains("nowhere")
+            && e.contains("does not exist"),
+        "{e}"
+    );
     assert!(!out.exists(), "nothing written before the checks pass");
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -110,7 +115,12 @@ fn a_missing_file_and_bad_syntax_are_named() {
 
 #[test]
 fn overrides_apply_before_validation() {
-    let cfg = RunConfig::parse(MINIMAL, &file(), &["decoder.train.steps=7".into(), "run.out=elsewhere".into()]).unwrap();
+    let cfg = RunConfig::parse(
+        MINIMAL,
+        &file(),
+        &["decoder.train.steps=7".into(), "run.out=elsewhere".into()],
+    )
+    .unwrap();
     assert_eq!(cfg.decoder.unwrap().train.steps, 7);
     assert_eq!(cfg.run.out, PathBuf::from("elsewhere"));
 }
@@ -118,7 +128,12 @@ fn overrides_apply_before_validation() {
 #[test]
 fn a_rerun_may_only_grow_steps() {
     let old = RunConfig::parse(MINIMAL, &file(), &[]).unwrap();
-    let grown = RunConfig::parse(MINIMAL, &file(), &["decoder.train.steps=20".into(), "run.threads=4".into()]).unwrap();
+    let grown = RunConfig::parse(
+        MINIMAL,
+        &file(),
+        &["decoder.train.steps=20".into(), "run.threads=4".into()],
+    )
+    .unwrap();
     assert_eq!(grown.compare_with_stored(&old, &file()).unwrap(), vec![("decoder", 10)]);
     let shrunk = RunConfig::parse(MINIMAL, &file(), &["decoder.train.steps=5".into()]).unwrap();
     let e = shrunk.compare_with_stored(&old, &file()).unwrap_err().to_string();

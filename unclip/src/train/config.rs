@@ -433,8 +433,8 @@ impl RunConfig {
         for o in overrides {
             apply_override(&mut table, o).map_err(|(key, msg)| ConfigError::new(file, key, msg))?;
         }
-        let cfg: RunConfig = serde_path_to_error::deserialize(toml::Value::Table(table))
-            .map_err(|e| {
+        let cfg: RunConfig =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
                 let key = e.path().to_string();
                 let key = (key != "." && !key.is_empty()).then_some(key);
                 ConfigError::new(file, key, e.into_inner().to_string())
@@ -497,12 +497,13 @@ impl RunConfig {
         }
         let d = &self.data;
         match (d.source, &d.path) {
-            (SourceKind::Shapes, _) => {
-                if d.items.is_none() {
-                    return err("data.items", "the number of shapes scenes (source = \"shapes\")");
-                }
+            (SourceKind::Shapes, _) if d.items.is_none() => {
+                return err("data.items", "the number of shapes scenes (source = \"shapes\")");
             }
-            (_, None) => return err("data.path", "the data's folder or shards (required for this source)"),
+            (SourceKind::Shapes, _) => {}
+            (_, None) => {
+                return err("data.path", "the data's folder or shards (required for this source)");
+            }
             (_, Some(p)) if p.as_os_str().is_empty() => {
                 return err("data.path", "a path, got an empty string");
             }
@@ -551,7 +552,10 @@ impl RunConfig {
         }
         if let Some(t) = &self.tokenizer {
             if t.vocab_size < 514 + 1 {
-                return err("tokenizer.vocab_size", "at least 515 (512 byte symbols, 2 specials, a merge)");
+                return err(
+                    "tokenizer.vocab_size",
+                    "at least 515 (512 byte symbols, 2 specials, a merge)",
+                );
             }
             if t.context_length < 3 {
                 return err("tokenizer.context_length", "at least 3 tokens");
@@ -569,7 +573,10 @@ impl RunConfig {
                     return err("clip.model.width", "positive, divisible by clip.model.heads");
                 }
                 if m.patch_size <= 0 || m.image_size <= 0 || m.image_size % m.patch_size != 0 {
-                    return err("clip.model.image_size", "a positive multiple of clip.model.patch_size");
+                    return err(
+                        "clip.model.image_size",
+                        "a positive multiple of clip.model.patch_size",
+                    );
                 }
             }
             if c.counterparts == 0 {
@@ -597,11 +604,19 @@ impl RunConfig {
         }
         if let Some(dc) = &self.decoder {
             if dc.init.is_none() && dc.model.is_none() {
-                return err("decoder.model", "decoder.model or decoder.init (both: the model's shape, the folder's weights)");
+                return err(
+                    "decoder.model",
+                    "decoder.model or decoder.init (both: the model's shape, the folder's weights)",
+                );
             }
             if let Some(m) = &dc.model {
-                if m.channels.is_empty() || m.channels.iter().any(|&c| c <= 0 || c % m.norm_groups != 0) {
-                    return err("decoder.model.channels", "positive channel counts divisible by norm_groups");
+                if m.channels.is_empty()
+                    || m.channels.iter().any(|&c| c <= 0 || c % m.norm_groups != 0)
+                {
+                    return err(
+                        "decoder.model.channels",
+                        "positive channel counts divisible by norm_groups",
+                    );
                 }
                 if m.layers_per_block <= 0 || m.attention_head_dim <= 0 {
                     return err("decoder.model.layers_per_block", "positive layers and head size");
@@ -625,12 +640,24 @@ impl RunConfig {
                 return err("upsampler.model", "exactly one of upsampler.model and upsampler.init");
             }
             if let Some(m) = &u.model {
-                if m.channels.is_empty() || m.channels.iter().any(|&c| c <= 0 || c % m.norm_groups != 0) {
-                    return err("upsampler.model.channels", "positive channel counts divisible by norm_groups");
+                if m.channels.is_empty()
+                    || m.channels.iter().any(|&c| c <= 0 || c % m.norm_groups != 0)
+                {
+                    return err(
+                        "upsampler.model.channels",
+                        "positive channel counts divisible by norm_groups",
+                    );
                 }
             }
-            if u.low_resolution == 0 || u.resolution <= u.low_resolution || u.resolution % u.low_resolution != 0 || u.resolution > 4096 {
-                return err("upsampler.resolution", "a multiple of upsampler.low_resolution, larger than it");
+            if u.low_resolution == 0
+                || u.resolution <= u.low_resolution
+                || u.resolution % u.low_resolution != 0
+                || u.resolution > 4096
+            {
+                return err(
+                    "upsampler.resolution",
+                    "a multiple of upsampler.low_resolution, larger than it",
+                );
             }
             if u.crop <= 0 || u.crop > u.resolution as i64 {
                 return err("upsampler.crop", "from 1 to upsampler.resolution");
@@ -652,7 +679,11 @@ impl RunConfig {
     /// and step counts may grow (the stage resumes from its last checkpoint up to the new count).
     /// Returns the stages whose step count grew, with their old count; an error names every
     /// other key that differs.
-    pub fn compare_with_stored(&self, old: &RunConfig, file: &Path) -> Result<Vec<(&'static str, u64)>, ConfigError> {
+    pub fn compare_with_stored(
+        &self,
+        old: &RunConfig,
+        file: &Path,
+    ) -> Result<Vec<(&'static str, u64)>, ConfigError> {
         let mut same = self.clone();
         let mut grown = Vec::new();
         same.run.threads = old.run.threads;
@@ -661,14 +692,19 @@ impl RunConfig {
         same.validation = old.validation.clone();
         same.export = old.export.clone();
         for name in STAGES {
-            let (Some(new), Some(before)) = (same.train_settings_mut(name), old.train_settings(name)) else {
+            let (Some(new), Some(before)) =
+                (same.train_settings_mut(name), old.train_settings(name))
+            else {
                 continue;
             };
             if new.steps < before.steps {
                 return Err(ConfigError::new(
                     file,
                     Some(format!("{name}.train.steps")),
-                    format!("{} asked, the run already had {}; steps can only grow", new.steps, before.steps),
+                    format!(
+                        "{} asked, the run already had {}; steps can only grow",
+                        new.steps, before.steps
+                    ),
                 ));
             }
             if new.steps > before.steps {
@@ -751,7 +787,10 @@ fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), (Option<Str
     let key = key.trim();
     let parts: Vec<&str> = key.split('.').collect();
     if parts.iter().any(|p| p.is_empty()) {
-        return Err((Some(key.into()), format!("--set {spec:?}: expected a dotted key like decoder.train.steps")));
+        return Err((
+            Some(key.into()),
+            format!("--set {spec:?}: expected a dotted key like decoder.train.steps"),
+        ));
     }
     let value: toml::Value = format!("v = {raw}")
         .parse::<toml::Table>()
@@ -760,7 +799,8 @@ fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), (Option<Str
         .unwrap_or_else(|| toml::Value::String(raw.to_string()));
     let mut cur = table;
     for p in &parts[..parts.len() - 1] {
-        let entry = cur.entry(p.to_string()).or_insert_with(|| toml::Value::Table(Default::default()));
+        let entry =
+            cur.entry(p.to_string()).or_insert_with(|| toml::Value::Table(Default::default()));
         cur = entry.as_table_mut().ok_or_else(|| {
             (Some(key.to_string()), format!("--set: `{p}` is a value, not a section"))
         })?;

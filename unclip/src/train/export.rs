@@ -155,7 +155,9 @@ pub(crate) fn remove_temp_files(dir: &Path) -> Result<()> {
 
 fn is_temp_name(name: &str) -> bool {
     name.starts_with('.')
-        && name.rsplit_once(".tmp-").is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+        && name
+            .rsplit_once(".tmp-")
+            .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
 }
 
 fn copy_dir(src: &Path, dest: &Path) -> Result<()> {
@@ -189,7 +191,9 @@ fn copy_component(src: &Path, dest: &Path, half: bool) -> Result<()> {
                 named.push((k, t));
             }
             named.sort_by(|a, b| a.0.cmp(&b.0));
-            unclip_core::fsutil::atomic_write(&p, |tmp| Ok(tch::Tensor::write_safetensors(&named, tmp)?))?;
+            unclip_core::fsutil::atomic_write(&p, |tmp| {
+                Ok(tch::Tensor::write_safetensors(&named, tmp)?)
+            })?;
         }
     }
     Ok(())
@@ -203,8 +207,11 @@ pub fn export(run: &Path, opts: &ExportOptions) -> Result<PathBuf> {
         return Err(err(format!("no run folder at {}", run.display())));
     }
     check_target_outside(run, target)?;
-    let stages: Vec<(&str, &[&str])> =
-        STAGE_COMPONENTS.iter().copied().filter(|(s, _)| run.join(s).join(DONE).is_file()).collect();
+    let stages: Vec<(&str, &[&str])> = STAGE_COMPONENTS
+        .iter()
+        .copied()
+        .filter(|(s, _)| run.join(s).join(DONE).is_file())
+        .collect();
     if stages.is_empty() {
         return Err(err(format!("no complete stage in {} (no <stage>/{DONE})", run.display())));
     }
@@ -229,10 +236,15 @@ pub fn export(run: &Path, opts: &ExportOptions) -> Result<PathBuf> {
     let base = if exists { Some(target.clone()) } else { opts.base.clone() };
     if let Some(b) = &base {
         if !b.join("model_index.json").is_file() {
-            return Err(err(format!("base {} is not a model folder (no model_index.json)", b.display())));
+            return Err(err(format!(
+                "base {} is not a model folder (no model_index.json)",
+                b.display()
+            )));
         }
     }
-    let name = target.file_name().ok_or_else(|| err(format!("{} has no folder name", target.display())))?;
+    let name = target
+        .file_name()
+        .ok_or_else(|| err(format!("{} has no folder name", target.display())))?;
     let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| TrainError::io(parent, e))?;
     let pid = std::process::id();
@@ -244,9 +256,12 @@ pub fn export(run: &Path, opts: &ExportOptions) -> Result<PathBuf> {
         }
     }
     let result = build(run, &stages, base.as_deref(), &staging, opts).and_then(|()| {
-        crate::Unclip::from_pretrained(&staging, &crate::LoadOptions::new(tch::Device::Cpu, tch::Kind::Float))
-            .map_err(|e| err(format!("the exported folder does not load: {e}")))
-            .map(|_| ())
+        crate::Unclip::from_pretrained(
+            &staging,
+            &crate::LoadOptions::new(tch::Device::Cpu, tch::Kind::Float),
+        )
+        .map_err(|e| err(format!("the exported folder does not load: {e}")))
+        .map(|_| ())
     });
     if let Err(e) = result {
         let _ = std::fs::remove_dir_all(&staging);
@@ -268,7 +283,13 @@ pub fn export(run: &Path, opts: &ExportOptions) -> Result<PathBuf> {
     Ok(target.clone())
 }
 
-fn build(run: &Path, stages: &[(&str, &[&str])], base: Option<&Path>, dest: &Path, opts: &ExportOptions) -> Result<()> {
+fn build(
+    run: &Path,
+    stages: &[(&str, &[&str])],
+    base: Option<&Path>,
+    dest: &Path,
+    opts: &ExportOptions,
+) -> Result<()> {
     std::fs::create_dir_all(dest).map_err(|e| TrainError::io(dest, e))?;
     let mut index = serde_json::Map::new();
     let mut from_run: Vec<&str> = Vec::new();
@@ -276,7 +297,10 @@ fn build(run: &Path, stages: &[(&str, &[&str])], base: Option<&Path>, dest: &Pat
         for c in comps.iter() {
             let src = run.join(stage).join(MODEL).join(c);
             if !src.is_dir() {
-                return Err(err(format!("{} is missing though {stage} is complete", src.display())));
+                return Err(err(format!(
+                    "{} is missing though {stage} is complete",
+                    src.display()
+                )));
             }
             copy_component(&src, &dest.join(c), opts.half && *c != "tokenizer")?;
             index.insert(c.to_string(), class_of(c));
@@ -307,12 +331,17 @@ fn build(run: &Path, stages: &[(&str, &[&str])], base: Option<&Path>, dest: &Pat
                 .map_err(|e| TrainError::io(&b.join("sampling_config.json"), e))?;
         }
     }
-    let class = if index.contains_key("prior") { "UnCLIPPipeline".to_string() } else { class.unwrap_or_else(|| "UnCLIPImageVariationPipeline".into()) };
+    let class = if index.contains_key("prior") {
+        "UnCLIPPipeline".to_string()
+    } else {
+        class.unwrap_or_else(|| "UnCLIPImageVariationPipeline".into())
+    };
     index.insert("_class_name".into(), json!(class));
     index.insert("_diffusers_version".into(), json!("0.42.1"));
     write_json(&dest.join("model_index.json"), &Value::Object(index))?;
     if let Some(g) = opts.decoder_guidance_scale {
-        let s = crate::SamplingDefaults { decoder_guidance_scale: g, ..crate::SamplingDefaults::KARLO };
+        let s =
+            crate::SamplingDefaults { decoder_guidance_scale: g, ..crate::SamplingDefaults::KARLO };
         s.write(dest)?;
     }
     Ok(())

@@ -81,7 +81,8 @@ impl Trainer {
                     let weights = dir.join(WEIGHTS);
                     if weights.exists() {
                         let kept = dir.join(format!("weights-{before}.safetensors"));
-                        std::fs::rename(&weights, &kept).map_err(|e| TrainError::io(&weights, e))?;
+                        std::fs::rename(&weights, &kept)
+                            .map_err(|e| TrainError::io(&weights, e))?;
                     }
                     std::fs::remove_file(&done).map_err(|e| TrainError::io(&done, e))?;
                     println!("{stage}: extending from {before} steps");
@@ -120,7 +121,8 @@ impl Trainer {
             }
         }
         let side = self.max_side();
-        let split = source::open(&self.cfg.data, self.cfg.run.seed, side, self.cfg.validation.items)?;
+        let split =
+            source::open(&self.cfg.data, self.cfg.run.seed, side, self.cfg.validation.items)?;
         println!("data: {}", split.train.describe());
         let mut summary = RunSummary::default();
         for name in stages {
@@ -137,7 +139,8 @@ impl Trainer {
                 summary.stopped = true;
                 break;
             }
-            let ctx = Ctx { cfg: &self.cfg, out: self.out(), device: self.device, data: &split, budget };
+            let ctx =
+                Ctx { cfg: &self.cfg, out: self.out(), device: self.device, data: &split, budget };
             let steps = super::stages::run(&ctx, name)?;
             summary.steps += steps.steps;
             if steps.finished {
@@ -145,7 +148,10 @@ impl Trainer {
                 summary.complete.push(name.into());
             } else {
                 summary.stopped = true;
-                println!("{name}: stopped after {} steps of this process; rerun to resume", summary.steps);
+                println!(
+                    "{name}: stopped after {} steps of this process; rerun to resume",
+                    summary.steps
+                );
                 break;
             }
         }
@@ -156,9 +162,24 @@ impl Trainer {
     /// under the stage's names (`decoder.*`, `text_proj.*`): to check what a fine-tune starts
     /// from.
     pub fn initial_decoder_weights(&self) -> Result<Vec<(String, Tensor)>> {
-        let stage = self.cfg.decoder.as_ref().ok_or_else(|| TrainError::stage("decoder", "no [decoder] section"))?;
-        let split = source::open(&self.cfg.data, self.cfg.run.seed, self.max_side(), self.cfg.validation.items)?;
-        let ctx = Ctx { cfg: &self.cfg, out: self.out(), device: self.device, data: &split, budget: None };
+        let stage = self
+            .cfg
+            .decoder
+            .as_ref()
+            .ok_or_else(|| TrainError::stage("decoder", "no [decoder] section"))?;
+        let split = source::open(
+            &self.cfg.data,
+            self.cfg.run.seed,
+            self.max_side(),
+            self.cfg.validation.items,
+        )?;
+        let ctx = Ctx {
+            cfg: &self.cfg,
+            out: self.out(),
+            device: self.device,
+            data: &split,
+            budget: None,
+        };
         let cond = ctx.conditioning()?;
         let (model, _, _) = super::stages::decoder::initial(&ctx, stage, &cond)?;
         let mut named: Vec<(String, Tensor)> = model.vs.variables().into_iter().collect();
@@ -263,13 +284,22 @@ impl Ctx<'_> {
         if own {
             let dir = self.stage_dir(stage);
             if !dir.join(DONE).is_file() {
-                return Err(TrainError::stage(stage, format!("not complete yet ({} missing): run it first", dir.join(DONE).display())));
+                return Err(TrainError::stage(
+                    stage,
+                    format!(
+                        "not complete yet ({} missing): run it first",
+                        dir.join(DONE).display()
+                    ),
+                ));
             }
             return Ok(dir.join(MODEL).join(name));
         }
         match &self.cfg.run.conditioning {
             Some(folder) => Ok(folder.join(name)),
-            None => Err(TrainError::stage(stage, "no [tokenizer]/[clip] stage and no run.conditioning folder")),
+            None => Err(TrainError::stage(
+                stage,
+                "no [tokenizer]/[clip] stage and no run.conditioning folder",
+            )),
         }
     }
 
@@ -281,18 +311,45 @@ impl Ctx<'_> {
     /// The frozen CLIP the prior and the decoder condition on.
     pub fn conditioning(&self) -> Result<Conditioning> {
         let tok = self.tokenizer()?;
-        let text = ClipModel::load(&self.component("text_encoder")?, Towers::Text, self.device, Kind::Float)?;
-        let vision = ClipModel::load(&self.component("image_encoder")?, Towers::Vision, self.device, Kind::Float)?;
+        let text = ClipModel::load(
+            &self.component("text_encoder")?,
+            Towers::Text,
+            self.device,
+            Kind::Float,
+        )?;
+        let vision = ClipModel::load(
+            &self.component("image_encoder")?,
+            Towers::Vision,
+            self.device,
+            Kind::Float,
+        )?;
         let image_size = vision.vision_config().map(|v| v.image_size).unwrap_or(224) as u32;
         Ok(Conditioning { tok, text, vision, image_size })
     }
 
     /// The training loader of a stage, and the held-out one.
-    pub fn loaders(&self, name: &str, needs: impl Fn(usize) -> source::Needs, batch: usize) -> Result<(Loader, Option<Loader>)> {
+    pub fn loaders(
+        &self,
+        name: &str,
+        needs: impl Fn(usize) -> source::Needs,
+        batch: usize,
+    ) -> Result<(Loader, Option<Loader>)> {
         let salt = source::salt(name);
-        let train = source::loader(self.data.train.clone(), &self.cfg.data, self.seed(), salt, needs(batch))?;
+        let train = source::loader(
+            self.data.train.clone(),
+            &self.cfg.data,
+            self.seed(),
+            salt,
+            needs(batch),
+        )?;
         let held = match &self.data.holdout {
-            Some(h) => Some(source::loader(h.clone(), &self.cfg.data, self.seed(), salt, needs(batch.min(h.len())))?),
+            Some(h) => Some(source::loader(
+                h.clone(),
+                &self.cfg.data,
+                self.seed(),
+                salt,
+                needs(batch.min(h.len())),
+            )?),
             None => None,
         };
         Ok((train, held))
@@ -320,7 +377,8 @@ impl Conditioning {
 
     /// Unnormalized image embeddings of CLIP-normalized pixels.
     pub fn encode_images(&self, pixels: &Tensor) -> Result<Tensor> {
-        Ok(tch::no_grad(|| self.vision.encode_image(&pixels.f_to_device(self.vision.device())?))?.image_embeds)
+        Ok(tch::no_grad(|| self.vision.encode_image(&pixels.f_to_device(self.vision.device())?))?
+            .image_embeds)
     }
 
     /// The batch's image embeddings: precomputed ones when the source has them, else CLIP's.
@@ -330,12 +388,18 @@ impl Conditioning {
         }
         match &batch.clip_pixels {
             Some(p) => self.encode_images(p),
-            None => Err(TrainError::stage(stage, "the batch has neither image embeddings nor CLIP pixels")),
+            None => Err(TrainError::stage(
+                stage,
+                "the batch has neither image embeddings nor CLIP pixels",
+            )),
         }
     }
 
     pub fn embed_dim(&self) -> Result<i64> {
-        let v = self.vision.vision_config().ok_or_else(|| TrainError::stage("conditioning", "no vision config"))?;
+        let v = self
+            .vision
+            .vision_config()
+            .ok_or_else(|| TrainError::stage("conditioning", "no vision config"))?;
         Ok(v.projection_dim.unwrap_or(v.hidden_size))
     }
 }
@@ -405,7 +469,8 @@ pub(crate) fn train(
         if ctx.budget.is_some_and(|b| done_here >= b) {
             return Ok(StageSteps { steps: done_here, finished: false });
         }
-        let batch = batches.next().ok_or_else(|| TrainError::stage(name, "the data loader ended"))??;
+        let batch =
+            batches.next().ok_or_else(|| TrainError::stage(name, "the data loader ended"))??;
         run.begin_step(s)?;
         let (loss, extra) = (hooks.step)(&batch)?;
         let out = run.end_step(s, vs, &loss, &extra)?;
@@ -435,7 +500,18 @@ pub(crate) fn train(
         let done = s + 1;
         let due = (t.validate_every > 0 && done % t.validate_every == 0) || done == t.steps;
         if due {
-            validate(name, &dir, done, vs, &run, holdout, skipped, &mut hooks.step, &mut hooks.pictures, ctx.seed())?;
+            validate(
+                name,
+                &dir,
+                done,
+                vs,
+                &run,
+                holdout,
+                skipped,
+                &mut hooks.step,
+                &mut hooks.pictures,
+                ctx.seed(),
+            )?;
         }
     }
     drop(batches);
@@ -469,8 +545,8 @@ fn validate(
         let n = h.steps_per_epoch().max(1);
         let mut sum = 0.0;
         for i in 0..n {
-            seed_step(seed ^ VALIDATION_SEED, i as u64);
-            let b = h.batch(i as u64)?;
+            seed_step(seed ^ VALIDATION_SEED, i);
+            let b = h.batch(i)?;
             let (loss, _) = tch::no_grad(|| (step)(&b))?;
             sum += loss.f_double_value(&[])?;
         }
@@ -484,7 +560,9 @@ fn validate(
     // Rows of a previous process beyond this step were redone: keep one row per step.
     let kept: Vec<&str> = text
         .lines()
-        .filter(|l| l.split(',').next().and_then(|s| s.parse::<u64>().ok()).is_none_or(|s| s < done))
+        .filter(|l| {
+            l.split(',').next().and_then(|s| s.parse::<u64>().ok()).is_none_or(|s| s < done)
+        })
         .collect();
     text = kept.join("\n") + "\n";
     text.push_str(&format!("{done},{held},{skipped}\n"));
@@ -516,7 +594,12 @@ mod tests {
         let cfg = RunConfig::parse(&text, Path::new("t.toml"), &[]).unwrap();
         let split = source::open(&cfg.data, 0, 8, 0).unwrap();
         let ctx = Ctx { cfg: &cfg, out: &dir, device: Device::Cpu, data: &split, budget: None };
-        let needs = |b| Needs { batch_size: b, resolution: Some(8), clip_resolution: None, low_resolution: None };
+        let needs = |b| Needs {
+            batch_size: b,
+            resolution: Some(8),
+            clip_resolution: None,
+            low_resolution: None,
+        };
         let (loader, _) = ctx.loaders("toy", needs, 2).unwrap();
         let vs = VarStore::new(Device::Cpu);
         let w = vs.root().var("w", &[3], tch::nn::Init::Const(1.0));
@@ -533,8 +616,16 @@ mod tests {
         let t = &cfg.decoder.as_ref().unwrap().train;
         let e = train(&ctx, "toy", &vs, t, &[], &loader, None, hooks).unwrap_err();
         let msg = e.to_string();
-        assert!(matches!(e, TrainError::NonFinite { count: 3, first: 5, step: 7, last_good: 4, .. }), "{msg}");
-        assert!(msg.contains("stage toy") && msg.contains("steps 5 to 7") && msg.contains("step-00000007 (step 7)"), "{msg}");
+        assert!(
+            matches!(e, TrainError::NonFinite { count: 3, first: 5, step: 7, last_good: 4, .. }),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("stage toy")
+                && msg.contains("steps 5 to 7")
+                && msg.contains("step-00000007 (step 7)"),
+            "{msg}"
+        );
         // The skipped steps left the weights as the good steps made them.
         let good: Vec<f32> = Vec::try_from(&w.detach()).unwrap();
         assert!(good.iter().all(|v| v.is_finite() && *v < 1.0), "{good:?}");

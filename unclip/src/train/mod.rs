@@ -47,7 +47,14 @@ pub enum TrainError {
     #[error(
         "stage {stage}: the loss or the gradients were not finite for {count} steps in a row (steps {first} to {step}); stopped. The last finite step was {last_good}; last good checkpoint: {checkpoint} (skipped steps leave the weights unchanged)"
     )]
-    NonFinite { stage: String, count: u64, first: u64, step: u64, last_good: u64, checkpoint: String },
+    NonFinite {
+        stage: String,
+        count: u64,
+        first: u64,
+        step: u64,
+        last_good: u64,
+        checkpoint: String,
+    },
     #[error("export: {0}")]
     Export(String),
     #[error("{}: {source}", path.display())]

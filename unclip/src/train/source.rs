@@ -15,7 +15,12 @@ pub struct Subset {
 
 impl Subset {
     /// `None` when the range does not lie inside `inner`.
-    pub fn new(inner: Arc<dyn Dataset>, start: usize, len: usize, name: &'static str) -> Option<Self> {
+    pub fn new(
+        inner: Arc<dyn Dataset>,
+        start: usize,
+        len: usize,
+        name: &'static str,
+    ) -> Option<Self> {
         (start.checked_add(len)? <= inner.len()).then_some(Self { inner, start, len, name })
     }
 }
@@ -28,7 +33,13 @@ impl Dataset for Subset {
         self.inner.item(self.start + index)
     }
     fn describe(&self) -> String {
-        format!("{} items {}..{} of {}", self.name, self.start, self.start + self.len, self.inner.describe())
+        format!(
+            "{} items {}..{} of {}",
+            self.name,
+            self.start,
+            self.start + self.len,
+            self.inner.describe()
+        )
     }
 }
 
@@ -78,7 +89,8 @@ pub(crate) fn open(cfg: &DataConfig, seed: u64, side: u32, holdout: usize) -> Re
             ),
         ));
     }
-    let train = Subset::new(full.clone(), 0, total - holdout, "training").map(|s| Arc::new(s) as Arc<dyn Dataset>);
+    let train = Subset::new(full.clone(), 0, total - holdout, "training")
+        .map(|s| Arc::new(s) as Arc<dyn Dataset>);
     let held = (holdout > 0)
         .then(|| Subset::new(full.clone(), total - holdout, holdout, "held-out"))
         .flatten()
@@ -87,7 +99,9 @@ pub(crate) fn open(cfg: &DataConfig, seed: u64, side: u32, holdout: usize) -> Re
 }
 
 fn path(cfg: &DataConfig) -> Result<&std::path::Path> {
-    cfg.path.as_deref().ok_or_else(|| TrainError::stage("data", "data.path is required for this source"))
+    cfg.path
+        .as_deref()
+        .ok_or_else(|| TrainError::stage("data", "data.path is required for this source"))
 }
 
 /// What one stage's batches need.
@@ -99,7 +113,13 @@ pub(crate) struct Needs {
 }
 
 /// A loader over `dataset` for a stage (`salt` keeps stages' batch orders apart).
-pub(crate) fn loader(dataset: Arc<dyn Dataset>, cfg: &DataConfig, seed: u64, salt: u64, needs: Needs) -> Result<Loader> {
+pub(crate) fn loader(
+    dataset: Arc<dyn Dataset>,
+    cfg: &DataConfig,
+    seed: u64,
+    salt: u64,
+    needs: Needs,
+) -> Result<Loader> {
     let crop = match cfg.crop {
         CropKind::Center => Crop::Center,
         CropKind::Random => Crop::Random,

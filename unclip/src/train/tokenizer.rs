@@ -96,7 +96,8 @@ pub fn train(
         .lines()
         .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
         .map(|l| {
-            let (a, b) = l.split_once(' ').ok_or_else(|| bpe(format!("malformed merge line {l:?}")))?;
+            let (a, b) =
+                l.split_once(' ').ok_or_else(|| bpe(format!("malformed merge line {l:?}")))?;
             Ok((a.to_string(), b.to_string()))
         })
         .collect::<Result<_>>()?;
@@ -137,7 +138,11 @@ pub fn train(
 /// `<run>/tokenizer/model/tokenizer/`, then checks that it loads and that the first 2000
 /// captions fit the context. (A killed run redoes it: only the marker written after says done.)
 pub(crate) fn run(ctx: &Ctx) -> Result<()> {
-    let cfg = ctx.cfg.tokenizer.as_ref().ok_or_else(|| TrainError::stage("tokenizer", "no [tokenizer] section"))?;
+    let cfg = ctx
+        .cfg
+        .tokenizer
+        .as_ref()
+        .ok_or_else(|| TrainError::stage("tokenizer", "no [tokenizer] section"))?;
     let dir = ctx.stage_dir("tokenizer").join(MODEL).join("tokenizer");
     std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
     let data = &ctx.data.train;
@@ -151,10 +156,17 @@ pub(crate) fn run(ctx: &Ctx) -> Result<()> {
         }
     }
     if captions.is_empty() {
-        return Err(TrainError::stage("tokenizer", format!("none of the first {n} items of {} could be read", data.describe())));
+        return Err(TrainError::stage(
+            "tokenizer",
+            format!("none of the first {n} items of {} could be read", data.describe()),
+        ));
     }
     train(&captions, cfg.vocab_size, cfg.context_length, &dir)?;
-    println!("tokenizer: trained on {} captions ({bad} unreadable items skipped) -> {}", captions.len(), dir.display());
+    println!(
+        "tokenizer: trained on {} captions ({bad} unreadable items skipped) -> {}",
+        captions.len(),
+        dir.display()
+    );
     let tok = ClipTokenizer::from_dir(&dir)?;
     let mut longest = 0;
     for c in captions.iter().take(2000) {
@@ -166,7 +178,10 @@ pub(crate) fn run(ctx: &Ctx) -> Result<()> {
         tok.context_length()
     );
     if longest > tok.context_length() {
-        println!("tokenizer: warning: longer captions are truncated to {} tokens", tok.context_length());
+        println!(
+            "tokenizer: warning: longer captions are truncated to {} tokens",
+            tok.context_length()
+        );
     }
     Ok(())
 }

@@ -18,7 +18,14 @@ use unclip_core::weights::{Unexpected, load_tensors, read_tensors};
 
 /// transformers' `CLIPModel` config: both towers share the width; text hidden = projection, as
 /// the prior and the decoder's text projection need.
-pub(crate) fn model_config(m: &crate::train::config::ClipModelConfig, context: usize, vocab: usize, bos: i64, eos: i64, pad: i64) -> Value {
+pub(crate) fn model_config(
+    m: &crate::train::config::ClipModelConfig,
+    context: usize,
+    vocab: usize,
+    bos: i64,
+    eos: i64,
+    pad: i64,
+) -> Value {
     let d = m.width;
     json!({
         "model_type": "clip",
@@ -44,7 +51,12 @@ pub(crate) fn model_config(m: &crate::train::config::ClipModelConfig, context: u
 fn from_folder(init: &Path, device: Device) -> Result<ClipModel> {
     let text_dir = component_dir(init, "text_encoder", "clip.init")?;
     let image_dir = text_dir.parent().map(|p| p.join("image_encoder")).filter(|p| p.is_dir());
-    let image_dir = image_dir.ok_or_else(|| TrainError::stage("clip", format!("clip.init = {}: no image_encoder beside text_encoder", init.display())))?;
+    let image_dir = image_dir.ok_or_else(|| {
+        TrainError::stage(
+            "clip",
+            format!("clip.init = {}: no image_encoder beside text_encoder", init.display()),
+        )
+    })?;
     let text: Value = unclip_core::config::read_json(&text_dir.join("config.json"))?;
     let vision: Value = unclip_core::config::read_json(&image_dir.join("config.json"))?;
     let proj = text.get("projection_dim").cloned().unwrap_or(Value::Null);
@@ -59,30 +71,48 @@ fn from_folder(init: &Path, device: Device) -> Result<ClipModel> {
 }
 
 pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
-    let stage = ctx.cfg.clip.as_ref().ok_or_else(|| TrainError::stage("clip", "no [clip] section"))?;
+    let stage =
+        ctx.cfg.clip.as_ref().ok_or_else(|| TrainError::stage("clip", "no [clip] section"))?;
     let tok = ctx.tokenizer()?;
     let device = ctx.device;
     seed_init(ctx);
     let model = match (&stage.init, &stage.model) {
         (Some(init), _) => from_folder(init, device)?,
         (None, Some(m)) => {
-            let cfg = model_config(m, tok.context_length(), tok.vocab_size(), tok.bos_id(), tok.eos_id(), tok.pad_id());
+            let cfg = model_config(
+                m,
+                tok.context_length(),
+                tok.vocab_size(),
+                tok.bos_id(),
+                tok.eos_id(),
+                tok.pad_id(),
+            );
             ClipModel::new(AnyConfig::from_value(cfg)?, Towers::Both, device, Kind::Float)?
         }
-        (None, None) => return Err(TrainError::stage("clip", "clip.model or clip.init is required")),
+        (None, None) => {
+            return Err(TrainError::stage("clip", "clip.model or clip.init is required"));
+        }
     };
     let image_size = model.vision_config().map(|v| v.image_size).unwrap_or(224);
     let dir = ctx.stage_dir("clip");
     std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
     let t = &stage.train;
-    let needs = |b| Needs { batch_size: b, resolution: Some(image_size as u32), clip_resolution: Some(image_size as u32), low_resolution: None };
+    let needs = |b| Needs {
+        batch_size: b,
+        resolution: Some(image_size as u32),
+        clip_resolution: Some(image_size as u32),
+        low_resolution: None,
+    };
     let (loader, holdout) = ctx.loaders("clip", needs, t.batch_size)?;
     let groups = (stage.counterparts > 1).then(|| Counterparts::new(ctx.seed(), image_size));
     let mut step = |batch: &Batch| -> Result<(Tensor, Vec<f64>)> {
         let (captions, pixels) = match &groups {
             Some(g) => g.batch(&batch.keys, stage.counterparts)?,
             None => {
-                let p = batch.clip_pixels.as_ref().ok_or_else(|| TrainError::stage("clip", "the batch has no CLIP pixels"))?;
+                let p = batch
+                    .clip_pixels
+                    .as_ref()
+                    .ok_or_else(|| TrainError::stage("clip", "the batch has no CLIP pixels"))?;
                 (batch.captions.clone(), p.shallow_clone())
             }
         };
@@ -92,7 +122,10 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
         // Fraction of captions whose own image scores highest in the batch.
         let acc = tch::no_grad(|| -> Result<f64> {
             let n = captions.len() as i64;
-            let hit = out.logits_per_text.f_argmax(1, false)?.f_eq_tensor(&Tensor::f_arange(n, (Kind::Int64, device))?)?;
+            let hit = out
+                .logits_per_text
+                .f_argmax(1, false)?
+                .f_eq_tensor(&Tensor::f_arange(n, (Kind::Int64, device))?)?;
             Ok(hit.f_to_kind(Kind::Float)?.f_mean(Kind::Float)?.f_double_value(&[])?)
         })?;
         Ok((loss, vec![acc]))
@@ -106,7 +139,16 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
     };
     let mut pictures = |_: u64, _: Option<&unclip_core::train::Ema>, _: &Path| Ok(());
     let hooks = StageHooks { step: &mut step, after: &mut after, pictures: &mut pictures };
-    let steps = loop_::train(ctx, "clip", model.var_store(), t, &["batch_acc"], &loader, holdout.as_ref(), hooks)?;
+    let steps = loop_::train(
+        ctx,
+        "clip",
+        model.var_store(),
+        t,
+        &["batch_acc"],
+        &loader,
+        holdout.as_ref(),
+        hooks,
+    )?;
     if steps.finished {
         write_components(&model, &dir.join(WEIGHTS), &dir.join(MODEL), image_size)?;
     }
@@ -127,7 +169,10 @@ fn write_components(model: &ClipModel, weights: &Path, dest: &Path, side: i64) -
         tower.load_weights(weights, Unexpected::Ignore)?;
         tower.save(&dest.join(name), None)?;
     }
-    write_json(&dest.join("feature_extractor").join("preprocessor_config.json"), &preprocessor(side))
+    write_json(
+        &dest.join("feature_extractor").join("preprocessor_config.json"),
+        &preprocessor(side),
+    )
 }
 
 /// CLIP's image processor config at `side` pixels.
@@ -168,7 +213,10 @@ impl Counterparts {
                 break;
             }
             let i: u64 = key.rsplit('/').next().and_then(|s| s.parse().ok()).ok_or_else(|| {
-                TrainError::stage("clip", format!("clip.counterparts needs shapes items, got key {key:?}"))
+                TrainError::stage(
+                    "clip",
+                    format!("clip.counterparts needs shapes items, got key {key:?}"),
+                )
             })?;
             let scene = self.generator.scene(i);
             let room = (keys.len() - scenes.len() - 1).min(group.saturating_sub(1));
@@ -183,7 +231,10 @@ impl Counterparts {
             bytes.extend_from_slice(crate::shapes::render(scene, self.side as u32).as_raw());
         }
         let b = scenes.len() as i64;
-        let u8s = Tensor::f_from_slice(&bytes)?.f_view([b, self.side, self.side, 3])?.f_permute([0, 3, 1, 2])?.f_contiguous()?;
+        let u8s = Tensor::f_from_slice(&bytes)?
+            .f_view([b, self.side, self.side, 3])?
+            .f_permute([0, 3, 1, 2])?
+            .f_contiguous()?;
         Ok((captions, self.processor.preprocess_tensor(&u8s)?))
     }
 }

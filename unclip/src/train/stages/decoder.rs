@@ -19,7 +19,9 @@ use unclip_core::weights::{Unexpected, load_tensors, read_tensors};
 use unclip_decoder::checkpoint::{self, Component};
 use unclip_decoder::sampling::{DecoderInputs, DecoderSampling, sample_decoder};
 use unclip_decoder::train::{DecoderBatch, DecoderTrainer, EmptyCaption, Timesteps};
-use unclip_decoder::{TextProjConfig, UNet2DConditionConfig, UNet2DConditionModel, UnCLIPTextProjModel};
+use unclip_decoder::{
+    TextProjConfig, UNet2DConditionConfig, UNet2DConditionModel, UnCLIPTextProjModel,
+};
 use unclip_scheduler::{PredictionType, TorchNoise};
 
 /// VarStore prefixes of the two models trained together (split again into components).
@@ -38,8 +40,12 @@ pub(crate) fn prediction(p: Prediction) -> PredictionType {
 /// output channels; scale-shift time conditioning; simple cross-attention below the top).
 pub(crate) fn unet_config(m: &DecoderModelConfig, dim: i64, side: u32) -> Value {
     let n = m.channels.len();
-    let down: Vec<&str> = (0..n).map(|i| if i == 0 { "ResnetDownsampleBlock2D" } else { "SimpleCrossAttnDownBlock2D" }).collect();
-    let up: Vec<&str> = (0..n).map(|i| if i + 1 == n { "ResnetUpsampleBlock2D" } else { "SimpleCrossAttnUpBlock2D" }).collect();
+    let down: Vec<&str> = (0..n)
+        .map(|i| if i == 0 { "ResnetDownsampleBlock2D" } else { "SimpleCrossAttnDownBlock2D" })
+        .collect();
+    let up: Vec<&str> = (0..n)
+        .map(|i| if i + 1 == n { "ResnetUpsampleBlock2D" } else { "SimpleCrossAttnUpBlock2D" })
+        .collect();
     let coords = if m.coordinates { 2 } else { 0 };
     let mut cfg = json!({
         "_class_name": "UNet2DConditionModel", "act_fn": "silu",
@@ -79,7 +85,8 @@ pub(crate) fn scheduler_config(prediction: PredictionType, variance: &str) -> Va
 }
 
 fn parse<T: serde::de::DeserializeOwned>(v: Value, what: &str) -> Result<T> {
-    serde_json::from_value(v).map_err(|e| TrainError::stage("decoder", format!("{what} config: {e}")))
+    serde_json::from_value(v)
+        .map_err(|e| TrainError::stage("decoder", format!("{what} config: {e}")))
 }
 
 /// The decoder's two models in one store under [`UNET`] and [`TEXT_PROJ`].
@@ -92,19 +99,31 @@ pub(crate) struct Model {
 /// The configs from `decoder.model`, or from `decoder.init`'s folders.
 fn configs(stage: &DecoderStage, dim: i64) -> Result<(UNet2DConditionConfig, TextProjConfig)> {
     let (unet, proj) = match (&stage.model, &stage.init) {
-        (Some(m), _) => (parse(unet_config(m, dim, stage.resolution), "decoder")?, parse(text_proj_config(m, dim), "text_proj")?),
+        (Some(m), _) => (
+            parse(unet_config(m, dim, stage.resolution), "decoder")?,
+            parse(text_proj_config(m, dim), "text_proj")?,
+        ),
         (None, Some(init)) => {
             let (u, p) = init_dirs(init)?;
-            (checkpoint::read_config::<UNet2DConditionModel>(&u)?, checkpoint::read_config::<UnCLIPTextProjModel>(&p)?)
+            (
+                checkpoint::read_config::<UNet2DConditionModel>(&u)?,
+                checkpoint::read_config::<UnCLIPTextProjModel>(&p)?,
+            )
         }
-        (None, None) => return Err(TrainError::stage("decoder", "decoder.model or decoder.init is required")),
+        (None, None) => {
+            return Err(TrainError::stage("decoder", "decoder.model or decoder.init is required"));
+        }
     };
     unet.validate()?;
     proj.validate()?;
     Ok((unet, proj))
 }
 
-fn build(unet_cfg: &UNet2DConditionConfig, proj_cfg: &TextProjConfig, device: Device) -> Result<Model> {
+fn build(
+    unet_cfg: &UNet2DConditionConfig,
+    proj_cfg: &TextProjConfig,
+    device: Device,
+) -> Result<Model> {
     let vs = VarStore::new(device);
     let unet = UNet2DConditionModel::new(vs.root() / UNET, unet_cfg)?;
     let text_proj = UnCLIPTextProjModel::new(vs.root() / TEXT_PROJ, proj_cfg)?;
@@ -114,8 +133,14 @@ fn build(unet_cfg: &UNet2DConditionConfig, proj_cfg: &TextProjConfig, device: De
 /// `decoder.init`'s decoder folder and its `text_proj` sibling.
 fn init_dirs(init: &Path) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
     let unet = component_dir(init, "decoder", "decoder.init")?;
-    let proj = unet.parent().map(|p| p.join("text_proj")).filter(|p| p.join("config.json").is_file());
-    let proj = proj.ok_or_else(|| TrainError::stage("decoder", format!("decoder.init = {}: no text_proj folder beside the decoder", init.display())))?;
+    let proj =
+        unet.parent().map(|p| p.join("text_proj")).filter(|p| p.join("config.json").is_file());
+    let proj = proj.ok_or_else(|| {
+        TrainError::stage(
+            "decoder",
+            format!("decoder.init = {}: no text_proj folder beside the decoder", init.display()),
+        )
+    })?;
     Ok((unet, proj))
 }
 
@@ -134,7 +159,11 @@ pub(crate) fn folder_tensors(init: &Path) -> Result<HashMap<String, Tensor>> {
 
 /// The model a fresh decoder stage starts from: built from `decoder.model` (seeded), with
 /// `decoder.init`'s weights when given.
-pub(crate) fn initial(ctx: &Ctx, stage: &DecoderStage, cond: &Conditioning) -> Result<(Model, UNet2DConditionConfig, TextProjConfig)> {
+pub(crate) fn initial(
+    ctx: &Ctx,
+    stage: &DecoderStage,
+    cond: &Conditioning,
+) -> Result<(Model, UNet2DConditionConfig, TextProjConfig)> {
     let (unet_cfg, proj_cfg) = configs(stage, cond.embed_dim()?)?;
     seed_init(ctx);
     let model = build(&unet_cfg, &proj_cfg, ctx.device)?;
@@ -145,7 +174,11 @@ pub(crate) fn initial(ctx: &Ctx, stage: &DecoderStage, cond: &Conditioning) -> R
 }
 
 pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
-    let stage = ctx.cfg.decoder.as_ref().ok_or_else(|| TrainError::stage("decoder", "no [decoder] section"))?;
+    let stage = ctx
+        .cfg
+        .decoder
+        .as_ref()
+        .ok_or_else(|| TrainError::stage("decoder", "no [decoder] section"))?;
     let cond = ctx.conditioning()?;
     let device = ctx.device;
     let timesteps = if stage.high_noise > 0.0 {
@@ -159,11 +192,19 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
     let (model, unet_cfg, proj_cfg) = initial(ctx, stage, &cond)?;
     let t = &stage.train;
     let side = stage.resolution;
-    let needs = |b| Needs { batch_size: b, resolution: Some(side), clip_resolution: Some(cond.image_size), low_resolution: None };
+    let needs = |b| Needs {
+        batch_size: b,
+        resolution: Some(side),
+        clip_resolution: Some(cond.image_size),
+        low_resolution: None,
+    };
     let (loader, holdout) = ctx.loaders("decoder", needs, t.batch_size)?;
     let empty = cond.encode_text(&[""])?;
     let mut step = |batch: &Batch| -> Result<(Tensor, Vec<f64>)> {
-        let images = batch.images.as_ref().ok_or_else(|| TrainError::stage("decoder", "the batch has no images"))?;
+        let images = batch
+            .images
+            .as_ref()
+            .ok_or_else(|| TrainError::stage("decoder", "the batch has no images"))?;
         let images = images.f_to_device(device)?;
         let text = cond.encode_text(&batch.captions)?;
         let image_embeddings = cond.image_embeds(batch, "decoder")?;
@@ -187,7 +228,13 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
     let grid_batch = match &ctx.data.holdout {
         Some(h) if ctx.cfg.validation.grid > 0 => {
             let n = ctx.cfg.validation.grid.min(h.len());
-            let l = super::super::source::loader(h.clone(), &ctx.cfg.data, ctx.seed(), 0x9e1d, needs(n))?;
+            let l = super::super::source::loader(
+                h.clone(),
+                &ctx.cfg.data,
+                ctx.seed(),
+                0x9e1d,
+                needs(n),
+            )?;
             Some(l.batch(0)?)
         }
         _ => None,
@@ -207,19 +254,43 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
     };
     let hooks = StageHooks { step: &mut step, after: &mut after, pictures: &mut pictures };
     let dir = ctx.stage_dir("decoder");
-    let steps = loop_::train(ctx, "decoder", &model.vs, t, &["mse", "vb"], &loader, holdout.as_ref(), hooks)?;
+    let steps = loop_::train(
+        ctx,
+        "decoder",
+        &model.vs,
+        t,
+        &["mse", "vb"],
+        &loader,
+        holdout.as_ref(),
+        hooks,
+    )?;
     if steps.finished {
         let tensors = read_tensors(&dir.join(WEIGHTS))?;
         let dest = dir.join(MODEL);
         save_component::<UNet2DConditionModel>(&unet_cfg, &tensors, UNET, &dest.join("decoder"))?;
-        save_component::<UnCLIPTextProjModel>(&proj_cfg, &tensors, TEXT_PROJ, &dest.join("text_proj"))?;
-        write_json(&dest.join("decoder_scheduler").join("scheduler_config.json"), &scheduler_config(pred, "learned_range"))?;
+        save_component::<UnCLIPTextProjModel>(
+            &proj_cfg,
+            &tensors,
+            TEXT_PROJ,
+            &dest.join("text_proj"),
+        )?;
+        write_json(
+            &dest.join("decoder_scheduler").join("scheduler_config.json"),
+            &scheduler_config(pred, "learned_range"),
+        )?;
     }
     Ok(steps)
 }
 
 /// Decoder samples for the batch's captions and image embeddings (guidance 3, fixed noise).
-fn sample(m: &Model, cond: &Conditioning, batch: &Batch, pred: PredictionType, steps: usize, seed: u64) -> Result<Tensor> {
+fn sample(
+    m: &Model,
+    cond: &Conditioning,
+    batch: &Batch,
+    pred: PredictionType,
+    steps: usize,
+    seed: u64,
+) -> Result<Tensor> {
     let text = cond.encode_text(&batch.captions)?;
     let empty = cond.encode_text(&vec![""; batch.captions.len()])?;
     let embeds = cond.image_embeds(batch, "decoder")?;
@@ -230,18 +301,37 @@ fn sample(m: &Model, cond: &Conditioning, batch: &Batch, pred: PredictionType, s
         text_hidden_states: &cat(&empty.hidden_states, &text.hidden_states)?,
         text_mask: &cat(&empty.mask, &text.mask)?,
     };
-    let mut scheduler = unclip_scheduler::UnCLIPScheduler::new(parse(scheduler_config(pred, "learned_range"), "scheduler")?)?;
-    let settings = DecoderSampling { num_inference_steps: steps, guidance_scale: Some(3.0), size: None };
+    let mut scheduler = unclip_scheduler::UnCLIPScheduler::new(parse(
+        scheduler_config(pred, "learned_range"),
+        "scheduler",
+    )?)?;
+    let settings =
+        DecoderSampling { num_inference_steps: steps, guidance_scale: Some(3.0), size: None };
     tch::manual_seed(seed as i64);
-    Ok(sample_decoder(&m.unet, &m.text_proj, &inputs, &settings, &mut scheduler, &mut TorchNoise::unseeded(), None)?)
+    Ok(sample_decoder(
+        &m.unet,
+        &m.text_proj,
+        &inputs,
+        &settings,
+        &mut scheduler,
+        &mut TorchNoise::unseeded(),
+        None,
+    )?)
 }
 
 /// A diffusers component from `cfg` with the tensors under `prefix.`.
-fn save_component<M: Component>(cfg: &M::Config, tensors: &HashMap<String, Tensor>, prefix: &str, dest: &Path) -> Result<()> {
+fn save_component<M: Component>(
+    cfg: &M::Config,
+    tensors: &HashMap<String, Tensor>,
+    prefix: &str,
+    dest: &Path,
+) -> Result<()> {
     let loaded = checkpoint::init::<M>(cfg, Device::Cpu, Kind::Float)?;
     let own: HashMap<String, Tensor> = tensors
         .iter()
-        .filter_map(|(k, v)| k.strip_prefix(&format!("{prefix}.")).map(|n| (n.to_string(), v.shallow_clone())))
+        .filter_map(|(k, v)| {
+            k.strip_prefix(&format!("{prefix}.")).map(|n| (n.to_string(), v.shallow_clone()))
+        })
         .collect();
     load_tensors(&loaded.vs, &own, prefix, Unexpected::Error)?;
     std::fs::create_dir_all(dest).map_err(|e| TrainError::io(dest, e))?;
@@ -257,14 +347,21 @@ pub fn warm_start(vs: &VarStore, path: &Path) -> Result<()> {
     warm_start_tensors(vs, read_tensors(path)?, &path.display().to_string())
 }
 
-fn warm_start_tensors(vs: &VarStore, mut saved: HashMap<String, Tensor>, source: &str) -> Result<()> {
+fn warm_start_tensors(
+    vs: &VarStore,
+    mut saved: HashMap<String, Tensor>,
+    source: &str,
+) -> Result<()> {
     for (name, var) in vs.variables() {
         let Some(old) = saved.get(&name).filter(|_| name.ends_with("conv_in.weight")) else {
             continue;
         };
         let (want, have) = (var.size(), old.size());
         if want.len() == 4 && have.len() == 4 && want[1] > have[1] && want[0] == have[0] {
-            let extra = old.f_new_zeros([have[0], want[1] - have[1], have[2], have[3]], (old.kind(), old.device()))?;
+            let extra = old.f_new_zeros(
+                [have[0], want[1] - have[1], have[2], have[3]],
+                (old.kind(), old.device()),
+            )?;
             let widened = Tensor::f_cat(&[old.shallow_clone(), extra], 1)?;
             saved.insert(name, widened);
         }
@@ -279,7 +376,13 @@ mod tests {
     use super::*;
 
     fn model_cfg(coordinates: bool, channels: Vec<i64>) -> DecoderModelConfig {
-        DecoderModelConfig { channels, layers_per_block: 1, attention_head_dim: 16, norm_groups: 16, coordinates }
+        DecoderModelConfig {
+            channels,
+            layers_per_block: 1,
+            attention_head_dim: 16,
+            norm_groups: 16,
+            coordinates,
+        }
     }
 
     /// A decoder (UNet + text projection) of `m`'s shape in a fresh VarStore.

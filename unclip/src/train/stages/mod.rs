@@ -37,7 +37,10 @@ pub(crate) fn component_dir(init: &Path, component: &str, key: &str) -> Result<P
     }
     Err(TrainError::stage(
         key.split('.').next().unwrap_or(key),
-        format!("{key} = {}: neither a component folder (config.json) nor a model folder with {component}/config.json", init.display()),
+        format!(
+            "{key} = {}: neither a component folder (config.json) nor a model folder with {component}/config.json",
+            init.display()
+        ),
     ))
 }
 

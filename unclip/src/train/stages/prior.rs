@@ -11,11 +11,17 @@ use crate::data::Batch;
 use serde_json::json;
 use std::path::Path;
 use tch::{Tensor, nn::VarStore};
-use unclip_prior::{PriorBatch, PriorConfig, PriorTrainer, PriorTransformer, TrainOptions, fit_clip_stats};
+use unclip_prior::{
+    PriorBatch, PriorConfig, PriorTrainer, PriorTransformer, TrainOptions, fit_clip_stats,
+};
 use unclip_scheduler::TorchNoise;
 
 /// diffusers' `PriorTransformer` config in Karlo's layout.
-pub(crate) fn model_config(m: &crate::train::config::PriorModelConfig, dim: i64, tokens: i64) -> serde_json::Value {
+pub(crate) fn model_config(
+    m: &crate::train::config::PriorModelConfig,
+    dim: i64,
+    tokens: i64,
+) -> serde_json::Value {
     json!({
         "_class_name": "PriorTransformer",
         "num_attention_heads": m.heads,
@@ -46,11 +52,17 @@ pub(crate) fn scheduler_config() -> serde_json::Value {
 }
 
 pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
-    let stage = ctx.cfg.prior.as_ref().ok_or_else(|| TrainError::stage("prior", "no [prior] section"))?;
+    let stage =
+        ctx.cfg.prior.as_ref().ok_or_else(|| TrainError::stage("prior", "no [prior] section"))?;
     let cond = ctx.conditioning()?;
     let device = ctx.device;
     let t = &stage.train;
-    let needs = |b| Needs { batch_size: b, resolution: Some(cond.image_size), clip_resolution: Some(cond.image_size), low_resolution: None };
+    let needs = |b| Needs {
+        batch_size: b,
+        resolution: Some(cond.image_size),
+        clip_resolution: Some(cond.image_size),
+        low_resolution: None,
+    };
     let (loader, holdout) = ctx.loaders("prior", needs, t.batch_size)?;
     seed_init(ctx);
     let vs = VarStore::new(device);
@@ -59,14 +71,19 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
             let dir = component_dir(init, "prior", "prior.init")?;
             let cfg = PriorConfig::from_file(&dir.join("config.json"))?;
             let model = PriorTransformer::new(vs.root(), &cfg)?;
-            unclip_core::weights::load_file(&vs, &dir.join("diffusion_pytorch_model.safetensors"), unclip_core::weights::Unexpected::Error)?;
+            unclip_core::weights::load_file(
+                &vs,
+                &dir.join("diffusion_pytorch_model.safetensors"),
+                unclip_core::weights::Unexpected::Error,
+            )?;
             println!("prior: started from {}", dir.display());
             model
         }
         (None, Some(m)) => {
             let tokens = cond.tok.context_length() as i64;
-            let cfg: PriorConfig = serde_json::from_value(model_config(m, cond.embed_dim()?, tokens))
-                .map_err(|e| TrainError::stage("prior", format!("model config: {e}")))?;
+            let cfg: PriorConfig =
+                serde_json::from_value(model_config(m, cond.embed_dim()?, tokens))
+                    .map_err(|e| TrainError::stage("prior", format!("model config: {e}")))?;
             cfg.validate()?;
             let mut model = PriorTransformer::new(vs.root(), &cfg)?;
             // Deterministic, so a resumed run fits the same values (the checkpoint holds them too).
@@ -90,7 +107,9 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
             fit_clip_stats(&mut model, &Tensor::f_cat(&embeds, 0)?)?;
             model
         }
-        (None, None) => return Err(TrainError::stage("prior", "prior.model or prior.init is required")),
+        (None, None) => {
+            return Err(TrainError::stage("prior", "prior.model or prior.init is required"));
+        }
     };
     let _ = &mut model;
     let uncond = cond.encode_text(&[""])?;
@@ -98,7 +117,11 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
     let mut step = |batch: &Batch| -> Result<(Tensor, Vec<f64>)> {
         let text = cond.encode_text(&batch.captions)?;
         let image_embeds = cond.image_embeds(batch, "prior")?;
-        let loss = trainer.loss(&model, &PriorBatch { image_embeds, text }, &mut TorchNoise::unseeded())?;
+        let loss = trainer.loss(
+            &model,
+            &PriorBatch { image_embeds, text },
+            &mut TorchNoise::unseeded(),
+        )?;
         Ok((loss, vec![]))
     };
     let mut after = || Ok(());
@@ -107,10 +130,17 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
     let dir = ctx.stage_dir("prior");
     let steps = loop_::train(ctx, "prior", &vs, t, &[], &loader, holdout.as_ref(), hooks)?;
     if steps.finished {
-        unclip_core::weights::load_file(&vs, &dir.join(WEIGHTS), unclip_core::weights::Unexpected::Error)?;
+        unclip_core::weights::load_file(
+            &vs,
+            &dir.join(WEIGHTS),
+            unclip_core::weights::Unexpected::Error,
+        )?;
         let dest = dir.join(MODEL);
         model.save_pretrained(&vs, &dest.join("prior"), None)?;
-        write_json(&dest.join("prior_scheduler").join("scheduler_config.json"), &scheduler_config())?;
+        write_json(
+            &dest.join("prior_scheduler").join("scheduler_config.json"),
+            &scheduler_config(),
+        )?;
     }
     Ok(steps)
 }

@@ -38,7 +38,11 @@ pub(crate) fn model_config(m: &UpsamplerModelConfig, side: u32) -> Value {
 }
 
 pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
-    let stage = ctx.cfg.upsampler.as_ref().ok_or_else(|| TrainError::stage("upsampler", "no [upsampler] section"))?;
+    let stage = ctx
+        .cfg
+        .upsampler
+        .as_ref()
+        .ok_or_else(|| TrainError::stage("upsampler", "no [upsampler] section"))?;
     let device = ctx.device;
     let (cfg, init): (UNet2DConfig, _) = match (&stage.init, &stage.model) {
         (Some(init), _) => {
@@ -46,28 +50,51 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
             (checkpoint::read_config::<UNet2DModel>(&dir)?, Some(dir))
         }
         (None, Some(m)) => (
-            serde_json::from_value(model_config(m, stage.resolution)).map_err(|e| TrainError::stage("upsampler", format!("model config: {e}")))?,
+            serde_json::from_value(model_config(m, stage.resolution))
+                .map_err(|e| TrainError::stage("upsampler", format!("model config: {e}")))?,
             None,
         ),
-        (None, None) => return Err(TrainError::stage("upsampler", "upsampler.model or upsampler.init is required")),
+        (None, None) => {
+            return Err(TrainError::stage(
+                "upsampler",
+                "upsampler.model or upsampler.init is required",
+            ));
+        }
     };
     cfg.validate()?;
     seed_init(ctx);
     let loaded = checkpoint::init::<UNet2DModel>(&cfg, device, Kind::Float)?;
     if let Some(dir) = &init {
-        unclip_core::weights::load_file(&loaded.vs, &dir.join("diffusion_pytorch_model.safetensors"), Unexpected::Error)?;
+        unclip_core::weights::load_file(
+            &loaded.vs,
+            &dir.join("diffusion_pytorch_model.safetensors"),
+            Unexpected::Error,
+        )?;
         println!("upsampler: started from {}", dir.display());
     }
     let pred = prediction(stage.prediction);
-    let corruption = if stage.blur_sigma > 0.0 { LowResCorruption::Blur { sigma: stage.blur_sigma } } else { LowResCorruption::None };
+    let corruption = if stage.blur_sigma > 0.0 {
+        LowResCorruption::Blur { sigma: stage.blur_sigma }
+    } else {
+        LowResCorruption::None
+    };
     let scale = (stage.resolution / stage.low_resolution) as i64;
-    let trainer = UpsamplerTrainer::new(NoiseSchedule::karlo(), scale, stage.crop, corruption)?.with_prediction(pred);
+    let trainer = UpsamplerTrainer::new(NoiseSchedule::karlo(), scale, stage.crop, corruption)?
+        .with_prediction(pred);
     let t = &stage.train;
-    let needs = |b| Needs { batch_size: b, resolution: Some(stage.resolution), clip_resolution: None, low_resolution: None };
+    let needs = |b| Needs {
+        batch_size: b,
+        resolution: Some(stage.resolution),
+        clip_resolution: None,
+        low_resolution: None,
+    };
     let (loader, holdout) = ctx.loaders("upsampler", needs, t.batch_size)?;
     let unet = &loaded.model;
     let mut step = |batch: &Batch| -> Result<(Tensor, Vec<f64>)> {
-        let high = batch.images.as_ref().ok_or_else(|| TrainError::stage("upsampler", "the batch has no images"))?;
+        let high = batch
+            .images
+            .as_ref()
+            .ok_or_else(|| TrainError::stage("upsampler", "the batch has no images"))?;
         let l = trainer.loss(unet, &high.f_to_device(device)?, &mut TorchNoise::unseeded())?;
         Ok((l.loss, vec![]))
     };
@@ -75,7 +102,13 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
     let grid_batch = match &ctx.data.holdout {
         Some(h) if ctx.cfg.validation.grid > 0 => {
             let n = ctx.cfg.validation.grid.min(h.len());
-            let l = super::super::source::loader(h.clone(), &ctx.cfg.data, ctx.seed(), 0x9e1d, needs(n))?;
+            let l = super::super::source::loader(
+                h.clone(),
+                &ctx.cfg.data,
+                ctx.seed(),
+                0x9e1d,
+                needs(n),
+            )?;
             Some(l.batch(0)?)
         }
         _ => None,
@@ -93,11 +126,20 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
         }
         let low = resize_bicubic_aa(&high.f_to_device(device)?, low_side, low_side)?;
         let mut scheduler = unclip_scheduler::UnCLIPScheduler::new(
-            serde_json::from_value(sched.clone()).map_err(|e| TrainError::stage("upsampler", e.to_string()))?,
+            serde_json::from_value(sched.clone())
+                .map_err(|e| TrainError::stage("upsampler", e.to_string()))?,
         )?;
         let settings = SuperResSampling { num_inference_steps: n_steps, size: None };
         tch::manual_seed(ctx.seed() as i64);
-        let out = sample_super_res(&eval.model, None, &low, &settings, &mut scheduler, &mut TorchNoise::unseeded(), None)?;
+        let out = sample_super_res(
+            &eval.model,
+            None,
+            &low,
+            &settings,
+            &mut scheduler,
+            &mut TorchNoise::unseeded(),
+            None,
+        )?;
         let out = out.f_clamp(-1.0, 1.0)?;
         let side = out.size()[2];
         let low_up = resize_bicubic_aa(&low, side, side)?;
@@ -105,7 +147,8 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
     };
     let hooks = StageHooks { step: &mut step, after: &mut after, pictures: &mut pictures };
     let dir = ctx.stage_dir("upsampler");
-    let steps = loop_::train(ctx, "upsampler", &loaded.vs, t, &[], &loader, holdout.as_ref(), hooks)?;
+    let steps =
+        loop_::train(ctx, "upsampler", &loaded.vs, t, &[], &loader, holdout.as_ref(), hooks)?;
     if steps.finished {
         unclip_core::weights::load_file(&loaded.vs, &dir.join(WEIGHTS), Unexpected::Error)?;
         let dest = dir.join(MODEL);
