@@ -504,7 +504,6 @@ pub(crate) fn train(
                 name,
                 &dir,
                 done,
-                vs,
                 &run,
                 holdout,
                 skipped,
@@ -531,7 +530,6 @@ fn validate(
     name: &str,
     dir: &Path,
     done: u64,
-    vs: &VarStore,
     run: &TrainLoop,
     holdout: Option<&Loader>,
     skipped: u64,
@@ -539,7 +537,6 @@ fn validate(
     pictures: &mut &mut dyn FnMut(u64, Option<&Ema>, &Path) -> Result<()>,
     seed: u64,
 ) -> Result<()> {
-    let _ = vs;
     let mut held = f64::NAN;
     if let Some(h) = holdout {
         let n = h.steps_per_epoch().max(1);

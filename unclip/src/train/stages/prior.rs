@@ -66,7 +66,7 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
     let (loader, holdout) = ctx.loaders("prior", needs, t.batch_size)?;
     seed_init(ctx);
     let vs = VarStore::new(device);
-    let mut model = match (&stage.init, &stage.model) {
+    let model = match (&stage.init, &stage.model) {
         (Some(init), _) => {
             let dir = component_dir(init, "prior", "prior.init")?;
             let cfg = PriorConfig::from_file(&dir.join("config.json"))?;
@@ -111,7 +111,6 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
             return Err(TrainError::stage("prior", "prior.model or prior.init is required"));
         }
     };
-    let _ = &mut model;
     let uncond = cond.encode_text(&[""])?;
     let trainer = PriorTrainer::karlo(uncond, TrainOptions { cond_drop_prob: stage.text_dropout })?;
     let mut step = |batch: &Batch| -> Result<(Tensor, Vec<f64>)> {
