@@ -199,6 +199,37 @@ fn copy_component(src: &Path, dest: &Path, half: bool) -> Result<()> {
     Ok(())
 }
 
+/// Cleans up after an export killed midway, from the names only this module uses beside the
+/// target: its staging folders (`.<name>.export-<pid>`) are removed; a previous model folder set
+/// aside for the swap (`.<name>.replaced-<pid>`) is put back when the target is missing (killed
+/// between the two renames), else removed (the swap had completed).
+fn recover(parent: &Path, name: &str, target: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(parent) else { return Ok(()) };
+    let (staging, replaced) = (format!(".{name}.export-"), format!(".{name}.replaced-"));
+    for e in entries.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        let p = e.path();
+        let numbered = |prefix: &str| {
+            n.strip_prefix(prefix)
+                .is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+        };
+        if numbered(&staging) && p.is_dir() {
+            std::fs::remove_dir_all(&p).map_err(|err| TrainError::io(&p, err))?;
+        } else if numbered(&replaced) && p.is_dir() {
+            if target.exists() {
+                std::fs::remove_dir_all(&p).map_err(|err| TrainError::io(&p, err))?;
+            } else {
+                std::fs::rename(&p, target).map_err(|err| TrainError::io(&p, err))?;
+                println!(
+                    "export: restored {} (set aside by an interrupted export)",
+                    target.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Exports the complete stages of the run folder `run` (see the module docs); returns the
 /// target folder.
 pub fn export(run: &Path, opts: &ExportOptions) -> Result<PathBuf> {
@@ -215,6 +246,14 @@ pub fn export(run: &Path, opts: &ExportOptions) -> Result<PathBuf> {
     if stages.is_empty() {
         return Err(err(format!("no complete stage in {} (no <stage>/{DONE})", run.display())));
     }
+    let name = target
+        .file_name()
+        .ok_or_else(|| err(format!("{} has no folder name", target.display())))?
+        .to_string_lossy()
+        .into_owned();
+    let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| TrainError::io(parent, e))?;
+    recover(parent, &name, target)?;
     let exists = target.exists();
     if exists {
         if !target.is_dir() || !target.join("model_index.json").is_file() {
@@ -242,19 +281,9 @@ pub fn export(run: &Path, opts: &ExportOptions) -> Result<PathBuf> {
             )));
         }
     }
-    let name = target
-        .file_name()
-        .ok_or_else(|| err(format!("{} has no folder name", target.display())))?;
-    let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| TrainError::io(parent, e))?;
     let pid = std::process::id();
-    let staging = parent.join(format!(".{}.export-{pid}", name.to_string_lossy()));
-    let old = parent.join(format!(".{}.replaced-{pid}", name.to_string_lossy()));
-    for p in [&staging, &old] {
-        if p.exists() {
-            std::fs::remove_dir_all(p).map_err(|e| TrainError::io(p, e))?;
-        }
-    }
+    let staging = parent.join(format!(".{name}.export-{pid}"));
+    let old = parent.join(format!(".{name}.replaced-{pid}"));
     let result = build(run, &stages, base.as_deref(), &staging, opts).and_then(|()| {
         crate::Unclip::from_pretrained(
             &staging,
@@ -350,6 +379,21 @@ fn build(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_interrupted_swap_is_undone() {
+        let d = unclip_core::fsutil::scratch_dir("export-recover").unwrap();
+        let target = d.join("model");
+        std::fs::create_dir_all(d.join(".model.replaced-42")).unwrap();
+        std::fs::write(d.join(".model.replaced-42/model_index.json"), b"{}").unwrap();
+        std::fs::create_dir_all(d.join(".model.export-42")).unwrap();
+        std::fs::create_dir_all(d.join(".model.export-x")).unwrap();
+        recover(&d, "model", &target).unwrap();
+        assert!(target.join("model_index.json").is_file(), "the previous folder is back");
+        assert!(!d.join(".model.export-42").exists() && !d.join(".model.replaced-42").exists());
+        assert!(d.join(".model.export-x").exists(), "only this module's names are touched");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
 
     #[test]
     fn temp_names_are_recognised() {
