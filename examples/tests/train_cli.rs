@@ -381,3 +381,43 @@ fn the_shapes_configs_run_every_stage() {
     Unclip::from_pretrained(&copy, &LoadOptions::new(Device::Cpu, Kind::Float)).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The prior trains on precomputed embedding shards (no images decoded), conditioned on the
+/// captions through a model folder's CLIP text tower.
+#[test]
+fn the_prior_trains_on_embedding_shards() {
+    let dir = unclip::core::fsutil::scratch_dir("train-cli-embeddings").unwrap();
+    let shards = dir.join("embeddings");
+    std::fs::create_dir_all(&shards).unwrap();
+    let n = 24;
+    let keys: Vec<String> = (0..n).map(|i| format!("{i:09}")).collect();
+    let generator = unclip::shapes::SceneGenerator::new(unclip::shapes::Split::Train, 0);
+    let captions: Vec<String> =
+        (0..n).map(|i| unclip::shapes::caption(&generator.scene(i as u64))).collect();
+    unclip::tch::manual_seed(0);
+    let image = Tensor::randn([n as i64, 128], (Kind::Float, Device::Cpu));
+    let text = Tensor::randn([n as i64, 128], (Kind::Float, Device::Cpu));
+    unclip::data::write_embedding_shard(
+        &shards.join("00000.safetensors"),
+        &keys,
+        &captions,
+        &image,
+        &text,
+        &[],
+    )
+    .unwrap();
+    let config = dir.join("run.toml");
+    let text = format!(
+        "[run]\nout = {:?}\nconditioning = {:?}\n[data]\nsource = \"embeddings\"\npath = {:?}\n\
+         [validation]\nitems = 4\n[prior]\nstat_items = 8\n[prior.model]\nlayers = 1\n\
+         [prior.train]\nsteps = 2\nbatch_size = 4\nlr = 1e-4\n",
+        s(&dir.join("run")),
+        s(&root().join("models/shapes")),
+        s(&shards),
+    );
+    std::fs::write(&config, text).unwrap();
+    let out = train_ok(&["--config", &s(&config)]);
+    assert!(out.contains("complete: [prior]") && out.contains("held-out loss"), "{out}");
+    assert!(dir.join("run/prior/model/prior/diffusion_pytorch_model.safetensors").is_file());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

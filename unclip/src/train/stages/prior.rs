@@ -3,6 +3,7 @@
 //! (`unclip_prior::PriorTrainer`). A fresh model fits `clip_mean`/`clip_std` on training images
 //! first; a fine-tuned one keeps its own.
 
+use super::super::config::SourceKind;
 use super::super::loop_::{self, Ctx, MODEL, StageHooks, StageSteps, WEIGHTS};
 use super::super::source::Needs;
 use super::super::{Result, TrainError, write_json};
@@ -57,10 +58,12 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
     let cond = ctx.conditioning()?;
     let device = ctx.device;
     let t = &stage.train;
+    // Embedding shards carry the image embeddings: no pictures to decode.
+    let pixels = (ctx.cfg.data.source != SourceKind::Embeddings).then_some(cond.image_size);
     let needs = |b| Needs {
         batch_size: b,
-        resolution: Some(cond.image_size),
-        clip_resolution: Some(cond.image_size),
+        resolution: pixels,
+        clip_resolution: pixels,
         low_resolution: None,
     };
     let (loader, holdout) = ctx.loaders("prior", needs, t.batch_size)?;
