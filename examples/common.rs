@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use unclip::{LoadOptions, SamplingDefaults, Stage, StepInfo, Unclip};
 use unclip_core::tch::{Device, Kind};
 
-/// The embedded default model (`models/shapes/`, trained by `train_embedded`), found from any
+/// The embedded default model (`models/shapes/`, trained by `configs/shapes/`), found from any
 /// working directory.
 pub const EMBEDDED_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/shapes");
 

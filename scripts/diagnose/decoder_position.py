@@ -10,7 +10,7 @@ toward it (top left: both below 0.5); one that does not gives the same centroid 
 A decoder whose config has `coordinate_channels` (this project's extension) gets the coordinate
 maps appended to its input, as unclip-decoder does.
 
-With --weights EMA.safetensors (a train_embedded checkpoint, `<run>/decoder/step-*/ema.safetensors`:
+With --weights EMA.safetensors (a decoder checkpoint of `train`, `<run>/decoder/step-*/ema.safetensors`:
 `decoder.*` and `text_proj.*` names) those weights are measured instead of the folder's, in the
 folder's decoder config; a checkpoint whose conv_in takes more channels than the folder's sample
 has coordinate inputs.

@@ -45,6 +45,8 @@ pub enum Error {
         /// Why downloading failed (with the `hub` feature), or why there is no cache.
         download: Option<String>,
     },
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
 }
 
 fn model_not_found(

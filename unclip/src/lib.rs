@@ -15,7 +15,11 @@
 //! - [`sampling`]: the steps and guidance a model folder recommends ([`SamplingDefaults`]);
 //! - [`variation`], [`manipulate`], [`rerank`]: image variations (also from DDIM inversion),
 //!   interpolation, text diffs, CLIP reranking;
-//! - [`output`]: tensors to `RgbImage`, `ndarray` and PNG.
+//! - [`output`]: tensors to `RgbImage`, `ndarray` and PNG;
+//! - [`data`]: training data from your own images (image folders, webdataset shards,
+//!   precomputed embeddings, the shapes scenes) and a parallel, resumable batch loader;
+//! - [`train`]: every stage trained from a TOML run config on any [`data`] source, resumable, and
+//!   exported as a model folder.
 //!
 //! ```no_run
 //! # fn main() -> unclip::Result<()> {
@@ -29,6 +33,7 @@
 //!
 //! The stage crates are re-exported: [`clip`], [`prior`], [`decoder`], [`scheduler`], [`core`].
 
+pub mod data;
 pub mod error;
 pub mod hub;
 pub mod loading;
@@ -39,6 +44,7 @@ pub mod rerank;
 pub mod sampling;
 pub mod shapes;
 pub mod stages;
+pub mod train;
 pub mod traits;
 pub mod variation;
 

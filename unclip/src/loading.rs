@@ -10,7 +10,6 @@ use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind};
-use unclip_clip::{ClipModel, ClipTokenizer, ImageProcessor, ProcessorConfig, Towers};
 use unclip_decoder::checkpoint;
 use unclip_prior::PriorTransformer;
 use unclip_scheduler::{
@@ -236,7 +235,7 @@ pub fn load_scheduler(path: &Path) -> Result<(Box<dyn Scheduler>, bool, Value)> 
 
 /// transformers' `CLIPImageProcessor` config for `side`-pixel models (what
 /// [`ProcessorConfig::clip`] does).
-fn clip_processor_json(side: usize) -> Value {
+pub(crate) fn clip_processor_json(side: usize) -> Value {
     json!({
         "image_processor_type": "CLIPImageProcessor",
         "do_convert_rgb": true,
@@ -311,12 +310,8 @@ impl Unclip {
         let text_encoder = {
             let (device, kind) = opts.for_component("text_encoder");
             let d = sub("text_encoder");
-            let load = || -> Result<ClipTextEncoder> {
-                let model = ClipModel::load(&d, Towers::Text, device, kind)?;
-                let tokenizer = ClipTokenizer::from_dir(&sub("tokenizer"))?;
-                Ok(ClipTextEncoder { tokenizer, model })
-            };
-            load().map_err(component_err("text_encoder", &d))?
+            ClipTextEncoder::load(&d, &sub("tokenizer"), device, kind)
+                .map_err(component_err("text_encoder", &d))?
         };
         let prior = if class == TEXT_TO_IMAGE {
             let (device, kind) = opts.for_component("prior");
@@ -330,21 +325,10 @@ impl Unclip {
         let image_encoder = if sub("image_encoder").is_dir() {
             let (device, kind) = opts.for_component("image_encoder");
             let d = sub("image_encoder");
-            let load = || -> Result<ClipImageEncoder> {
-                let model = ClipModel::load(&d, Towers::Vision, device, kind)?;
-                let pj = sub("feature_extractor").join("preprocessor_config.json");
-                let processor_json: Value =
-                    if pj.is_file() { unclip_core::config::read_json(&pj)? } else { Value::Null };
-                let processor = if pj.is_file() {
-                    ImageProcessor::new(ProcessorConfig::from_value(&processor_json)?)
-                } else {
-                    let side = model.vision_config().map(|v| v.image_size).unwrap_or(224);
-                    ImageProcessor::new(ProcessorConfig::clip(side as usize))
-                };
-                Ok(ClipImageEncoder { processor, processor_json, model, kind })
-            };
-            Some(Box::new(load().map_err(component_err("image_encoder", &d))?)
-                as Box<dyn crate::traits::ImageEncoder>)
+            let pj = sub("feature_extractor").join("preprocessor_config.json");
+            let encoder = ClipImageEncoder::load(&d, &pj, device, kind)
+                .map_err(component_err("image_encoder", &d))?;
+            Some(Box::new(encoder) as Box<dyn crate::traits::ImageEncoder>)
         } else {
             None
         };
@@ -469,19 +453,10 @@ impl Unclip {
         device: Device,
         kind: Kind,
     ) -> Result<()> {
-        let err = component_err("image_encoder", encoder_dir);
-        let model = ClipModel::load(encoder_dir, Towers::Vision, device, kind)
-            .map_err(|e| err(e.into()))?;
         let pj = processor_dir.unwrap_or(encoder_dir).join("preprocessor_config.json");
-        let (processor, processor_json) = if pj.is_file() {
-            let v: Value = unclip_core::config::read_json(&pj)?;
-            (ImageProcessor::new(ProcessorConfig::from_value(&v)?), v)
-        } else {
-            let side = model.vision_config().map(|v| v.image_size).unwrap_or(224) as usize;
-            (ImageProcessor::new(ProcessorConfig::clip(side)), clip_processor_json(side))
-        };
-        self.image_encoder =
-            Some(Box::new(ClipImageEncoder { processor, processor_json, model, kind }));
+        let encoder = ClipImageEncoder::load(encoder_dir, &pj, device, kind)
+            .map_err(component_err("image_encoder", encoder_dir))?;
+        self.image_encoder = Some(Box::new(encoder));
         Ok(())
     }
 }

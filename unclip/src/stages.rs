@@ -9,7 +9,7 @@ use image::DynamicImage;
 use serde_json::Value;
 use std::path::Path;
 use tch::{Device, Kind, Tensor, nn};
-use unclip_clip::{ClipModel, ClipTokenizer, ImageProcessor, Truncation};
+use unclip_clip::{ClipModel, ClipTokenizer, ImageProcessor, ProcessorConfig, Towers, Truncation};
 use unclip_decoder::checkpoint::{self, Loaded};
 use unclip_decoder::upsample::resize_bicubic_aa;
 use unclip_decoder::{Conditioning, UNet2DConditionModel, UNet2DModel, UnCLIPTextProjModel};
@@ -32,6 +32,21 @@ fn text_on(text: &TextConditioning, device: Device, kind: Kind) -> Result<TextCo
 pub struct ClipTextEncoder {
     pub tokenizer: ClipTokenizer,
     pub model: ClipModel,
+}
+
+impl ClipTextEncoder {
+    /// The text tower of `model_dir` (a `CLIPTextModelWithProjection` or a whole `CLIPModel`)
+    /// with the tokenizer of `tokenizer_dir`.
+    pub fn load(
+        model_dir: &Path,
+        tokenizer_dir: &Path,
+        device: Device,
+        kind: Kind,
+    ) -> Result<Self> {
+        let model = ClipModel::load(model_dir, Towers::Text, device, kind)?;
+        let tokenizer = ClipTokenizer::from_dir(tokenizer_dir)?;
+        Ok(ClipTextEncoder { tokenizer, model })
+    }
 }
 
 impl TextEncoder for ClipTextEncoder {
@@ -78,6 +93,29 @@ pub struct ClipImageEncoder {
 }
 
 impl ClipImageEncoder {
+    /// The vision tower of `model_dir` (a `CLIPVisionModelWithProjection` or a whole
+    /// `CLIPModel`) with the preprocessing of `processor_file` (`preprocessor_config.json`;
+    /// CLIP's default at the model's image size when it does not exist).
+    pub fn load(
+        model_dir: &Path,
+        processor_file: &Path,
+        device: Device,
+        kind: Kind,
+    ) -> Result<Self> {
+        let model = ClipModel::load(model_dir, Towers::Vision, device, kind)?;
+        let (processor, processor_json) = if processor_file.is_file() {
+            let v: Value = unclip_core::config::read_json(processor_file)?;
+            (ImageProcessor::new(ProcessorConfig::from_value(&v)?), v)
+        } else {
+            let side = model.vision_config().map(|v| v.image_size).unwrap_or(224) as usize;
+            (
+                ImageProcessor::new(ProcessorConfig::clip(side)),
+                crate::loading::clip_processor_json(side),
+            )
+        };
+        Ok(ClipImageEncoder { processor, processor_json, model, kind })
+    }
+
     fn embed_pixels(&self, pixels: &Tensor) -> Result<Tensor> {
         let pixels = on(pixels, self.model.device(), self.kind)?;
         Ok(tch::no_grad(|| self.model.encode_image(&pixels))?.image_embeds)

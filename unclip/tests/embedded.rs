@@ -1,4 +1,4 @@
-//! The embedded default model (`models/shapes/`, committed, trained by `train_embedded`) end to
+//! The embedded default model (`models/shapes/`, committed, trained with `configs/shapes/`) end to
 //! end: loaded through `from_pretrained` and sampled from held-out prompts (attribute
 //! combinations never seen in training). Short sampler settings keep this to seconds on the CPU.
 //!

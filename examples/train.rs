@@ -1,0 +1,97 @@
+//! Trains unCLIP's stages from a run config, and exports a run as a model folder.
+//!
+//! ```sh
+//! cargo run --release --bin train -- --config configs/shapes/embedded.toml
+//! cargo run --release --bin train -- --config run.toml --set decoder.train.steps=4000
+//! cargo run --release --bin train -- export --config run.toml --to models/mine
+//! ```
+//!
+//! Rerunning the same command resumes where the run stopped (bit for bit on the CPU). The
+//! effective config is printed and saved as `<run.out>/config.toml`. See `unclip::train`.
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use unclip::train::{ExportOptions, RunConfig, RunOptions, Trainer, export};
+
+#[derive(Parser)]
+#[command(about = "Trains unCLIP stages from a TOML run config; `export` writes a model folder")]
+#[command(args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Run only this stage (tokenizer, clip, prior, decoder, upsampler).
+    #[arg(long)]
+    stage: Option<String>,
+    /// Stop after this many training steps (rerun to resume).
+    #[arg(long)]
+    stop_after: Option<u64>,
+}
+
+#[derive(clap::Args)]
+struct ConfigArgs {
+    /// The run config (TOML).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override a config value: `--set decoder.train.steps=4000` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Writes the run's complete stages as a diffusers-layout model folder.
+    Export {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The model folder to write. An existing model folder gets the run's stages swapped in
+        /// (its other components are kept); a folder holding anything else is refused.
+        #[arg(long)]
+        to: PathBuf,
+        /// A model folder supplying the components the run did not train (when --to is new).
+        #[arg(long)]
+        base: Option<PathBuf>,
+    },
+}
+
+fn load(args: &ConfigArgs) -> anyhow::Result<(RunConfig, PathBuf)> {
+    let path = args.config.clone().ok_or_else(|| anyhow::anyhow!("--config <FILE> is required"))?;
+    Ok((RunConfig::load(&path, &args.set)?, path))
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match &cli.command {
+        Some(Command::Export { config, to, base }) => {
+            let (cfg, _) = load(config)?;
+            let opts = ExportOptions {
+                to: to.clone(),
+                base: base.clone().or_else(|| cfg.run.conditioning.clone()),
+                half: cfg.export.half,
+                decoder_guidance_scale: cfg.export.decoder_guidance_scale,
+            };
+            export(&cfg.run.out, &opts)?;
+        }
+        None => {
+            let (cfg, path) = load(&cli.config)?;
+            println!("# effective config ({})\n{}", path.display(), cfg.to_toml());
+            let trainer = Trainer::open(cfg, &path)?;
+            let opts = RunOptions { only: cli.stage.clone(), stop_after: cli.stop_after };
+            let summary = trainer.run(&opts)?;
+            if summary.stopped {
+                println!(
+                    "stopped; complete: [{}]; rerun the same command to resume",
+                    summary.complete.join(", ")
+                );
+            } else {
+                println!(
+                    "complete: [{}] in {}",
+                    summary.complete.join(", "),
+                    trainer.out().display()
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,631 @@
+//! The run folder and the loop every stage shares: `TrainLoop` (seeded steps, checkpoints,
+//! resume, EMA, CSV log, loss picture) plus held-out loss, validation pictures, non-finite
+//! detection and completion markers.
+
+use super::config::{RunConfig, TrainSettings};
+use super::source::{self, Split};
+use super::{Result, TrainError, write_bytes};
+use crate::data::{Batch, Loader};
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor, nn::VarStore};
+use unclip_clip::{ClipModel, ClipTokenizer, Towers, Truncation};
+use unclip_core::train::{
+    AdamWConfig, Checkpointer, Ema, EmaConfig, LoopConfig, LrSchedule, TrainLoop, default_no_decay,
+    seed_step,
+};
+use unclip_prior::TextConditioning;
+
+/// The stored effective config of a run folder.
+pub const STORED_CONFIG: &str = "config.toml";
+/// The completion marker of a stage, written last.
+pub const DONE: &str = "done.json";
+/// The shipped (EMA) weights of a stage in its own tensor names.
+pub const WEIGHTS: &str = "weights.safetensors";
+/// Where a finished stage's diffusers components lie: `<run>/<stage>/model/<component>/`.
+pub const MODEL: &str = "model";
+
+/// How this process runs the stages.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Run only this stage (its inputs must be finished).
+    pub only: Option<String>,
+    /// Stop the process after this many training steps (a checkpoint is not forced: rerunning
+    /// resumes from the newest one). For time-boxed sessions and resume tests.
+    pub stop_after: Option<u64>,
+}
+
+/// What a call to [`Trainer::run`] did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunSummary {
+    /// Stages found complete or completed, in order.
+    pub complete: Vec<String>,
+    /// True when `stop_after` stopped the process before every stage was complete.
+    pub stopped: bool,
+    /// Steps trained by this process.
+    pub steps: u64,
+}
+
+/// A run folder opened for a config.
+pub struct Trainer {
+    pub(crate) cfg: RunConfig,
+    pub(crate) file: PathBuf,
+    pub(crate) device: Device,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer").field("out", &self.cfg.run.out).field("file", &self.file).finish()
+    }
+}
+
+impl Trainer {
+    /// Checks every path the config names, prepares the run folder `run.out`: a new one gets the
+    /// effective config (`config.toml`); an existing one must have been started with the same
+    /// config, except for grown step counts (those stages resume up to the new count) and
+    /// settings that do not change the weights. Leftover temporary files of killed writes are
+    /// removed. `file` is the config file (named in errors).
+    pub fn open(cfg: RunConfig, file: &Path) -> Result<Self> {
+        preflight(&cfg, file)?;
+        let device = unclip_core::parse_device(&cfg.run.device)?;
+        let out = cfg.run.out.clone();
+        std::fs::create_dir_all(&out).map_err(|e| TrainError::io(&out, e))?;
+        super::export::remove_temp_files(&out)?;
+        let stored = out.join(STORED_CONFIG);
+        if stored.exists() {
+            let text = std::fs::read_to_string(&stored).map_err(|e| TrainError::io(&stored, e))?;
+            let old = RunConfig::parse(&text, &stored, &[])?;
+            for (stage, before) in cfg.compare_with_stored(&old, file)? {
+                let dir = out.join(stage);
+                let done = dir.join(DONE);
+                if done.exists() {
+                    let weights = dir.join(WEIGHTS);
+                    if weights.exists() {
+                        let kept = dir.join(format!("weights-{before}.safetensors"));
+                        std::fs::rename(&weights, &kept)
+                            .map_err(|e| TrainError::io(&weights, e))?;
+                    }
+                    std::fs::remove_file(&done).map_err(|e| TrainError::io(&done, e))?;
+                    println!("{stage}: extending from {before} steps");
+                }
+            }
+        }
+        write_bytes(&stored, cfg.to_toml().as_bytes())?;
+        Ok(Self { cfg, file: file.to_path_buf(), device })
+    }
+
+    pub fn config(&self) -> &RunConfig {
+        &self.cfg
+    }
+
+    pub fn out(&self) -> &Path {
+        &self.cfg.run.out
+    }
+
+    /// True when stage `name`'s completion marker exists.
+    pub fn is_complete(&self, name: &str) -> bool {
+        self.out().join(name).join(DONE).is_file()
+    }
+
+    /// Runs every unfinished stage of the config in order (or `opts.only`).
+    pub fn run(&self, opts: &RunOptions) -> Result<RunSummary> {
+        if let Some(t) = self.cfg.run.threads {
+            tch::set_num_threads(t);
+        }
+        let stages = self.cfg.stages();
+        if let Some(only) = &opts.only {
+            if !stages.contains(&only.as_str()) {
+                return Err(TrainError::stage(
+                    only,
+                    format!("not in {} (it has {})", self.file.display(), stages.join(", ")),
+                ));
+            }
+        }
+        let side = self.max_side();
+        let split =
+            source::open(&self.cfg.data, self.cfg.run.seed, side, self.cfg.validation.items)?;
+        println!("data: {}", split.train.describe());
+        let mut summary = RunSummary::default();
+        for name in stages {
+            if opts.only.as_deref().is_some_and(|o| o != name) {
+                continue;
+            }
+            if self.is_complete(name) {
+                println!("{name}: complete ({})", self.out().join(name).join(DONE).display());
+                summary.complete.push(name.into());
+                continue;
+            }
+            let budget = opts.stop_after.map(|n| n.saturating_sub(summary.steps));
+            if budget == Some(0) {
+                summary.stopped = true;
+                break;
+            }
+            let ctx =
+                Ctx { cfg: &self.cfg, out: self.out(), device: self.device, data: &split, budget };
+            let steps = super::stages::run(&ctx, name)?;
+            summary.steps += steps.steps;
+            if steps.finished {
+                write_marker(&self.out().join(name), name, &self.cfg)?;
+                summary.complete.push(name.into());
+            } else {
+                summary.stopped = true;
+                println!(
+                    "{name}: stopped after {} steps of this process; rerun to resume",
+                    summary.steps
+                );
+                break;
+            }
+        }
+        Ok(summary)
+    }
+
+    /// The weights the decoder stage starts from at step 0 (before any training or checkpoint),
+    /// under the stage's names (`decoder.*`, `text_proj.*`): to check what a fine-tune starts
+    /// from.
+    pub fn initial_decoder_weights(&self) -> Result<Vec<(String, Tensor)>> {
+        let stage = self
+            .cfg
+            .decoder
+            .as_ref()
+            .ok_or_else(|| TrainError::stage("decoder", "no [decoder] section"))?;
+        let split = source::open(
+            &self.cfg.data,
+            self.cfg.run.seed,
+            self.max_side(),
+            self.cfg.validation.items,
+        )?;
+        let ctx = Ctx {
+            cfg: &self.cfg,
+            out: self.out(),
+            device: self.device,
+            data: &split,
+            budget: None,
+        };
+        let cond = ctx.conditioning()?;
+        let (model, _, _) = super::stages::decoder::initial(&ctx, stage, &cond)?;
+        let mut named: Vec<(String, Tensor)> = model.vs.variables().into_iter().collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(named)
+    }
+
+    /// The largest image side a stage needs.
+    fn max_side(&self) -> u32 {
+        let c = &self.cfg;
+        let mut side = 32;
+        if let Some(d) = &c.decoder {
+            side = side.max(d.resolution);
+        }
+        if let Some(u) = &c.upsampler {
+            side = side.max(u.resolution);
+        }
+        if let Some(m) = c.clip.as_ref().and_then(|c| c.model.as_ref()) {
+            side = side.max(m.image_size as u32);
+        }
+        side
+    }
+}
+
+/// The marker that says stage `name` is complete; written atomically, after everything else.
+fn write_marker(dir: &Path, name: &str, cfg: &RunConfig) -> Result<()> {
+    let steps = cfg.train_settings(name).map(|t| t.steps);
+    let v = serde_json::json!({ "stage": name, "steps": steps, "complete": true });
+    super::write_json(&dir.join(DONE), &v)
+}
+
+/// Every path the config names exists, before any work.
+fn preflight(cfg: &RunConfig, file: &Path) -> Result<()> {
+    let missing = |key: &str, p: &Path, what: &str| -> Result<()> {
+        if p.exists() {
+            Ok(())
+        } else {
+            Err(super::ConfigError {
+                file: file.to_path_buf(),
+                key: Some(key.into()),
+                message: format!("{} does not exist (expected {what})", p.display()),
+            }
+            .into())
+        }
+    };
+    if let Some(p) = &cfg.data.path {
+        missing("data.path", p, "the training data")?;
+    }
+    if let Some(p) = &cfg.run.conditioning {
+        missing("run.conditioning", p, "a model folder")?;
+        for c in ["tokenizer", "text_encoder", "image_encoder"] {
+            missing("run.conditioning", &p.join(c), &format!("its {c} component"))?;
+        }
+    }
+    for (key, p) in [
+        ("clip.init", cfg.clip.as_ref().and_then(|s| s.init.as_ref())),
+        ("prior.init", cfg.prior.as_ref().and_then(|s| s.init.as_ref())),
+        ("decoder.init", cfg.decoder.as_ref().and_then(|s| s.init.as_ref())),
+        ("upsampler.init", cfg.upsampler.as_ref().and_then(|s| s.init.as_ref())),
+    ] {
+        if let Some(p) = p {
+            missing(key, p, "a component folder or a model folder")?;
+        }
+    }
+    Ok(())
+}
+
+/// What a stage runner sees.
+pub(crate) struct Ctx<'a> {
+    pub cfg: &'a RunConfig,
+    pub out: &'a Path,
+    pub device: Device,
+    pub data: &'a Split,
+    /// Steps this process may still train (None: no limit).
+    pub budget: Option<u64>,
+}
+
+/// How far a stage got.
+#[derive(Debug)]
+pub(crate) struct StageSteps {
+    pub steps: u64,
+    pub finished: bool,
+}
+
+impl Ctx<'_> {
+    pub fn seed(&self) -> u64 {
+        self.cfg.run.seed
+    }
+
+    pub fn stage_dir(&self, name: &str) -> PathBuf {
+        self.out.join(name)
+    }
+
+    /// A conditioning component (`tokenizer`, `text_encoder`, `image_encoder`): this run's stage
+    /// output when it trains it, else `run.conditioning`'s.
+    pub fn component(&self, name: &str) -> Result<PathBuf> {
+        let stage = if name == "tokenizer" { "tokenizer" } else { "clip" };
+        let own = match stage {
+            "tokenizer" => self.cfg.tokenizer.is_some(),
+            _ => self.cfg.clip.is_some(),
+        };
+        if own {
+            let dir = self.stage_dir(stage);
+            if !dir.join(DONE).is_file() {
+                return Err(TrainError::stage(
+                    stage,
+                    format!(
+                        "not complete yet ({} missing): run it first",
+                        dir.join(DONE).display()
+                    ),
+                ));
+            }
+            return Ok(dir.join(MODEL).join(name));
+        }
+        match &self.cfg.run.conditioning {
+            Some(folder) => Ok(folder.join(name)),
+            None => Err(TrainError::stage(
+                stage,
+                "no [tokenizer]/[clip] stage and no run.conditioning folder",
+            )),
+        }
+    }
+
+    pub fn tokenizer(&self) -> Result<ClipTokenizer> {
+        let dir = self.component("tokenizer")?;
+        Ok(ClipTokenizer::from_dir(&dir)?)
+    }
+
+    /// The frozen CLIP the prior and the decoder condition on.
+    pub fn conditioning(&self) -> Result<Conditioning> {
+        let tok = self.tokenizer()?;
+        let text = ClipModel::load(
+            &self.component("text_encoder")?,
+            Towers::Text,
+            self.device,
+            Kind::Float,
+        )?;
+        let vision = ClipModel::load(
+            &self.component("image_encoder")?,
+            Towers::Vision,
+            self.device,
+            Kind::Float,
+        )?;
+        let image_size = vision.vision_config().map(|v| v.image_size).unwrap_or(224) as u32;
+        Ok(Conditioning { tok, text, vision, image_size })
+    }
+
+    /// The training loader of a stage, and the held-out one.
+    pub fn loaders(
+        &self,
+        name: &str,
+        needs: impl Fn(usize) -> source::Needs,
+        batch: usize,
+    ) -> Result<(Loader, Option<Loader>)> {
+        let salt = source::salt(name);
+        let train = source::loader(
+            self.data.train.clone(),
+            &self.cfg.data,
+            self.seed(),
+            salt,
+            needs(batch),
+        )?;
+        let held = match &self.data.holdout {
+            Some(h) => Some(source::loader(
+                h.clone(),
+                &self.cfg.data,
+                self.seed(),
+                salt,
+                needs(batch.min(h.len())),
+            )?),
+            None => None,
+        };
+        Ok((train, held))
+    }
+}
+
+/// The frozen tokenizer and CLIP towers.
+pub(crate) struct Conditioning {
+    pub tok: ClipTokenizer,
+    pub text: ClipModel,
+    pub vision: ClipModel,
+    /// The image tower's input side.
+    pub image_size: u32,
+}
+
+impl Conditioning {
+    /// CLIP text conditioning as the pipeline computes it (no padding mask in the text tower;
+    /// the token mask kept for the prior and the decoder).
+    pub fn encode_text(&self, captions: &[impl AsRef<str>]) -> Result<TextConditioning> {
+        let enc = self.tok.encode_batch(captions, Truncation::Truncate, self.text.device())?;
+        let out = tch::no_grad(|| self.text.encode_text(&enc.input_ids, None))?;
+        let mask = enc.attention_mask.f_ne(0)?;
+        Ok(TextConditioning::new(out.text_embeds, out.last_hidden_state, mask)?)
+    }
+
+    /// Unnormalized image embeddings of CLIP-normalized pixels.
+    pub fn encode_images(&self, pixels: &Tensor) -> Result<Tensor> {
+        Ok(tch::no_grad(|| self.vision.encode_image(&pixels.f_to_device(self.vision.device())?))?
+            .image_embeds)
+    }
+
+    /// The batch's image embeddings: precomputed ones when the source has them, else CLIP's.
+    pub fn image_embeds(&self, batch: &Batch, stage: &str) -> Result<Tensor> {
+        if let Some(e) = &batch.image_embeds {
+            return Ok(e.f_to_device(self.vision.device())?);
+        }
+        match &batch.clip_pixels {
+            Some(p) => self.encode_images(p),
+            None => Err(TrainError::stage(
+                stage,
+                "the batch has neither image embeddings nor CLIP pixels",
+            )),
+        }
+    }
+
+    pub fn embed_dim(&self) -> Result<i64> {
+        let v = self
+            .vision
+            .vision_config()
+            .ok_or_else(|| TrainError::stage("conditioning", "no vision config"))?;
+        Ok(v.projection_dim.unwrap_or(v.hidden_size))
+    }
+}
+
+/// The core loop's settings from a stage's `[<stage>.train]`: warmup then cosine decay to
+/// `lr * lr_floor`.
+pub(crate) fn loop_config(t: &TrainSettings, seed: u64) -> LoopConfig {
+    LoopConfig {
+        total_steps: t.steps,
+        seed,
+        schedule: LrSchedule::WarmupCosine {
+            peak: t.lr,
+            floor: t.lr * t.lr_floor,
+            warmup_steps: t.warmup_steps(),
+            total_steps: t.steps,
+        },
+        optimizer: AdamWConfig { lr: t.lr, weight_decay: t.weight_decay, ..Default::default() },
+        ema: (t.ema_decay > 0.0).then_some(EmaConfig { decay: t.ema_decay, warmup: true }),
+        max_grad_norm: (t.grad_clip > 0.0).then_some(t.grad_clip),
+        checkpoint_every: t.checkpoint_interval(),
+        keep_last: t.keep_checkpoints,
+    }
+}
+
+/// What a stage supplies to [`train`].
+pub(crate) struct StageHooks<'a> {
+    /// The loss (with its graph) of a batch, and extra logged numbers.
+    pub step: &'a mut dyn FnMut(&Batch) -> Result<(Tensor, Vec<f64>)>,
+    /// After each optimizer update (e.g. clamping CLIP's temperature).
+    pub after: &'a mut dyn FnMut() -> Result<()>,
+    /// Validation pictures after `done` steps, with the EMA weights when there are any; writes
+    /// into the given folder.
+    pub pictures: &'a mut dyn FnMut(u64, Option<&Ema>, &Path) -> Result<()>,
+}
+
+/// Seed of the held-out loss's noise, the same at every validation.
+const VALIDATION_SEED: u64 = 0x7661_6c69_6461_7465;
+
+/// Runs (or resumes) a stage's loop in `<run>/<name>/`; at the end writes the shipped weights
+/// (`weights.safetensors`: EMA when enabled) and returns `finished: true`. Steps whose loss or
+/// gradients are not finite are skipped and counted (`nonfinite` column of `validation.csv`
+/// and the log); `max_nonfinite` of them in a row stop the run with [`TrainError::NonFinite`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn train(
+    ctx: &Ctx,
+    name: &str,
+    vs: &VarStore,
+    t: &TrainSettings,
+    extra_columns: &[&str],
+    loader: &Loader,
+    holdout: Option<&Loader>,
+    mut hooks: StageHooks,
+) -> Result<StageSteps> {
+    let dir = ctx.stage_dir(name);
+    let cfg = loop_config(t, ctx.seed());
+    let meta = serde_json::json!({ "stage": name, "train": t });
+    let mut run = TrainLoop::open(&dir, vs, cfg, default_no_decay, extra_columns, meta, name)?;
+    let start = run.start_step();
+    if start > 0 {
+        println!("{name}: resuming at step {start} of {}", t.steps);
+    }
+    let mut in_a_row = 0u64;
+    let mut skipped = 0u64;
+    let mut done_here = 0u64;
+    let mut batches = loader.iter_from(start);
+    for s in run.remaining() {
+        if ctx.budget.is_some_and(|b| done_here >= b) {
+            return Ok(StageSteps { steps: done_here, finished: false });
+        }
+        let batch =
+            batches.next().ok_or_else(|| TrainError::stage(name, "the data loader ended"))??;
+        run.begin_step(s)?;
+        let (loss, extra) = (hooks.step)(&batch)?;
+        let out = run.end_step(s, vs, &loss, &extra)?;
+        done_here += 1;
+        if out.skipped {
+            in_a_row += 1;
+            skipped += 1;
+            if in_a_row >= t.max_nonfinite {
+                let ck = Checkpointer::new(&dir, t.keep_checkpoints)?;
+                let checkpoint = match ck.latest()? {
+                    Some(m) => format!("{} (step {})", dir.join(&m.dir).display(), m.step),
+                    None => format!("none yet in {}", dir.display()),
+                };
+                return Err(TrainError::NonFinite {
+                    stage: name.into(),
+                    count: in_a_row,
+                    first: s + 2 - in_a_row,
+                    step: s + 1,
+                    last_good: s + 1 - in_a_row,
+                    checkpoint,
+                });
+            }
+        } else {
+            in_a_row = 0;
+            (hooks.after)()?;
+        }
+        let done = s + 1;
+        let due = (t.validate_every > 0 && done % t.validate_every == 0) || done == t.steps;
+        if due {
+            validate(
+                name,
+                &dir,
+                done,
+                &run,
+                holdout,
+                skipped,
+                &mut hooks.step,
+                &mut hooks.pictures,
+                ctx.seed(),
+            )?;
+        }
+    }
+    drop(batches);
+    let weights = dir.join(WEIGHTS);
+    run.finish(vs, &weights, None)?;
+    if skipped > 0 {
+        println!("{name}: {skipped} non-finite steps skipped by this process");
+    }
+    println!("{name}: finished; loss curve {}", dir.join("loss.png").display());
+    Ok(StageSteps { steps: done_here, finished: true })
+}
+
+/// Held-out loss (training weights, fixed noise) appended to `validation.csv`, and the stage's
+/// pictures (EMA weights) in `validation/step-<done>/`.
+#[allow(clippy::too_many_arguments)]
+fn validate(
+    name: &str,
+    dir: &Path,
+    done: u64,
+    run: &TrainLoop,
+    holdout: Option<&Loader>,
+    skipped: u64,
+    step: &mut &mut dyn FnMut(&Batch) -> Result<(Tensor, Vec<f64>)>,
+    pictures: &mut &mut dyn FnMut(u64, Option<&Ema>, &Path) -> Result<()>,
+    seed: u64,
+) -> Result<()> {
+    let mut held = f64::NAN;
+    if let Some(h) = holdout {
+        let n = h.steps_per_epoch().max(1);
+        let mut sum = 0.0;
+        for i in 0..n {
+            seed_step(seed ^ VALIDATION_SEED, i);
+            let b = h.batch(i)?;
+            let (loss, _) = tch::no_grad(|| (step)(&b))?;
+            sum += loss.f_double_value(&[])?;
+        }
+        held = sum / n as f64;
+    }
+    let csv = dir.join("validation.csv");
+    let mut text = match std::fs::read_to_string(&csv) {
+        Ok(t) => t,
+        Err(_) => "step,heldout_loss,nonfinite_skipped\n".to_string(),
+    };
+    // Rows of a previous process beyond this step were redone: keep one row per step.
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            l.split(',').next().and_then(|s| s.parse::<u64>().ok()).is_none_or(|s| s < done)
+        })
+        .collect();
+    text = kept.join("\n") + "\n";
+    text.push_str(&format!("{done},{held},{skipped}\n"));
+    write_bytes(&csv, text.as_bytes())?;
+    if held.is_finite() {
+        println!("{name}: step {done}: held-out loss {held:.5}");
+    }
+    let pics = dir.join("validation");
+    (pictures)(done, run.ema(), &pics)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::source::Needs;
+
+    /// Steps whose loss is not finite are skipped; `max_nonfinite` of them in a row stop the run
+    /// with the step and the last good checkpoint.
+    #[test]
+    fn non_finite_steps_are_skipped_then_stop_the_run() {
+        let dir = unclip_core::fsutil::scratch_dir("train-nonfinite").unwrap();
+        let text = format!(
+            "[run]\nout = {:?}\nconditioning = \"x\"\n[data]\nsource = \"shapes\"\nitems = 16\n\
+             [validation]\nitems = 0\n[decoder]\nresolution = 8\n[decoder.model]\nchannels = [16]\n\
+             [decoder.train]\nsteps = 20\nbatch_size = 2\nlr = 0.01\ncheckpoint_every = 1\nmax_nonfinite = 3\n",
+            dir.display().to_string()
+        );
+        let cfg = RunConfig::parse(&text, Path::new("t.toml"), &[]).unwrap();
+        let split = source::open(&cfg.data, 0, 8, 0).unwrap();
+        let ctx = Ctx { cfg: &cfg, out: &dir, device: Device::Cpu, data: &split, budget: None };
+        let needs = |b| Needs {
+            batch_size: b,
+            resolution: Some(8),
+            clip_resolution: None,
+            low_resolution: None,
+        };
+        let (loader, _) = ctx.loaders("toy", needs, 2).unwrap();
+        let vs = VarStore::new(Device::Cpu);
+        let w = vs.root().var("w", &[3], tch::nn::Init::Const(1.0));
+        let mut calls = 0;
+        let mut step = |_: &Batch| -> Result<(Tensor, Vec<f64>)> {
+            calls += 1;
+            let loss = w.square().sum(Kind::Float);
+            // Steps 1 and 2 are fine, then NaN (step 4 alone is fine: the count restarts).
+            Ok((if calls <= 2 || calls == 4 { loss } else { loss * f64::NAN }, vec![]))
+        };
+        let mut after = || Ok(());
+        let mut pictures = |_: u64, _: Option<&Ema>, _: &Path| Ok(());
+        let hooks = StageHooks { step: &mut step, after: &mut after, pictures: &mut pictures };
+        let t = &cfg.decoder.as_ref().unwrap().train;
+        let e = train(&ctx, "toy", &vs, t, &[], &loader, None, hooks).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            matches!(e, TrainError::NonFinite { count: 3, first: 5, step: 7, last_good: 4, .. }),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("stage toy")
+                && msg.contains("steps 5 to 7")
+                && msg.contains("step-00000007 (step 7)"),
+            "{msg}"
+        );
+        // The skipped steps left the weights as the good steps made them.
+        let good: Vec<f32> = Vec::try_from(&w.detach()).unwrap();
+        assert!(good.iter().all(|v| v.is_finite() && *v < 1.0), "{good:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

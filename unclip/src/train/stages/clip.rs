@@ -1,0 +1,240 @@
+//! The CLIP stage: both towers trained with the contrastive loss of `unclip_clip::train` on
+//! (caption, image) pairs, the learned temperature clamped as CLIP does. On the shapes source,
+//! batches can be groups of counterpart scenes (`clip.counterparts`): hard negatives.
+
+use super::super::loop_::{self, Ctx, MODEL, StageHooks, StageSteps, WEIGHTS};
+use super::super::source::Needs;
+use super::super::{Result, TrainError, write_json};
+use super::{component_dir, seed_init};
+use crate::data::Batch;
+use serde_json::{Value, json};
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+use unclip_clip::train::MAX_LOGIT_SCALE;
+use unclip_clip::{
+    AnyConfig, ClipModel, ImageProcessor, ProcessorConfig, Towers, Truncation, contrastive_loss,
+};
+use unclip_core::weights::{Unexpected, load_tensors, read_tensors};
+
+/// transformers' `CLIPModel` config: both towers share the width; text hidden = projection, as
+/// the prior and the decoder's text projection need.
+pub(crate) fn model_config(
+    m: &crate::train::config::ClipModelConfig,
+    context: usize,
+    vocab: usize,
+    bos: i64,
+    eos: i64,
+    pad: i64,
+) -> Value {
+    let d = m.width;
+    json!({
+        "model_type": "clip",
+        "projection_dim": d,
+        "logit_scale_init_value": 2.6592,
+        "text_config": {
+            "vocab_size": vocab, "hidden_size": d, "intermediate_size": 4 * d, "projection_dim": d,
+            "num_hidden_layers": m.layers, "num_attention_heads": m.heads,
+            "max_position_embeddings": context, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+            "pad_token_id": pad, "bos_token_id": bos, "eos_token_id": eos,
+        },
+        "vision_config": {
+            "hidden_size": d, "intermediate_size": 4 * d, "projection_dim": d,
+            "num_hidden_layers": m.layers, "num_attention_heads": m.heads, "num_channels": 3,
+            "image_size": m.image_size, "patch_size": m.patch_size, "hidden_act": "quick_gelu",
+            "layer_norm_eps": 1e-5,
+        },
+    })
+}
+
+/// Both towers from a model folder's `text_encoder` and `image_encoder` (the folder's encoders
+/// do not carry CLIP's temperature: it keeps its initial value).
+fn from_folder(init: &Path, device: Device) -> Result<ClipModel> {
+    let text_dir = component_dir(init, "text_encoder", "clip.init")?;
+    let image_dir = text_dir.parent().map(|p| p.join("image_encoder")).filter(|p| p.is_dir());
+    let image_dir = image_dir.ok_or_else(|| {
+        TrainError::stage(
+            "clip",
+            format!("clip.init = {}: no image_encoder beside text_encoder", init.display()),
+        )
+    })?;
+    let text: Value = unclip_core::config::read_json(&text_dir.join("config.json"))?;
+    let vision: Value = unclip_core::config::read_json(&image_dir.join("config.json"))?;
+    let proj = text.get("projection_dim").cloned().unwrap_or(Value::Null);
+    let cfg = json!({ "model_type": "clip", "projection_dim": proj, "text_config": text, "vision_config": vision });
+    let model = ClipModel::new(AnyConfig::from_value(cfg)?, Towers::Both, device, Kind::Float)?;
+    let mut tensors = read_tensors(&text_dir.join("model.safetensors"))?;
+    tensors.extend(read_tensors(&image_dir.join("model.safetensors"))?);
+    tensors.insert("logit_scale".into(), model.logit_scale()?.detach());
+    load_tensors(model.var_store(), &tensors, &init.display().to_string(), Unexpected::Error)?;
+    println!("clip: started from {}", init.display());
+    Ok(model)
+}
+
+pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
+    let stage =
+        ctx.cfg.clip.as_ref().ok_or_else(|| TrainError::stage("clip", "no [clip] section"))?;
+    let tok = ctx.tokenizer()?;
+    let device = ctx.device;
+    seed_init(ctx);
+    let model = match (&stage.init, &stage.model) {
+        (Some(init), _) => from_folder(init, device)?,
+        (None, Some(m)) => {
+            let cfg = model_config(
+                m,
+                tok.context_length(),
+                tok.vocab_size(),
+                tok.bos_id(),
+                tok.eos_id(),
+                tok.pad_id(),
+            );
+            ClipModel::new(AnyConfig::from_value(cfg)?, Towers::Both, device, Kind::Float)?
+        }
+        (None, None) => {
+            return Err(TrainError::stage("clip", "clip.model or clip.init is required"));
+        }
+    };
+    let image_size = model.vision_config().map(|v| v.image_size).unwrap_or(224);
+    let dir = ctx.stage_dir("clip");
+    std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
+    let t = &stage.train;
+    let needs = |b| Needs {
+        batch_size: b,
+        resolution: Some(image_size as u32),
+        clip_resolution: Some(image_size as u32),
+        low_resolution: None,
+    };
+    let (loader, holdout) = ctx.loaders("clip", needs, t.batch_size)?;
+    let groups = (stage.counterparts > 1).then(|| Counterparts::new(ctx.seed(), image_size));
+    let mut step = |batch: &Batch| -> Result<(Tensor, Vec<f64>)> {
+        let (captions, pixels) = match &groups {
+            Some(g) => g.batch(&batch.keys, stage.counterparts)?,
+            None => {
+                let p = batch
+                    .clip_pixels
+                    .as_ref()
+                    .ok_or_else(|| TrainError::stage("clip", "the batch has no CLIP pixels"))?;
+                (batch.captions.clone(), p.shallow_clone())
+            }
+        };
+        let enc = tok.encode_batch(&captions, Truncation::Truncate, device)?;
+        let out = model.forward(&enc.input_ids, None, &pixels.f_to_device(device)?)?;
+        let loss = contrastive_loss(&out.logits_per_text)?;
+        // Fraction of captions whose own image scores highest in the batch.
+        let acc = tch::no_grad(|| -> Result<f64> {
+            let n = captions.len() as i64;
+            let hit = out
+                .logits_per_text
+                .f_argmax(1, false)?
+                .f_eq_tensor(&Tensor::f_arange(n, (Kind::Int64, device))?)?;
+            Ok(hit.f_to_kind(Kind::Float)?.f_mean(Kind::Float)?.f_double_value(&[])?)
+        })?;
+        Ok((loss, vec![acc]))
+    };
+    let mut after = || -> Result<()> {
+        tch::no_grad(|| -> Result<()> {
+            let mut s = model.logit_scale()?.shallow_clone();
+            let _ = s.f_clamp_(0.0, MAX_LOGIT_SCALE)?;
+            Ok(())
+        })
+    };
+    let mut pictures = |_: u64, _: Option<&unclip_core::train::Ema>, _: &Path| Ok(());
+    let hooks = StageHooks { step: &mut step, after: &mut after, pictures: &mut pictures };
+    let steps = loop_::train(
+        ctx,
+        "clip",
+        model.var_store(),
+        t,
+        &["batch_acc"],
+        &loader,
+        holdout.as_ref(),
+        hooks,
+    )?;
+    if steps.finished {
+        write_components(&model, &dir.join(WEIGHTS), &dir.join(MODEL), image_size)?;
+    }
+    Ok(steps)
+}
+
+/// The trained towers as transformers `CLIP*ModelWithProjection` folders, and the image
+/// processor config of the image tower.
+fn write_components(model: &ClipModel, weights: &Path, dest: &Path, side: i64) -> Result<()> {
+    let AnyConfig::Clip(full) = model.config().clone() else {
+        return Err(TrainError::stage("clip", "not a two-tower CLIP"));
+    };
+    for (towers, cfg, name) in [
+        (Towers::Text, AnyConfig::Text(full.text_config.clone()), "text_encoder"),
+        (Towers::Vision, AnyConfig::Vision(full.vision_config.clone()), "image_encoder"),
+    ] {
+        let tower = ClipModel::new(cfg, towers, Device::Cpu, Kind::Float)?;
+        tower.load_weights(weights, Unexpected::Ignore)?;
+        tower.save(&dest.join(name), None)?;
+    }
+    write_json(
+        &dest.join("feature_extractor").join("preprocessor_config.json"),
+        &preprocessor(side),
+    )
+}
+
+/// CLIP's image processor config at `side` pixels.
+pub(crate) fn preprocessor(side: i64) -> Value {
+    json!({
+        "image_processor_type": "CLIPImageProcessor",
+        "do_convert_rgb": true, "do_resize": true, "size": {"shortest_edge": side}, "resample": 3,
+        "do_center_crop": true, "crop_size": {"height": side, "width": side},
+        "do_rescale": true, "rescale_factor": 1.0 / 255.0, "do_normalize": true,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+    })
+}
+
+/// Contrastive batches of the shapes source: each scene of the batch followed by up to
+/// `group - 1` of its counterparts (`Scene::pick_counterparts`), so captions must be matched by
+/// shape, place, size and binding too.
+struct Counterparts {
+    generator: crate::shapes::SceneGenerator,
+    side: i64,
+    processor: ImageProcessor,
+}
+
+impl Counterparts {
+    fn new(seed: u64, side: i64) -> Self {
+        Self {
+            generator: crate::shapes::SceneGenerator::new(crate::shapes::Split::Train, seed),
+            side,
+            processor: ImageProcessor::new(ProcessorConfig::clip(side as usize)),
+        }
+    }
+
+    /// Scene indices from the batch's keys (`shapes/<index>`).
+    fn batch(&self, keys: &[String], group: usize) -> Result<(Vec<String>, Tensor)> {
+        let mut scenes = Vec::with_capacity(keys.len());
+        for key in keys {
+            if scenes.len() == keys.len() {
+                break;
+            }
+            let i: u64 = key.rsplit('/').next().and_then(|s| s.parse().ok()).ok_or_else(|| {
+                TrainError::stage(
+                    "clip",
+                    format!("clip.counterparts needs shapes items, got key {key:?}"),
+                )
+            })?;
+            let scene = self.generator.scene(i);
+            let room = (keys.len() - scenes.len() - 1).min(group.saturating_sub(1));
+            let parts = scene.pick_counterparts(room, i);
+            scenes.push(scene);
+            scenes.extend(parts);
+        }
+        let mut captions = Vec::with_capacity(scenes.len());
+        let mut bytes = Vec::with_capacity(scenes.len() * (3 * self.side * self.side) as usize);
+        for scene in &scenes {
+            captions.push(crate::shapes::caption(scene));
+            bytes.extend_from_slice(crate::shapes::render(scene, self.side as u32).as_raw());
+        }
+        let b = scenes.len() as i64;
+        let u8s = Tensor::f_from_slice(&bytes)?
+            .f_view([b, self.side, self.side, 3])?
+            .f_permute([0, 3, 1, 2])?
+            .f_contiguous()?;
+        Ok((captions, self.processor.preprocess_tensor(&u8s)?))
+    }
+}

@@ -1,0 +1,51 @@
+//! One runner per stage; each trains into `<run>/<stage>/` and, when finished, writes its
+//! diffusers components into `<run>/<stage>/model/` (the completion marker is written after, by
+//! the caller).
+
+pub(crate) mod clip;
+pub(crate) mod decoder;
+pub(crate) mod prior;
+pub(crate) mod upsampler;
+
+use super::loop_::{Ctx, StageSteps};
+use super::{Result, TrainError};
+use std::path::{Path, PathBuf};
+
+pub(crate) fn run(ctx: &Ctx, name: &str) -> Result<StageSteps> {
+    match name {
+        "tokenizer" => {
+            super::tokenizer::run(ctx)?;
+            Ok(StageSteps { steps: 0, finished: true })
+        }
+        "clip" => clip::run(ctx),
+        "prior" => prior::run(ctx),
+        "decoder" => decoder::run(ctx),
+        "upsampler" => upsampler::run(ctx),
+        other => Err(TrainError::stage(other, "no such stage")),
+    }
+}
+
+/// `init` of a stage: a component folder (has `config.json`) or a model folder holding
+/// `component/`.
+pub(crate) fn component_dir(init: &Path, component: &str, key: &str) -> Result<PathBuf> {
+    if init.join("config.json").is_file() {
+        return Ok(init.to_path_buf());
+    }
+    let sub = init.join(component);
+    if sub.join("config.json").is_file() {
+        return Ok(sub);
+    }
+    Err(TrainError::stage(
+        key.split('.').next().unwrap_or(key),
+        format!(
+            "{key} = {}: neither a component folder (config.json) nor a model folder with {component}/config.json",
+            init.display()
+        ),
+    ))
+}
+
+/// The seed set before building a fresh model: same seed, same initial weights (a resumed run
+/// loads its checkpoint over them).
+pub(crate) fn seed_init(ctx: &Ctx) {
+    tch::manual_seed(ctx.seed() as i64);
+}

@@ -1,0 +1,163 @@
+//! Run configs of `unclip::train` are checked before any work: every error names the file, the
+//! key and what was expected.
+
+use std::path::{Path, PathBuf};
+use unclip::train::{RunConfig, Trainer};
+
+const MINIMAL: &str = r#"
+[run]
+out = "runs/x"
+conditioning = "models/shapes"
+
+[data]
+source = "webdataset"
+path = "data/shards"
+
+[decoder]
+resolution = 32
+[decoder.model]
+channels = [16, 32]
+[decoder.train]
+steps = 10
+batch_size = 2
+lr = 1e-4
+"#;
+
+fn file() -> PathBuf {
+    PathBuf::from("run.toml")
+}
+
+fn error(text: &str, sets: &[&str]) -> String {
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    RunConfig::parse(text, &file(), &sets).unwrap_err().to_string()
+}
+
+#[test]
+fn a_minimal_config_parses_with_defaults() {
+    let cfg = RunConfig::parse(MINIMAL, &file(), &[]).unwrap();
+    let t = &cfg.decoder.as_ref().unwrap().train;
+    assert_eq!((t.steps, t.batch_size, t.ema_decay, t.warmup_steps()), (10, 2, 0.999, 1));
+    assert_eq!(cfg.stages(), vec!["decoder"]);
+    // The effective config round-trips.
+    let again = RunConfig::parse(&cfg.to_toml(), &file(), &[]).unwrap();
+    assert_eq!(again, cfg);
+}
+
+#[test]
+fn an_unknown_key_is_named() {
+    let e = error(&MINIMAL.replace("lr = 1e-4", "lr = 1e-4\nlearning_rate = 3"), &[]);
+    assert!(e.starts_with("run.toml: key `decoder.train"), "{e}");
+    assert!(e.contains("unknown field `learning_rate`") && e.contains("expected one of"), "{e}");
+    let e = error(MINIMAL, &["decoder.trian.steps=3"]);
+    assert!(e.contains("`decoder") && e.contains("unknown field `trian`"), "{e}");
+}
+
+#[test]
+fn a_wrong_type_is_named() {
+    let e = error(&MINIMAL.replace("steps = 10", "steps = \"many\""), &[]);
+    assert!(e.contains("run.toml: key `decoder.train.steps`"), "{e}");
+    assert!(e.contains("invalid type: string \"many\"") && e.contains("u64"), "{e}");
+    let e = error(MINIMAL, &["decoder.train.batch_size=-3"]);
+    assert!(e.contains("key `decoder.train.batch_size`"), "{e}");
+}
+
+#[test]
+fn impossible_values_are_named() {
+    for (set, key) in [
+        ("decoder.train.lr=-1", "decoder.train.lr"),
+        ("decoder.train.steps=0", "decoder.train.steps"),
+        ("decoder.train.ema_decay=1.5", "decoder.train.ema_decay"),
+        ("decoder.resolution=2", "decoder.resolution"),
+        ("decoder.text_dropout=nan", "decoder.text_dropout"),
+        ("run.threads=0", "run.threads"),
+        ("run.device=abacus", "run.device"),
+    ] {
+        let e = error(MINIMAL, &[set]);
+        assert!(e.contains(&format!("run.toml: key `{key}`: ")), "{set}: {e}");
+    }
+}
+
+#[test]
+fn missing_data_is_named() {
+    let e = error(&MINIMAL.replace("path = \"data/shards\"", ""), &[]);
+    assert!(e.contains("key `data.path`") && e.contains("required"), "{e}");
+    let e = error(&MINIMAL.replace("[data]", "[daat]"), &[]);
+    assert!(e.contains("unknown field `daat`") || e.contains("missing field `data`"), "{e}");
+    // A path that does not exist is refused before any work, naming the key and the path.
+    let dir = unclip::core::fsutil::scratch_dir("train-config-missing").unwrap();
+    let out = dir.join("run");
+    let sets = [
+        format!("run.out={:?}", out.display().to_string()),
+        format!("data.path={:?}", dir.join("nowhere").display().to_string()),
+        format!("run.conditioning={:?}", models_shapes().display().to_string()),
+    ];
+    let cfg = RunConfig::parse(MINIMAL, &file(), &sets).unwrap();
+    let e = Trainer::open(cfg, &file()).unwrap_err().to_string();
+    assert!(
+        e.contains("run.toml: key `data.path`")
+            && e.contains("nowhere")
+            && e.contains("does not exist"),
+        "{e}"
+    );
+    assert!(!out.exists(), "nothing written before the checks pass");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_missing_file_and_bad_syntax_are_named() {
+    let e = RunConfig::load(Path::new("no/such/run.toml"), &[]).unwrap_err().to_string();
+    assert!(e.contains("no/such/run.toml") && e.contains("no such config file"), "{e}");
+    let e = error("[run\nout = 1", &[]);
+    assert!(e.starts_with("run.toml: ") && e.contains("line 1"), "{e}");
+    let e = error(MINIMAL, &["nonsense"]);
+    assert!(e.contains("expected key=value"), "{e}");
+}
+
+#[test]
+fn overrides_apply_before_validation() {
+    let cfg = RunConfig::parse(
+        MINIMAL,
+        &file(),
+        &["decoder.train.steps=7".into(), "run.out=elsewhere".into()],
+    )
+    .unwrap();
+    assert_eq!(cfg.decoder.unwrap().train.steps, 7);
+    assert_eq!(cfg.run.out, PathBuf::from("elsewhere"));
+}
+
+#[test]
+fn a_rerun_may_only_grow_steps() {
+    let old = RunConfig::parse(MINIMAL, &file(), &[]).unwrap();
+    let grown = RunConfig::parse(
+        MINIMAL,
+        &file(),
+        &["decoder.train.steps=20".into(), "run.threads=4".into()],
+    )
+    .unwrap();
+    assert_eq!(grown.compare_with_stored(&old, &file()).unwrap(), vec![("decoder", 10)]);
+    let shrunk = RunConfig::parse(MINIMAL, &file(), &["decoder.train.steps=5".into()]).unwrap();
+    let e = shrunk.compare_with_stored(&old, &file()).unwrap_err().to_string();
+    assert!(e.contains("decoder.train.steps") && e.contains("only grow"), "{e}");
+    let other = RunConfig::parse(MINIMAL, &file(), &["decoder.train.lr=0.01".into()]).unwrap();
+    let e = other.compare_with_stored(&old, &file()).unwrap_err().to_string();
+    assert!(e.contains("key `decoder.train.lr`"), "{e}");
+}
+
+/// Every committed shapes config is valid.
+#[test]
+fn the_shapes_configs_parse() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/shapes");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "toml") {
+            RunConfig::load(&p, &[]).unwrap_or_else(|e| panic!("{e}"));
+            n += 1;
+        }
+    }
+    assert!(n >= 3, "{n} configs in {}", dir.display());
+}
+
+fn models_shapes() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/shapes")
+}
