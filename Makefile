@@ -6,6 +6,7 @@ PROMPT ?= a red circle on a blue background
 
 setup:
 	@./scripts/setup-libtorch.sh
+	@./scripts/setup-gloo.sh
 
 demo: setup
 	$(CARGO) run --release --example text_to_image -- --prompt "$(PROMPT)" --out out

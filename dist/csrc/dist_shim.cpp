@@ -17,9 +17,11 @@
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/FileStore.hpp>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
-#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <torch/csrc/distributed/c10d/Types.hpp>
+#ifdef USE_C10D_GLOO
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#endif
 #ifdef USE_C10D_NCCL
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
@@ -121,6 +123,12 @@ int udist_pg_new(udist_store* store, int backend, int rank, int world_size, int6
     c10::intrusive_ptr<c10d::Store> prefixed =
         c10::make_intrusive<c10d::PrefixStore>("unclip_dist", store->store);
     if (backend == UDIST_GLOO) {
+#ifndef USE_C10D_GLOO
+      (void)hostname;
+      throw std::runtime_error(
+          "this build has no Gloo backend: gloo's headers (Debian's libgloo-dev) were not found "
+          "when unclip-dist was built; install them (`make setup` does) and rebuild");
+#else
       c10::intrusive_ptr<c10d::ProcessGroupGloo::Options> opts;
       if (hostname != nullptr) {
         opts = c10d::ProcessGroupGloo::Options::create(timeout);
@@ -132,6 +140,7 @@ int udist_pg_new(udist_store* store, int backend, int rank, int world_size, int6
       auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, world_size, opts);
       *out = new udist_pg{pg, world_size, false};
       return;
+#endif
     }
     if (backend == UDIST_NCCL) {
 #ifdef USE_C10D_NCCL
