@@ -235,8 +235,9 @@ fn broken_shard(dir: &Path) -> PathBuf {
 fn bad_items_are_skipped_counted_and_named() {
     let dir = scratch_dir("data-bad").unwrap();
     let shard = broken_shard(&dir);
-    let wds: Arc<dyn Dataset> =
-        Arc::new(WebDataset::open(&[shard.clone()], &WebDatasetOptions::default()).unwrap());
+    let wds: Arc<dyn Dataset> = Arc::new(
+        WebDataset::open(std::slice::from_ref(&shard), &WebDatasetOptions::default()).unwrap(),
+    );
     assert_eq!(wds.len(), 11);
     let cfg = LoaderConfig { max_bad_fraction: 0.5, ..config(3, 1, 2) };
     let loader = Loader::new(wds.clone(), cfg).unwrap();
@@ -293,9 +294,12 @@ fn missing_shards_and_misaligned_embeddings_are_named_errors() {
         Arc::new(WebDataset::open(&[shard0], &WebDatasetOptions::default()).unwrap());
     // Embeddings of shard 00001's images joined to shard 00000: the first foreign key is named.
     let wrong = fake_embeddings(&dir, &all, 16..20);
-    let err = WithEmbeddings::new(images.clone(), EmbeddingShards::open(&[wrong.clone()]).unwrap())
-        .err()
-        .unwrap();
+    let err = WithEmbeddings::new(
+        images.clone(),
+        EmbeddingShards::open(std::slice::from_ref(&wrong)).unwrap(),
+    )
+    .err()
+    .unwrap();
     assert!(matches!(err, DataError::Misaligned { .. }), "{err}");
     assert!(
         err.to_string().contains("000010000") && err.to_string().contains("00016.safetensors"),
@@ -428,4 +432,72 @@ fn embedding_shards_written_from_python_join_their_images() {
     assert_eq!(b.images.unwrap().size(), [4, 3, 32, 32]);
     assert_eq!(b.image_embeds.unwrap().size(), [4, 8]);
     assert_eq!(b.text_embeds.unwrap().size(), [4, 4]);
+}
+
+/// A source whose items are all bad, or one that panics on one item (a bug in a user's source).
+struct Hostile {
+    panic_at: Option<usize>,
+}
+
+impl Dataset for Hostile {
+    fn len(&self) -> usize {
+        10
+    }
+    fn item(&self, index: usize) -> Result<unclip::data::Item, DataError> {
+        if self.panic_at == Some(index) {
+            panic!("a bug in a user's source");
+        }
+        if self.panic_at.is_some() {
+            let caption = format!("item {index}");
+            return Ok(unclip::data::Item {
+                key: caption.clone(),
+                caption,
+                image: None,
+                embeddings: None,
+            });
+        }
+        Err(DataError::bad(format!("k{index}"), None, "always bad"))
+    }
+    fn describe(&self) -> String {
+        "hostile".into()
+    }
+}
+
+#[test]
+fn sources_that_only_fail_end_in_errors_not_hangs() {
+    let no_images = |workers| LoaderConfig {
+        transform: None,
+        clip_resolution: None,
+        low_resolution: None,
+        ..config(4, 0, workers)
+    };
+    // Even with every item allowed to be bad, a batch that cannot be filled is an error.
+    let all_bad = Loader::new(
+        Arc::new(Hostile { panic_at: None }),
+        LoaderConfig { max_bad_fraction: 1.0, ..no_images(2) },
+    )
+    .unwrap();
+    let err = all_bad.iter_from(0).find_map(Result::err).unwrap();
+    assert!(matches!(err, DataError::TooManyBad { .. }), "{err}");
+    // A panicking source becomes an error of the iteration, which then ends.
+    let panics = Loader::new(Arc::new(Hostile { panic_at: Some(3) }), no_images(2)).unwrap();
+    let results: Vec<_> = panics.iter_from(0).take(50).collect();
+    let err = results.iter().find_map(|r| r.as_ref().err()).unwrap();
+    assert!(matches!(err, DataError::Worker(_)), "{err}");
+    assert!(results.last().unwrap().is_err(), "the iteration ends at the error");
+    // Configurations that cannot work are refused up front.
+    assert!(
+        Loader::new(
+            Arc::new(Hostile { panic_at: None }),
+            LoaderConfig { rank: 2, world_size: 2, ..no_images(0) }
+        )
+        .is_err()
+    );
+    assert!(
+        Loader::new(
+            Arc::new(Hostile { panic_at: None }),
+            LoaderConfig { batch_size: 0, ..no_images(0) }
+        )
+        .is_err()
+    );
 }

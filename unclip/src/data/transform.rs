@@ -4,7 +4,7 @@
 //! so a model sees the pixels a PIL-based Python pipeline would give it.
 
 use image::ImageReader;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 use unclip_clip::preprocess::{CLIP_MEAN, CLIP_STD, Filter, Rgb8, resize};
 
 use super::{DataError, DataResult, ImageData};
@@ -144,37 +144,39 @@ pub fn decode_image(
 
 /// Square images of one size as a `(B, 3, R, R)` f32 tensor in `[-1, 1]`.
 pub(crate) fn to_signed_batch(imgs: &[Rgb8]) -> DataResult<Tensor> {
-    let x = to_u8_batch(imgs)?.f_to_kind(Kind::Float)?;
-    Ok(x.f_div_scalar(127.5)?.f_sub_scalar(1.0)?)
+    to_planar_batch(imgs, |_, v| f32::from(v) / 127.5 - 1.0)
 }
 
 /// Square images of one size as a `(B, 3, C, C)` f32 tensor normalized with CLIP's mean and std.
 pub(crate) fn to_clip_batch(imgs: &[Rgb8]) -> DataResult<Tensor> {
-    let x = to_u8_batch(imgs)?.f_to_kind(Kind::Float)?.f_div_scalar(255.0)?;
-    let mean = Tensor::f_from_slice(&CLIP_MEAN.map(|v| v as f32))?.f_view([1, 3, 1, 1])?;
-    let std = Tensor::f_from_slice(&CLIP_STD.map(|v| v as f32))?.f_view([1, 3, 1, 1])?;
-    Ok(x.f_sub(&mean)?.f_div(&std)?)
+    let mean = CLIP_MEAN.map(|v| v as f32);
+    let std = CLIP_STD.map(|v| v as f32);
+    to_planar_batch(imgs, |c, v| (f32::from(v) / 255.0 - mean[c]) / std[c])
 }
 
-fn to_u8_batch(imgs: &[Rgb8]) -> DataResult<Tensor> {
+/// `(B, 3, H, W)` f32 from interleaved RGB, each value mapped by `f(channel, value)`. Computed
+/// here rather than with libtorch ops: loader threads calling libtorch would each start its
+/// OpenMP team and compete with the training step's for the cores.
+fn to_planar_batch(imgs: &[Rgb8], f: impl Fn(usize, u8) -> f32) -> DataResult<Tensor> {
     let first =
         imgs.first().ok_or_else(|| DataError::InvalidArgument("empty image batch".into()))?;
     let (w, h) = (first.width, first.height);
-    let mut raw = Vec::with_capacity(imgs.len() * w * h * 3);
-    for img in imgs {
+    let plane = w * h;
+    let mut out = vec![0f32; imgs.len() * 3 * plane];
+    for (img, dst) in imgs.iter().zip(out.chunks_exact_mut(3 * plane)) {
         if (img.width, img.height) != (w, h) {
             return Err(DataError::InvalidArgument(format!(
                 "images of one batch differ in size: {}x{} and {w}x{h}",
                 img.width, img.height
             )));
         }
-        raw.extend_from_slice(&img.data);
+        for (p, px) in img.data.chunks_exact(3).enumerate() {
+            for c in 0..3 {
+                dst[c * plane + p] = f(c, px[c]);
+            }
+        }
     }
-    let t = Tensor::f_from_slice(&raw)?
-        .f_view([imgs.len() as i64, h as i64, w as i64, 3])?
-        .f_permute([0, 3, 1, 2])?
-        .f_contiguous()?;
-    Ok(t)
+    Ok(Tensor::f_from_slice(&out)?.f_view([imgs.len() as i64, 3, h as i64, w as i64])?)
 }
 
 /// Resizes a square image to `side` x `side` (Pillow's antialiased bicubic).
