@@ -384,7 +384,7 @@ impl AnyConfig {
 
     /// Reads `config.json` (any of the three layouts).
     pub fn read(path: &Path) -> Result<Self> {
-        let v: Value = unclip_core::config::read_json(path)?;
+        let v: Value = unclip_core::config::read_model_json(path)?;
         Self::from_value(v).map_err(|e| match e {
             Error::Config(m) => Error::Config(format!("{}: {m}", path.display())),
             e => e,

@@ -29,6 +29,12 @@ pub enum Error {
     Config { path: String, message: String },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    #[error("{what} would need {needed} of memory ({available})")]
+    TooLarge { what: String, needed: String, available: String },
+    #[error("could not allocate {what}: {message}")]
+    Allocation { what: String, message: String },
+    #[error("{path}: {found}")]
+    NotRegular { path: std::path::PathBuf, found: String },
     #[error("training checkpoint {path}: {message}")]
     Checkpoint { path: String, message: String },
 }

@@ -5,7 +5,8 @@
 //! - [`weights`]: safetensors loading that names the missing or misshapen tensor, and saving;
 //! - [`config`]: reading diffusers / transformers `config.json` files;
 //! - [`nn`]: layers shared by several models (timestep embeddings, multi-head attention);
-//! - [`fsutil`]: atomic file writes for checkpoints;
+//! - [`fsutil`]: atomic file writes for checkpoints, regular-file-only reads;
+//! - [`memory`]: sizes before allocation, refused with what they would need;
 //! - [`train`]: model-independent training machinery (AdamW, LR schedules, EMA, checkpoints, logs).
 
 pub mod config;
@@ -13,6 +14,7 @@ pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod fsutil;
+pub mod memory;
 pub mod nn;
 pub mod testing;
 pub mod train;

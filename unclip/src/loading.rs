@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind};
 use unclip_clip::{ClipModel, ClipTokenizer, ImageProcessor, ProcessorConfig, Towers};
+use unclip_core::fsutil::{describe, is_present};
 use unclip_decoder::checkpoint;
 use unclip_prior::PriorTransformer;
 use unclip_scheduler::{
@@ -151,10 +152,10 @@ pub fn inspect(dir: &Path) -> Result<(String, Value)> {
     if !dir.is_dir() {
         return Err(Error::Checkpoint {
             dir: dir.to_path_buf(),
-            problems: vec!["the folder does not exist".into()],
+            problems: vec![format!("expected a folder, found {}", describe(dir))],
         });
     }
-    if !index_path.is_file() {
+    if !is_present(&index_path) {
         return Err(Error::Checkpoint {
             dir: dir.to_path_buf(),
             problems: vec!["no model_index.json: not a diffusers pipeline folder".into()],
@@ -176,18 +177,28 @@ pub fn inspect(dir: &Path) -> Result<(String, Value)> {
             problems.push(format!("model_index.json does not list {comp}"));
         }
         let sub = dir.join(comp);
-        if !sub.is_dir() {
+        if !is_present(&sub) {
             problems.push(format!("missing folder {comp}/"));
             continue;
         }
+        if !sub.is_dir() {
+            problems.push(format!("{comp}/ should be a folder, found {}", describe(&sub)));
+            continue;
+        }
         for f in required_files(comp) {
-            if !sub.join(f).is_file() {
+            let file = sub.join(f);
+            if !is_present(&file) {
                 problems.push(format!("missing {comp}/{f}"));
+            } else if !file.is_file() {
+                problems.push(format!(
+                    "{comp}/{f} should be a regular file, found {}",
+                    describe(&file)
+                ));
             }
         }
         if comp == "tokenizer"
-            && !sub.join("tokenizer.json").is_file()
-            && !(sub.join("vocab.json").is_file() && sub.join("merges.txt").is_file())
+            && !is_present(&sub.join("tokenizer.json"))
+            && !(is_present(&sub.join("vocab.json")) && is_present(&sub.join("merges.txt")))
         {
             problems.push("missing tokenizer/vocab.json + merges.txt (or tokenizer.json)".into());
         }
@@ -286,6 +297,24 @@ fn load_component<M: checkpoint::Component>(
         .map_err(|e| component_err(name, dir)(e.into()))
 }
 
+/// A tokenizer that pads prompts longer than the text encoder's positions would fail every
+/// prompt; refused at load naming both files and the key to change.
+fn check_context(dir: &Path, tokenizer: &ClipTokenizer, model: &ClipModel) -> Result<()> {
+    let Some(ctx) = model.text_config().map(|t| t.max_position_embeddings) else {
+        return Ok(());
+    };
+    if tokenizer.context_length() as i64 > ctx {
+        return Err(Error::Checkpoint {
+            dir: dir.to_path_buf(),
+            problems: vec![format!(
+                "tokenizer/tokenizer_config.json: model_max_length {} is longer than the {ctx} positions of text_encoder/config.json (max_position_embeddings): set model_max_length to at most {ctx}",
+                tokenizer.context_length()
+            )],
+        });
+    }
+    Ok(())
+}
+
 fn component_err<'a>(name: &'a str, dir: &'a Path) -> impl Fn(Error) -> Error + 'a {
     move |e| Error::Component {
         name: name.to_string(),
@@ -311,6 +340,7 @@ impl Unclip {
             let load = || -> Result<ClipTextEncoder> {
                 let model = ClipModel::load(&d, Towers::Text, device, kind)?;
                 let tokenizer = ClipTokenizer::from_dir(&sub("tokenizer"))?;
+                check_context(dir, &tokenizer, &model)?;
                 Ok(ClipTextEncoder { tokenizer, model })
             };
             load().map_err(component_err("text_encoder", &d))?

@@ -95,8 +95,18 @@ pub fn save_grid(images: &Tensor, path: &Path, columns: usize) -> Result<()> {
 
 /// Reads an image file (any format the `image` crate decodes), with a clear error.
 pub fn open_image(path: &Path) -> Result<image::DynamicImage> {
-    image::open(path)
-        .map_err(|e| Error::Image { path: path.display().to_string(), reason: e.to_string() })
+    unclip_clip::preprocess::read_image(path).map_err(|e| {
+        let shown = path.display().to_string();
+        let reason = match e {
+            unclip_clip::Error::Image(m) => {
+                m.strip_prefix(&format!("{shown}: ")).unwrap_or(&m).to_string()
+            }
+            unclip_clip::Error::Core(unclip_core::Error::Io { source, .. }) => source.to_string(),
+            unclip_clip::Error::Core(unclip_core::Error::NotRegular { found, .. }) => found,
+            e => e.to_string(),
+        };
+        Error::Image { path: shown, reason }
+    })
 }
 
 /// (1, 3, H, W) float32 in [0, 1] of a decoded image.
