@@ -305,6 +305,16 @@ impl ClipTokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// The start, end and padding tokens, as text.
+    pub fn special_tokens(&self) -> Vec<String> {
+        [self.bos_id, self.eos_id, self.pad_id]
+            .iter()
+            .map(|&i| {
+                u32::try_from(i).ok().and_then(|i| self.inner.id_to_token(i)).unwrap_or_default()
+            })
+            .collect()
+    }
+
     /// The BPE ids of `text` without start/end tokens.
     pub fn tokens(&self, text: &str) -> Result<Vec<i64>> {
         let enc = self.inner.encode(text, false).map_err(tok_err("encode"))?;

@@ -27,7 +27,10 @@ thread_local! {
 
 /// Most variables a measured model may have (Karlo's decoder has 716): a config asking for
 /// millions of layers is refused rather than listed.
-pub const MAX_VARIABLES: usize = 1 << 20;
+pub const MAX_VARIABLES: usize = 100_000;
+
+/// Unwinds out of a [`measure`] that has seen enough (see `count`), without the panic hook.
+struct StopMeasuring;
 
 /// What [`measure`] found: every variable's checkpoint name and shape, and their total size.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,14 +69,20 @@ fn count(p: &nn::Path, name: &str, dims: &[i64]) {
         problem(format!("{full} of shape {dims:?}, whose size overflows"));
     }
     MEASURED.with(|c| c.set(c.get().zip(n).and_then(|(a, b)| a.checked_add(b))));
-    LAYOUT.with(|l| {
+    let stop = LAYOUT.with(|l| {
         let mut l = l.borrow_mut();
         if l.len() < MAX_VARIABLES {
             l.push((full, dims.to_vec()));
+            false
         } else {
             problem(format!("more than {MAX_VARIABLES} variables"));
+            true
         }
     });
+    if stop {
+        // A config with millions of layers: stop now rather than build stand-ins for all.
+        std::panic::resume_unwind(Box::new(StopMeasuring));
+    }
 }
 
 /// Turns a panic of a model constructor (tch unwraps its allocation errors) into an error.
@@ -83,6 +92,10 @@ fn guard<T, E: From<Error>>(
 ) -> std::result::Result<T, E> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(build)) {
         Ok(r) => r,
+        Err(payload) if payload.is::<StopMeasuring>() => {
+            let message = PROBLEM.with(|p| p.borrow().clone()).unwrap_or_default();
+            Err(Error::InvalidArgument(format!("the config implies {message}")).into())
+        }
         Err(payload) => {
             let message = payload
                 .downcast_ref::<String>()

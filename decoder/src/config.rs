@@ -329,6 +329,12 @@ impl UNet2DConditionConfig {
     /// Refuses every option this crate does not implement, naming it.
     pub fn validate(&self) -> Result<()> {
         check_sample_size(self.sample_size)?;
+        if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
+            return Err(Error::Config(format!(
+                "norm_eps must be finite and > 0, found {} (key norm_eps)",
+                self.norm_eps
+            )));
+        }
         let n = self.block_out_channels.len();
         if n == 0 {
             return Err(Error::Config("block_out_channels is empty".into()));
@@ -588,6 +594,12 @@ impl UNet2DConfig {
 
     pub fn validate(&self) -> Result<()> {
         check_sample_size(self.sample_size)?;
+        if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
+            return Err(Error::Config(format!(
+                "norm_eps must be finite and > 0, found {} (key norm_eps)",
+                self.norm_eps
+            )));
+        }
         let n = self.block_out_channels.len();
         if n == 0 {
             return Err(Error::Config("block_out_channels is empty".into()));

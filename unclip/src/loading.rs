@@ -300,9 +300,20 @@ fn load_component<M: checkpoint::Component>(
 /// A tokenizer that pads prompts longer than the text encoder's positions would fail every
 /// prompt; refused at load naming both files and the key to change.
 fn check_context(dir: &Path, tokenizer: &ClipTokenizer, model: &ClipModel) -> Result<()> {
-    let Some(ctx) = model.text_config().map(|t| t.max_position_embeddings) else {
+    let Some(text) = model.text_config() else {
         return Ok(());
     };
+    let (ctx, vocab) = (text.max_position_embeddings, text.vocab_size);
+    let tokens = tokenizer.vocab_size() as i64;
+    if tokens > vocab {
+        return Err(Error::Checkpoint {
+            dir: dir.to_path_buf(),
+            problems: vec![format!(
+                "the tokenizer has {tokens} tokens (tokenizer/vocab.json plus the special tokens of tokenizer_config.json / special_tokens_map.json: {}), but text_encoder/config.json has vocab_size {vocab}: a special token is missing from vocab.json, or vocab_size is wrong",
+                tokenizer.special_tokens().join(", ")
+            )],
+        });
+    }
     if tokenizer.context_length() as i64 > ctx {
         return Err(Error::Checkpoint {
             dir: dir.to_path_buf(),
@@ -360,9 +371,10 @@ impl Unclip {
             let load = || -> Result<ClipImageEncoder> {
                 let model = ClipModel::load(&d, Towers::Vision, device, kind)?;
                 let pj = sub("feature_extractor").join("preprocessor_config.json");
+                let present = is_present(&pj);
                 let processor_json: Value =
-                    if pj.is_file() { unclip_core::config::read_json(&pj)? } else { Value::Null };
-                let processor = if pj.is_file() {
+                    if present { unclip_core::config::read_json(&pj)? } else { Value::Null };
+                let processor = if present {
                     ImageProcessor::new(ProcessorConfig::from_value(&processor_json)?)
                 } else {
                     let side = model.vision_config().map(|v| v.image_size).unwrap_or(224);
@@ -389,7 +401,7 @@ impl Unclip {
         let mut learned = false;
         for name in SCHEDULERS {
             let path = sub(name).join("scheduler_config.json");
-            let (s, l, v) = if path.is_file() {
+            let (s, l, v) = if is_present(&path) {
                 load_scheduler(&path).map_err(component_err(name, &path))?
             } else {
                 // The variation pipeline has no prior scheduler: Karlo's.
@@ -500,7 +512,7 @@ impl Unclip {
         let model = ClipModel::load(encoder_dir, Towers::Vision, device, kind)
             .map_err(|e| err(e.into()))?;
         let pj = processor_dir.unwrap_or(encoder_dir).join("preprocessor_config.json");
-        let (processor, processor_json) = if pj.is_file() {
+        let (processor, processor_json) = if is_present(&pj) {
             let v: Value = unclip_core::config::read_json(&pj)?;
             (ImageProcessor::new(ProcessorConfig::from_value(&v)?), v)
         } else {

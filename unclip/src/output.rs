@@ -52,10 +52,21 @@ pub fn to_rgb_images(images: &Tensor) -> Result<Vec<RgbImage>> {
 
 /// Saves each image as `dir/{prefix}{index}.png` (creating `dir`); returns the paths.
 pub fn save_pngs(images: &Tensor, dir: &Path, prefix: &str) -> Result<Vec<PathBuf>> {
+    save_pngs_from(images, dir, prefix, 0)
+}
+
+/// [`save_pngs`] numbering from `first` (the chunks of [`crate::Unclip::text_to_image_chunked`]
+/// written as they come: `image-0..7`, then `image-8..15`...).
+pub fn save_pngs_from(
+    images: &Tensor,
+    dir: &Path,
+    prefix: &str,
+    first: usize,
+) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).map_err(|e| unclip_core::Error::io(dir, e))?;
     let mut paths = Vec::new();
     for (i, img) in to_rgb_images(images)?.iter().enumerate() {
-        let path = dir.join(format!("{prefix}{i}.png"));
+        let path = dir.join(format!("{prefix}{}.png", first + i));
         write_image(img, &path)?;
         paths.push(path);
     }
