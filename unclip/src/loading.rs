@@ -413,15 +413,16 @@ impl Unclip {
             configs.insert(name.to_string(), v);
             scheds.push(s);
         }
-        let mut scheds = scheds.into_iter();
+        let [prior_scheduler, decoder_scheduler, super_res_scheduler]: [Box<dyn Scheduler>; 3] =
+            scheds.try_into().map_err(|_| Error::Pipeline("expected 3 schedulers".into()))?;
         let mut pipe = Unclip::new(
             Box::new(text_encoder),
             prior,
             Box::new(decoder),
             Some(Box::new(upsampler)),
-            scheds.next().expect("3 schedulers"),
-            scheds.next().expect("3 schedulers"),
-            scheds.next().expect("3 schedulers"),
+            prior_scheduler,
+            decoder_scheduler,
+            super_res_scheduler,
         );
         pipe.image_encoder = image_encoder;
         pipe.decoder_learned_variance = learned;
