@@ -171,8 +171,8 @@ fn check_dtype(source: &str, name: &str, var: Kind, file: Kind) -> Result<()> {
 
 static CHECK_FINITE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
-/// Whether loads check every weight for NaN and infinity (on by default: it adds about 2% to
-/// loading Karlo's folder, see `benches/README.md`). Off is for trusted files only.
+/// Whether loads check every weight for NaN and infinity (on by default: on Karlo's folder it
+/// is within the noise of the load, see `benches/README.md`). Off is for trusted files only.
 pub fn set_check_finite(on: bool) {
     CHECK_FINITE.store(on, std::sync::atomic::Ordering::Relaxed);
 }
