@@ -76,9 +76,9 @@ impl<M: Component> Loaded<M> {
 pub fn read_config<M: Component>(dir: &Path) -> Result<M::Config> {
     let path = dir.join(CONFIG_FILE);
     let cfg: M::Config = unclip_core::config::read_model_json(&path)?;
-    M::validate(&cfg).map_err(|e| unclip_core::Error::Config {
-        path: path.display().to_string(),
-        message: e.to_string(),
+    M::validate(&cfg).map_err(|e| match e {
+        crate::Error::Config(m) => crate::Error::Config(format!("{}: {m}", path.display())),
+        e => e,
     })?;
     Ok(cfg)
 }
