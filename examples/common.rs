@@ -172,10 +172,20 @@ impl Progress {
 
 /// Prints the run's warnings and writes the images as `out/{prefix}{i}.png`.
 pub fn save(g: &unclip::Generation, out: &std::path::Path, prefix: &str) -> anyhow::Result<()> {
+    save_from(g, out, prefix, 0)
+}
+
+/// [`save`] numbering the files from `first` (a chunk of a larger request).
+pub fn save_from(
+    g: &unclip::Generation,
+    out: &std::path::Path,
+    prefix: &str,
+    first: usize,
+) -> anyhow::Result<()> {
     for w in &g.warnings {
         eprintln!("warning: {w}");
     }
-    for p in unclip::output::save_pngs(&g.images, out, prefix)? {
+    for p in unclip::output::save_pngs_from(&g.images, out, prefix, first)? {
         println!("wrote {}", p.display());
     }
     Ok(())

@@ -5,7 +5,7 @@
 
 use clap::Parser;
 use unclip::TextToImage;
-use unclip_examples::{ModelArgs, Progress, SamplingArgs, save};
+use unclip_examples::{ModelArgs, Progress, SamplingArgs, save, save_from};
 
 #[derive(Parser)]
 #[command(about = "Generates images from prompts with an unCLIP (Karlo) model")]
@@ -20,6 +20,10 @@ struct Cli {
     negative_prompt: String,
     #[arg(long, default_value_t = 1)]
     num_images: usize,
+    /// Generate at most this many images at a time, writing each batch as it is done (any
+    /// --num-images then runs in the memory of one batch). Default: all at once.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    batch_size: Option<u64>,
     #[command(flatten)]
     sampling: SamplingArgs,
     /// Best-of-N: prior candidates per image, the one closest to the prompt is kept.
@@ -49,6 +53,28 @@ fn main() -> anyhow::Result<()> {
         ..cli.sampling.resolve(&model).text_to_image("")
     };
     let mut bar = Progress::default();
+    if let Some(batch) = cli.batch_size {
+        if cli.rerank.is_some() || cli.grid.is_some() {
+            anyhow::bail!("--rerank and --grid need all images at once: drop --batch-size");
+        }
+        let out = &cli.model.out;
+        model.text_to_image_chunked(
+            &req,
+            batch as usize,
+            &mut |s| bar.update(s),
+            &mut |g, first| {
+                save_from(&g, out, "image-", first)
+                    .map_err(|e| unclip::Error::Pipeline(e.to_string()))?;
+                if cli.save_small {
+                    let small = (g.image_small.shallow_clone() * 0.5 + 0.5).clamp(0.0, 1.0);
+                    unclip::output::save_pngs_from(&small, out, "small-", first)?;
+                }
+                Ok(())
+            },
+        )?;
+        bar.finish();
+        return Ok(());
+    }
     let g = match cli.rerank {
         Some(k) => {
             let r = model.generate_reranked(&req, k, &mut |s| bar.update(s))?;

@@ -177,6 +177,7 @@ impl TextConfig {
             ],
         )?;
         heads_divide("text_config", self.hidden_size, self.num_attention_heads)?;
+        check_eps("text_config", self.layer_norm_eps)?;
         Activation::parse(&self.hidden_act)
     }
 
@@ -240,6 +241,7 @@ impl VisionConfig {
             ],
         )?;
         heads_divide("vision_config", self.hidden_size, self.num_attention_heads)?;
+        check_eps("vision_config", self.layer_norm_eps)?;
         if self.image_size % self.patch_size != 0 {
             return Err(Error::Config(format!(
                 "vision_config: image_size {} is not a multiple of patch_size {}",
@@ -384,7 +386,7 @@ impl AnyConfig {
 
     /// Reads `config.json` (any of the three layouts).
     pub fn read(path: &Path) -> Result<Self> {
-        let v: Value = unclip_core::config::read_json(path)?;
+        let v: Value = unclip_core::config::read_model_json(path)?;
         Self::from_value(v).map_err(|e| match e {
             Error::Config(m) => Error::Config(format!("{}: {m}", path.display())),
             e => e,
@@ -399,6 +401,16 @@ fn positive(what: &str, fields: &[(&str, i64)]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A normalization epsilon must be finite and positive: zero divides by zero on a constant
+/// input, a negative one takes the square root of a negative variance (NaN images).
+fn check_eps(what: &str, v: f64) -> Result<()> {
+    if v.is_finite() && v > 0.0 {
+        Ok(())
+    } else {
+        Err(Error::Config(format!("{what}.layer_norm_eps must be finite and > 0, found {v}")))
+    }
 }
 
 fn heads_divide(what: &str, hidden: i64, heads: i64) -> Result<()> {

@@ -26,7 +26,7 @@ fn linear(p: nn::Path, i: i64, o: i64, std: f64) -> nn::Linear {
 }
 
 pub(crate) fn layer_norm(p: nn::Path, dim: i64, eps: f64) -> nn::LayerNorm {
-    nn::layer_norm(p, vec![dim], nn::LayerNormConfig { eps, ..Default::default() })
+    unclip_core::nn::layer_norm(p, dim, nn::LayerNormConfig { eps, ..Default::default() })
 }
 
 /// `self_attn`: q/k/v/out projections with bias; scaled-dot-product attention.

@@ -60,7 +60,7 @@ impl ClipModel {
                 }
                 if towers == Towers::Both {
                     let init = nn::Init::Const(c.logit_scale_init_value);
-                    logit_scale = Some(root.var("logit_scale", &[], init));
+                    logit_scale = Some(unclip_core::nn::var(&root, "logit_scale", &[], init));
                 }
             }
             AnyConfig::Text(t) if want_text => {
@@ -85,13 +85,24 @@ impl ClipModel {
     /// Loads `dir/config.json` and `dir/model.safetensors` (f32, f16 or bf16 files, converted to `kind`).
     /// With `Towers::Text` or `Towers::Vision` the other tower's tensors in the file are ignored.
     pub fn load(dir: &Path, towers: Towers, device: Device, kind: Kind) -> Result<Self> {
-        let config = AnyConfig::read(&dir.join("config.json"))?;
-        // Every variable is overwritten below: skip the random initialisation.
-        let model = unclip_core::nn::for_loading(|| Self::new(config, towers, device, kind))?;
+        let config_path = dir.join("config.json");
+        let config = AnyConfig::read(&config_path)?;
+        let weights = dir.join("model.safetensors");
+        // Sized against the checkpoint before anything is allocated.
+        let layout = Self::layout(&config, towers)?;
         let unexpected =
             if towers == Towers::Both { Unexpected::Error } else { Unexpected::Ignore };
-        model.load_weights(&dir.join("model.safetensors"), unexpected)?;
+        weights::check_layout(&config_path, &weights, &layout, unexpected, kind, device)?;
+        // Every variable is overwritten below: skip the random initialisation.
+        let model = unclip_core::nn::for_loading(|| Self::new(config, towers, device, kind))?;
+        model.load_weights(&weights, unexpected)?;
         Ok(model)
+    }
+
+    /// The names and shapes of the variables the `towers` of `config` imply, computed without
+    /// allocating them.
+    pub fn layout(config: &AnyConfig, towers: Towers) -> Result<unclip_core::nn::Layout> {
+        unclip_core::nn::measure(|| Self::new(config.clone(), towers, Device::Cpu, Kind::Float))
     }
 
     /// Copies a safetensors file's tensors into this model (every missing/misshapen tensor is named).

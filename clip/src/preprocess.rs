@@ -431,9 +431,7 @@ impl ImageProcessor {
 
     /// Loads an image file and preprocesses it to (1, 3, H, W).
     pub fn preprocess_file(&self, path: &Path) -> Result<Tensor> {
-        let img =
-            image::open(path).map_err(|e| Error::Image(format!("{}: {e}", path.display())))?;
-        Ok(self.preprocess(&img)?.f_unsqueeze(0)?)
+        Ok(self.preprocess(&read_image(path)?)?.f_unsqueeze(0)?)
     }
 
     /// Preprocesses image tensors: (3, H, W) or (B, 3, H, W), uint8 in 0..=255 or floating point in
@@ -484,6 +482,19 @@ impl ImageProcessor {
         }
         Ok(Tensor::f_stack(&out, 0)?.f_to_device(device)?)
     }
+}
+
+/// Decodes an image file (PNG or JPEG, format guessed from its bytes) from a regular file only
+/// (a FIFO or device in its place is named, not read), within the `image` crate's default memory
+/// limits (a decompression bomb is an error, not an allocation).
+pub fn read_image(path: &Path) -> Result<image::DynamicImage> {
+    let file = unclip_core::fsutil::open_regular(path)?;
+    let bad = |e: &dyn std::fmt::Display| Error::Image(format!("{}: {e}", path.display()));
+    image::ImageReader::new(std::io::BufReader::new(file))
+        .with_guessed_format()
+        .map_err(|e| bad(&e))?
+        .decode()
+        .map_err(|e| bad(&e))
 }
 
 #[cfg(test)]

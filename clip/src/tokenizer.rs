@@ -108,7 +108,7 @@ impl SpecialConfig {
         let mut cfg = SpecialConfig::default();
         for file in ["tokenizer_config.json", "special_tokens_map.json"] {
             let path = dir.join(file);
-            if !path.exists() {
+            if !unclip_core::fsutil::is_present(&path) {
                 continue;
             }
             let v: Value = unclip_core::config::read_json(&path)?;
@@ -128,18 +128,76 @@ impl SpecialConfig {
     }
 }
 
+/// `vocab.json`: a JSON object of token -> id.
+fn read_vocab(path: &Path) -> Result<tokenizers::models::bpe::Vocab> {
+    let text = unclip_core::fsutil::read_text(path, unclip_core::config::MAX_JSON_BYTES)?;
+    let bad = |m: String| Error::Tokenizer(format!("{}: {m}", path.display()));
+    let value: Value = serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let Value::Object(map) = value else {
+        return Err(bad("expected a JSON object mapping each token to its id".into()));
+    };
+    let mut vocab = tokenizers::models::bpe::Vocab::new();
+    for (token, id) in map {
+        let n = id.as_u64().and_then(|i| u32::try_from(i).ok()).ok_or_else(|| {
+            bad(format!("token {token:?} has id {id}, expected an integer from 0 to {}", u32::MAX))
+        })?;
+        vocab.insert(token, n);
+    }
+    if vocab.is_empty() {
+        return Err(bad("the vocabulary is empty".into()));
+    }
+    Ok(vocab)
+}
+
+/// `merges.txt`: `#version` lines, then one merge per line, `left right`; every part and the
+/// merged token must be in the vocabulary.
+fn read_merges(
+    path: &Path,
+    vocab_path: &Path,
+    vocab: &tokenizers::models::bpe::Vocab,
+) -> Result<Vec<(String, String)>> {
+    let text = unclip_core::fsutil::read_text(path, unclip_core::config::MAX_JSON_BYTES)?;
+    let mut merges = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.starts_with("#version") {
+            continue;
+        }
+        let bad = |m: String| Error::Tokenizer(format!("{} line {}: {m}", path.display(), i + 1));
+        let (a, b) = match line.split(' ').collect::<Vec<_>>()[..] {
+            [a, b] if !a.is_empty() && !b.is_empty() => (a, b),
+            _ => {
+                return Err(bad(format!(
+                    "expected two tokens separated by one space, found {line:?}"
+                )));
+            }
+        };
+        for t in [a.to_string(), b.to_string(), format!("{a}{b}")] {
+            if !vocab.contains_key(&t) {
+                return Err(bad(format!("{t:?} is not in {}", vocab_path.display())));
+            }
+        }
+        merges.push((a.to_string(), b.to_string()));
+    }
+    Ok(merges)
+}
+
 impl ClipTokenizer {
     /// Loads a tokenizer folder: `tokenizer.json` when present, else `vocab.json` + `merges.txt`;
     /// `tokenizer_config.json` / `special_tokens_map.json` are read when present.
     pub fn from_dir(dir: &Path) -> Result<Self> {
+        unclip_core::fsutil::ensure_dir(dir)?;
         let cfg = SpecialConfig::read(dir)?;
         let json = dir.join("tokenizer.json");
-        let inner = if json.exists() {
-            Tokenizer::from_file(&json).map_err(tok_err(&json.display().to_string()))?
+        let (inner, vocab_file) = if unclip_core::fsutil::is_present(&json) {
+            let text = unclip_core::fsutil::read_text(&json, unclip_core::config::MAX_JSON_BYTES)?;
+            let tok = text.parse::<Tokenizer>().map_err(|e| {
+                Error::Tokenizer(format!("{}: not a tokenizers JSON file: {e}", json.display()))
+            })?;
+            (tok, json)
         } else {
             let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
             for p in [&vocab, &merges] {
-                if !p.exists() {
+                if !unclip_core::fsutil::is_present(p) {
                     return Err(Error::Tokenizer(format!(
                         "{} has no tokenizer.json and no {}",
                         dir.display(),
@@ -148,20 +206,25 @@ impl ClipTokenizer {
                 }
             }
             let unk = cfg.unk.as_ref().map(|t| t.content.clone()).unwrap_or_else(|| EOS.into());
-            Self::build(&vocab, &merges, &unk)?
+            (Self::build(&vocab, &merges, &unk)?, vocab)
         };
-        Self::with_specials(inner, cfg)
+        Self::with_specials(inner, cfg, &vocab_file)
     }
 
-    /// Builds the pipeline of transformers' `CLIPTokenizer` around a BPE vocabulary.
-    fn build(vocab: &Path, merges: &Path, unk: &str) -> Result<Tokenizer> {
-        let bpe = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
+    /// Builds the pipeline of transformers' `CLIPTokenizer` around a BPE vocabulary. The files
+    /// are read here (regular files only) and checked line by line, so a binary or inconsistent
+    /// file is named with the line and token at fault.
+    fn build(vocab_path: &Path, merges_path: &Path, unk: &str) -> Result<Tokenizer> {
+        let vocab = read_vocab(vocab_path)?;
+        let merges = read_merges(merges_path, vocab_path, &vocab)?;
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
             .unk_token(unk.into())
             .continuing_subword_prefix(String::new())
             .end_of_word_suffix("</w>".into())
             .fuse_unk(false)
             .build()
-            .map_err(tok_err(&vocab.display().to_string()))?;
+            .map_err(tok_err(&vocab_path.display().to_string()))?;
         let mut tok = Tokenizer::new(bpe);
         let ws = Replace::new(
             tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()),
@@ -183,7 +246,7 @@ impl ClipTokenizer {
         Ok(tok)
     }
 
-    fn with_specials(mut inner: Tokenizer, cfg: SpecialConfig) -> Result<Self> {
+    fn with_specials(mut inner: Tokenizer, cfg: SpecialConfig, vocab_file: &Path) -> Result<Self> {
         // Padding and truncation are done here (and reported); a tokenizer.json may carry its own.
         inner.with_padding(None);
         inner.with_truncation(None).map_err(tok_err("truncation"))?;
@@ -196,7 +259,11 @@ impl ClipTokenizer {
         inner.add_special_tokens(&[bos.clone(), eos.clone(), unk.clone(), pad.clone()]);
         let id = |t: &AddedToken| {
             inner.token_to_id(&t.content).map(i64::from).ok_or_else(|| {
-                Error::Tokenizer(format!("special token {:?} is not in the vocabulary", t.content))
+                Error::Tokenizer(format!(
+                    "{}: special token {:?} (from tokenizer_config.json / special_tokens_map.json, or CLIP's default) is not in the vocabulary",
+                    vocab_file.display(),
+                    t.content
+                ))
             })
         };
         Ok(Self {
@@ -236,6 +303,16 @@ impl ClipTokenizer {
 
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
+    }
+
+    /// The start, end and padding tokens, as text.
+    pub fn special_tokens(&self) -> Vec<String> {
+        [self.bos_id, self.eos_id, self.pad_id]
+            .iter()
+            .map(|&i| {
+                u32::try_from(i).ok().and_then(|i| self.inner.id_to_token(i)).unwrap_or_default()
+            })
+            .collect()
     }
 
     /// The BPE ids of `text` without start/end tokens.

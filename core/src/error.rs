@@ -32,6 +32,12 @@ pub enum Error {
     /// Installing a folder ([`crate::fsutil::install_dir`]) was refused or failed.
     #[error("install {path}: {message}")]
     Install { path: std::path::PathBuf, message: String },
+    #[error("{what} would need {needed} of memory ({available})")]
+    TooLarge { what: String, needed: String, available: String },
+    #[error("could not allocate {what}: {message}")]
+    Allocation { what: String, message: String },
+    #[error("{path}: {found}")]
+    NotRegular { path: std::path::PathBuf, found: String },
     #[error("training checkpoint {path}: {message}")]
     Checkpoint { path: String, message: String },
 }

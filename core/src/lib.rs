@@ -6,8 +6,9 @@
 //! - [`weights`]: safetensors loading that names the missing or misshapen tensor, and saving;
 //! - [`config`]: reading diffusers / transformers `config.json` files;
 //! - [`nn`]: layers shared by several models (timestep embeddings, multi-head attention);
-//! - [`fsutil`]: atomic file writes, stale-temporary cleanup, stage completion markers, safe
-//!   installs of a folder;
+//! - [`fsutil`]: atomic file writes, regular-file-only reads, stale-temporary cleanup, stage
+//!   completion markers, safe installs of a folder;
+//! - [`memory`]: sizes before allocation, refused with what they would need;
 //! - [`train`]: model-independent training machinery (AdamW, LR schedules, EMA, checkpoints, logs).
 
 pub mod config;
@@ -16,6 +17,7 @@ pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod fsutil;
+pub mod memory;
 pub mod nn;
 pub mod testing;
 pub mod train;

@@ -72,15 +72,18 @@ impl<M: Component> Loaded<M> {
     }
 }
 
-/// Reads and validates `<dir>/config.json`.
+/// Reads and validates `<dir>/config.json` (sizes beyond any real model refused by key).
 pub fn read_config<M: Component>(dir: &Path) -> Result<M::Config> {
-    let cfg: M::Config = unclip_core::config::read_json(&dir.join(CONFIG_FILE))?;
-    M::validate(&cfg)?;
+    let path = dir.join(CONFIG_FILE);
+    let cfg: M::Config = unclip_core::config::read_model_json(&path)?;
+    M::validate(&cfg).map_err(|e| match e {
+        crate::Error::Config(m) => crate::Error::Config(format!("{}: {m}", path.display())),
+        e => e,
+    })?;
     Ok(cfg)
 }
 
-/// Builds a freshly initialized model (for training from scratch) on `device` in `kind`.
-pub fn init<M: Component>(cfg: &M::Config, device: Device, kind: Kind) -> Result<Loaded<M>> {
+fn build<M: Component>(cfg: &M::Config, device: Device, kind: Kind) -> Result<Loaded<M>> {
     M::validate(cfg)?;
     unclip_core::check_device(device)?;
     let mut vs = nn::VarStore::new(device);
@@ -90,13 +93,44 @@ pub fn init<M: Component>(cfg: &M::Config, device: Device, kind: Kind) -> Result
     Ok(Loaded { vs, model, config: cfg.clone() })
 }
 
+/// The names and shapes of the variables `cfg` implies, computed without allocating them.
+pub fn layout<M: Component>(cfg: &M::Config) -> Result<unclip_core::nn::Layout> {
+    unclip_core::nn::measure(|| build::<M>(cfg, Device::Cpu, Kind::Float))
+}
+
+/// Builds a freshly initialized model (for training from scratch) on `device` in `kind`; a
+/// config too large for the device's memory is refused with the memory it would need.
+pub fn init<M: Component>(cfg: &M::Config, device: Device, kind: Kind) -> Result<Loaded<M>> {
+    let n = layout::<M>(cfg)?.elements;
+    let bytes = n.saturating_mul(unclip_core::memory::element_size(kind));
+    unclip_core::memory::ensure_fits(
+        &format!("a {} of {n} parameters", M::CLASS_NAME),
+        bytes,
+        device,
+    )?;
+    unclip_core::nn::guarded(M::CLASS_NAME, || build::<M>(cfg, device, kind))
+}
+
 /// Loads a component directory: config, model, weights (every missing, misshapen or unexpected
-/// tensor is an error that names it). f16/bf16 files load into `kind`.
+/// tensor is an error that names it). f16/bf16 files load into `kind`. The config is sized
+/// against the checkpoint before anything is allocated (see
+/// [`unclip_core::weights::check_layout`]).
 pub fn load<M: Component>(dir: &Path, device: Device, kind: Kind) -> Result<Loaded<M>> {
     let cfg = read_config::<M>(dir)?;
+    let weights = dir.join(WEIGHTS_FILE);
+    let layout = layout::<M>(&cfg)?;
+    let config = dir.join(CONFIG_FILE);
+    unclip_core::weights::check_layout(
+        &config,
+        &weights,
+        &layout,
+        Unexpected::Error,
+        kind,
+        device,
+    )?;
     // Every variable is overwritten below: skip the random initialisation.
-    let loaded = unclip_core::nn::for_loading(|| init::<M>(&cfg, device, kind))?;
-    load_file(&loaded.vs, &dir.join(WEIGHTS_FILE), Unexpected::Error)?;
+    let loaded = unclip_core::nn::for_loading(|| build::<M>(&cfg, device, kind))?;
+    load_file(&loaded.vs, &weights, Unexpected::Error)?;
     Ok(loaded)
 }
 

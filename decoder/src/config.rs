@@ -39,6 +39,17 @@ pub enum SampleSize {
     Rect([i64; 2]),
 }
 
+/// A `sample_size` of zero or below is refused naming the key (sampling would otherwise fail
+/// later with a bare "sample size 0x0").
+fn check_sample_size(s: Option<SampleSize>) -> Result<()> {
+    match s.map(SampleSize::hw) {
+        Some((h, w)) if h <= 0 || w <= 0 => Err(Error::Config(format!(
+            "sample_size must be positive, found {h}x{w} (key sample_size)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 impl SampleSize {
     /// `(height, width)`.
     pub fn hw(self) -> (i64, i64) {
@@ -317,6 +328,13 @@ impl UNet2DConditionConfig {
 
     /// Refuses every option this crate does not implement, naming it.
     pub fn validate(&self) -> Result<()> {
+        check_sample_size(self.sample_size)?;
+        if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
+            return Err(Error::Config(format!(
+                "norm_eps must be finite and > 0, found {} (key norm_eps)",
+                self.norm_eps
+            )));
+        }
         let n = self.block_out_channels.len();
         if n == 0 {
             return Err(Error::Config("block_out_channels is empty".into()));
@@ -575,6 +593,13 @@ impl UNet2DConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
+        check_sample_size(self.sample_size)?;
+        if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
+            return Err(Error::Config(format!(
+                "norm_eps must be finite and > 0, found {} (key norm_eps)",
+                self.norm_eps
+            )));
+        }
         let n = self.block_out_channels.len();
         if n == 0 {
             return Err(Error::Config("block_out_channels is empty".into()));

@@ -61,8 +61,12 @@ pub struct GroupNorm {
 
 impl GroupNorm {
     pub fn new(p: nn::Path, groups: i64, channels: i64, eps: f64) -> Self {
-        let g =
-            nn::group_norm(p, groups, channels, nn::GroupNormConfig { eps, ..Default::default() });
+        let g = unclip_core::nn::group_norm(
+            p,
+            groups,
+            channels,
+            nn::GroupNormConfig { eps, ..Default::default() },
+        );
         Self { ws: g.ws, bs: g.bs, groups, eps }
     }
 
@@ -109,7 +113,8 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn new(p: nn::Path, dim: i64, eps: f64) -> Self {
-        let l = nn::layer_norm(p, vec![dim], nn::LayerNormConfig { eps, ..Default::default() });
+        let l =
+            unclip_core::nn::layer_norm(p, dim, nn::LayerNormConfig { eps, ..Default::default() });
         Self { ws: l.ws, bs: l.bs, dim, eps }
     }
 

@@ -34,8 +34,12 @@ impl UnCLIPTextProjModel {
         let (d, t, x) = (cfg.clip_embeddings_dim, cfg.time_embed_dim, cfg.cross_attention_dim);
         Ok(Self {
             // Zero-initialized, as in diffusers: the null embedding is learned in training.
-            learned_classifier_free_guidance_embeddings: p
-                .zeros("learned_classifier_free_guidance_embeddings", &[d]),
+            learned_classifier_free_guidance_embeddings: unclip_core::nn::var(
+                &p,
+                "learned_classifier_free_guidance_embeddings",
+                &[d],
+                nn::Init::Const(0.0),
+            ),
             embedding_proj: Linear::new(&p / "embedding_proj", d, t),
             clip_image_embeddings_project_to_time_embeddings: Linear::new(
                 &p / "clip_image_embeddings_project_to_time_embeddings",

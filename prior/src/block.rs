@@ -71,9 +71,9 @@ impl TransformerBlock {
     pub fn new(p: nn::Path, dim: i64, heads: i64) -> Self {
         let ln = nn::LayerNormConfig { eps: 1e-5, ..Default::default() };
         Self {
-            norm1: nn::layer_norm(&p / "norm1", vec![dim], ln),
+            norm1: unclip_core::nn::layer_norm(&p / "norm1", dim, ln),
             attn1: SelfAttention::new(&p / "attn1", dim, heads),
-            norm3: nn::layer_norm(&p / "norm3", vec![dim], ln),
+            norm3: unclip_core::nn::layer_norm(&p / "norm3", dim, ln),
             ff: FeedForward::new(&p / "ff", dim),
         }
     }

@@ -117,8 +117,11 @@ impl PriorConfig {
 
     /// Reads and validates a `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let cfg: Self = unclip_core::config::read_json(path)?;
-        cfg.validate()?;
+        let cfg: Self = unclip_core::config::read_model_json(path)?;
+        cfg.validate().map_err(|e| match e {
+            Error::Config(m) => Error::Config(format!("{}: {m}", path.display())),
+            e => e,
+        })?;
         Ok(cfg)
     }
 

@@ -51,7 +51,7 @@ impl PriorTransformer {
         let d = cfg.inner_dim();
         let ln = nn::LayerNormConfig { eps: 1e-5, ..Default::default() };
         let layer_norm = |name: &str, dim: i64, kind: &Option<String>| {
-            kind.as_ref().map(|_| nn::layer_norm(&p / name, vec![dim], ln))
+            kind.as_ref().map(|_| unclip_core::nn::layer_norm(&p / name, dim, ln))
         };
         let linear = |name: &str, i: i64, o: i64| {
             unclip_core::nn::linear(&p / name, i, o, Default::default())
@@ -65,21 +65,28 @@ impl PriorTransformer {
         );
         let embedding_proj = linear("embedding_proj", cfg.embedding_proj_dim(), d);
         let encoder_hidden_states_proj = linear("encoder_hidden_states_proj", cfg.embedding_dim, d);
-        let positional_embedding = p.zeros("positional_embedding", &[1, cfg.seq_len(), d]);
-        let prd_embedding = p.zeros("prd_embedding", &[1, 1, d]);
+        let zero = nn::Init::Const(0.0);
+        let positional_embedding =
+            unclip_core::nn::var(&p, "positional_embedding", &[1, cfg.seq_len(), d], zero);
+        let prd_embedding = unclip_core::nn::var(&p, "prd_embedding", &[1, 1, d], zero);
         let transformer_blocks = (0..cfg.num_layers)
             .map(|i| {
                 TransformerBlock::new(&p / "transformer_blocks" / i, d, cfg.num_attention_heads)
             })
             .collect();
         let norm_in = layer_norm("norm_in", d, &cfg.norm_in_type);
-        let norm_out = nn::layer_norm(&p / "norm_out", vec![d], ln);
+        let norm_out = unclip_core::nn::layer_norm(&p / "norm_out", d, ln);
         let proj_to_clip_embeddings = linear("proj_to_clip_embeddings", d, cfg.clip_embed_dim());
-        let clip_mean = p.zeros_no_train("clip_mean", &[1, cfg.clip_embed_dim()]);
-        let clip_std = p.ones_no_train("clip_std", &[1, cfg.clip_embed_dim()]);
+        let clip_mean =
+            unclip_core::nn::var_no_train(&p, "clip_mean", &[1, cfg.clip_embed_dim()], 0.0);
+        let clip_std =
+            unclip_core::nn::var_no_train(&p, "clip_std", &[1, cfg.clip_embed_dim()], 1.0);
         let s = cfg.seq_len();
+        let opts = (Kind::Float, p.device());
         let causal_mask =
-            Tensor::full([s, s], MASKED, (Kind::Float, p.device())).triu(1).unsqueeze(0);
+            unclip_core::nn::buffer("the prior's causal mask", &[s, s], opts.0, opts.1, || {
+                Tensor::f_full([s, s], MASKED, opts)?.f_triu(1)?.f_unsqueeze(0)
+            })?;
         Ok(Self {
             time_embedding,
             proj_in,
@@ -108,14 +115,32 @@ impl PriorTransformer {
         kind: Kind,
     ) -> Result<(nn::VarStore, PriorTransformer)> {
         let cfg = PriorConfig::from_file(&dir.join(CONFIG_NAME))?;
+        let weights = dir.join(WEIGHTS_NAME);
+        // Sized against the checkpoint before anything is allocated.
+        let layout = Self::layout(&cfg)?;
+        let config = dir.join(CONFIG_NAME);
+        unclip_core::weights::check_layout(
+            &config,
+            &weights,
+            &layout,
+            Unexpected::Error,
+            kind,
+            device,
+        )?;
         let mut vs = nn::VarStore::new(device);
         // Every variable is overwritten below: skip the random initialisation.
         let model = unclip_core::nn::for_loading(|| PriorTransformer::new(vs.root(), &cfg))?;
-        load_file(&vs, &dir.join(WEIGHTS_NAME), Unexpected::Error)?;
+        load_file(&vs, &weights, Unexpected::Error)?;
         if kind != Kind::Float {
             vs.set_kind(kind);
         }
         Ok((vs, model))
+    }
+
+    /// The names and shapes of the variables `cfg` implies, computed without allocating them.
+    pub fn layout(cfg: &PriorConfig) -> Result<unclip_core::nn::Layout> {
+        let vs = nn::VarStore::new(Device::Cpu);
+        unclip_core::nn::measure(|| PriorTransformer::new(vs.root(), cfg))
     }
 
     /// Writes `dir/config.json` and `dir/diffusion_pytorch_model.safetensors` (checkpoint names,

@@ -39,7 +39,7 @@ pub fn parse_config<T: DeserializeOwned>(text: &str) -> Result<T> {
 
 /// Reads a diffusers config file into `T`, with the path in any error.
 pub fn read_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| unclip_core::Error::io(path, e))?;
+    let text = unclip_core::fsutil::read_text(path, unclip_core::config::MAX_JSON_BYTES)?;
     parse_config(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
 }
 
@@ -68,7 +68,7 @@ pub fn scheduler_from_json(text: &str) -> Result<Box<dyn Scheduler>> {
 
 /// [`scheduler_from_json`] of a file (e.g. `decoder_scheduler/scheduler_config.json`).
 pub fn scheduler_from_file(path: &Path) -> Result<Box<dyn Scheduler>> {
-    let text = std::fs::read_to_string(path).map_err(|e| unclip_core::Error::io(path, e))?;
+    let text = unclip_core::fsutil::read_text(path, unclip_core::config::MAX_JSON_BYTES)?;
     scheduler_from_json(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
 }
 

@@ -38,6 +38,10 @@ fn cosine_alpha_bar(t: f64) -> f64 {
     ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2)
 }
 
+/// Most training timesteps a schedule may have: real models use 1000, and each step costs a few
+/// table entries, so a config asking for 10^12 is refused instead of aborting on allocation.
+pub const MAX_TRAIN_TIMESTEPS: usize = 1 << 20;
+
 impl NoiseSchedule {
     /// The schedule `kind` with `num_train_timesteps` steps. `beta_start`/`beta_end` are used by
     /// the linear, scaled-linear and sigmoid schedules (diffusers' defaults: 1e-4 and 0.02).
@@ -50,6 +54,13 @@ impl NoiseSchedule {
         let n = num_train_timesteps;
         if n == 0 {
             return Err(Error::Config("num_train_timesteps must be at least 1".into()));
+        }
+        if n > MAX_TRAIN_TIMESTEPS {
+            return Err(Error::Config(format!(
+                "num_train_timesteps = {n} is more than {MAX_TRAIN_TIMESTEPS} (real models use 1000; \
+                 the schedule's tables would take {} bytes)",
+                n.saturating_mul(8 * 8)
+            )));
         }
         if !(beta_start.is_finite() && beta_end.is_finite()) {
             return Err(Error::Config(format!(

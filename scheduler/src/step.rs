@@ -46,11 +46,15 @@ pub(crate) fn split_output(
                 found: o,
             });
         }
-        let parts = model_output.split_with_sizes([s[1], s[1]], 1);
-        let mut it = parts.into_iter();
-        let pred = it.next().expect("two parts");
-        let var = it.next().expect("two parts");
-        Ok((pred, Some(var)))
+        let mut it = model_output.f_split_with_sizes([s[1], s[1]], 1)?.into_iter();
+        match (it.next(), it.next()) {
+            (Some(pred), Some(var)) => Ok((pred, Some(var))),
+            _ => Err(Error::Shape {
+                what: "model output split into prediction and variance".into(),
+                expected: doubled,
+                found: model_output.size(),
+            }),
+        }
     } else if o == s {
         Ok((model_output.shallow_clone(), None))
     } else {

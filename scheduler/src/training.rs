@@ -112,7 +112,12 @@ impl VlbLoss {
         let out_kind = model_output.kind();
         let f64 = |x: &Tensor| x.to_kind(Kind::Double);
         let (x0, x_t) = (&f64(x0), &f64(x_t));
-        let v = f64(&v.expect("learned split"));
+        let v = v.ok_or_else(|| Error::Shape {
+            what: "model output with learned variance".into(),
+            expected: x_t.size(),
+            found: model_output.size(),
+        })?;
+        let v = f64(&v);
         let pred = f64(&pred.detach());
         let at_t = self.gather(&t, x_t);
         let mut bshape = vec![-1i64];

@@ -10,6 +10,8 @@ use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind};
+use unclip_clip::{ClipModel, ClipTokenizer};
+use unclip_core::fsutil::{describe, is_present};
 use unclip_decoder::checkpoint;
 use unclip_prior::PriorTransformer;
 use unclip_scheduler::{
@@ -152,10 +154,10 @@ pub fn inspect(dir: &Path) -> Result<(String, Value)> {
     if !dir.is_dir() {
         return Err(Error::Checkpoint {
             dir: dir.to_path_buf(),
-            problems: vec!["the folder does not exist".into()],
+            problems: vec![format!("expected a folder, found {}", describe(dir))],
         });
     }
-    if !index_path.is_file() {
+    if !is_present(&index_path) {
         return Err(Error::Checkpoint {
             dir: dir.to_path_buf(),
             problems: vec!["no model_index.json: not a diffusers pipeline folder".into()],
@@ -177,18 +179,28 @@ pub fn inspect(dir: &Path) -> Result<(String, Value)> {
             problems.push(format!("model_index.json does not list {comp}"));
         }
         let sub = dir.join(comp);
-        if !sub.is_dir() {
+        if !is_present(&sub) {
             problems.push(format!("missing folder {comp}/"));
             continue;
         }
+        if !sub.is_dir() {
+            problems.push(format!("{comp}/ should be a folder, found {}", describe(&sub)));
+            continue;
+        }
         for f in required_files(comp) {
-            if !sub.join(f).is_file() {
+            let file = sub.join(f);
+            if !is_present(&file) {
                 problems.push(format!("missing {comp}/{f}"));
+            } else if !file.is_file() {
+                problems.push(format!(
+                    "{comp}/{f} should be a regular file, found {}",
+                    describe(&file)
+                ));
             }
         }
         if comp == "tokenizer"
-            && !sub.join("tokenizer.json").is_file()
-            && !(sub.join("vocab.json").is_file() && sub.join("merges.txt").is_file())
+            && !is_present(&sub.join("tokenizer.json"))
+            && !(is_present(&sub.join("vocab.json")) && is_present(&sub.join("merges.txt")))
         {
             problems.push("missing tokenizer/vocab.json + merges.txt (or tokenizer.json)".into());
         }
@@ -287,6 +299,35 @@ fn load_component<M: checkpoint::Component>(
         .map_err(|e| component_err(name, dir)(e.into()))
 }
 
+/// A tokenizer that pads prompts longer than the text encoder's positions would fail every
+/// prompt; refused at load naming both files and the key to change.
+fn check_context(dir: &Path, tokenizer: &ClipTokenizer, model: &ClipModel) -> Result<()> {
+    let Some(text) = model.text_config() else {
+        return Ok(());
+    };
+    let (ctx, vocab) = (text.max_position_embeddings, text.vocab_size);
+    let tokens = tokenizer.vocab_size() as i64;
+    if tokens > vocab {
+        return Err(Error::Checkpoint {
+            dir: dir.to_path_buf(),
+            problems: vec![format!(
+                "the tokenizer has {tokens} tokens (tokenizer/vocab.json plus the special tokens of tokenizer_config.json / special_tokens_map.json: {}), but text_encoder/config.json has vocab_size {vocab}: a special token is missing from vocab.json, or vocab_size is wrong",
+                tokenizer.special_tokens().join(", ")
+            )],
+        });
+    }
+    if tokenizer.context_length() as i64 > ctx {
+        return Err(Error::Checkpoint {
+            dir: dir.to_path_buf(),
+            problems: vec![format!(
+                "tokenizer/tokenizer_config.json: model_max_length {} is longer than the {ctx} positions of text_encoder/config.json (max_position_embeddings): set model_max_length to at most {ctx}",
+                tokenizer.context_length()
+            )],
+        });
+    }
+    Ok(())
+}
+
 fn component_err<'a>(name: &'a str, dir: &'a Path) -> impl Fn(Error) -> Error + 'a {
     move |e| Error::Component {
         name: name.to_string(),
@@ -310,8 +351,11 @@ impl Unclip {
         let text_encoder = {
             let (device, kind) = opts.for_component("text_encoder");
             let d = sub("text_encoder");
-            ClipTextEncoder::load(&d, &sub("tokenizer"), device, kind)
-                .map_err(component_err("text_encoder", &d))?
+            let encoder = ClipTextEncoder::load(&d, &sub("tokenizer"), device, kind)
+                .map_err(component_err("text_encoder", &d))?;
+            check_context(dir, &encoder.tokenizer, &encoder.model)
+                .map_err(component_err("text_encoder", &d))?;
+            encoder
         };
         let prior = if class == TEXT_TO_IMAGE {
             let (device, kind) = opts.for_component("prior");
@@ -346,7 +390,7 @@ impl Unclip {
         let mut learned = false;
         for name in SCHEDULERS {
             let path = sub(name).join("scheduler_config.json");
-            let (s, l, v) = if path.is_file() {
+            let (s, l, v) = if is_present(&path) {
                 load_scheduler(&path).map_err(component_err(name, &path))?
             } else {
                 // The variation pipeline has no prior scheduler: Karlo's.
@@ -358,15 +402,16 @@ impl Unclip {
             configs.insert(name.to_string(), v);
             scheds.push(s);
         }
-        let mut scheds = scheds.into_iter();
+        let [prior_scheduler, decoder_scheduler, super_res_scheduler]: [Box<dyn Scheduler>; 3] =
+            scheds.try_into().map_err(|_| Error::Pipeline("expected 3 schedulers".into()))?;
         let mut pipe = Unclip::new(
             Box::new(text_encoder),
             prior,
             Box::new(decoder),
             Some(Box::new(upsampler)),
-            scheds.next().expect("3 schedulers"),
-            scheds.next().expect("3 schedulers"),
-            scheds.next().expect("3 schedulers"),
+            prior_scheduler,
+            decoder_scheduler,
+            super_res_scheduler,
         );
         pipe.image_encoder = image_encoder;
         pipe.decoder_learned_variance = learned;

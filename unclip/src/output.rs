@@ -52,10 +52,21 @@ pub fn to_rgb_images(images: &Tensor) -> Result<Vec<RgbImage>> {
 
 /// Saves each image as `dir/{prefix}{index}.png` (creating `dir`); returns the paths.
 pub fn save_pngs(images: &Tensor, dir: &Path, prefix: &str) -> Result<Vec<PathBuf>> {
+    save_pngs_from(images, dir, prefix, 0)
+}
+
+/// [`save_pngs`] numbering from `first` (the chunks of [`crate::Unclip::text_to_image_chunked`]
+/// written as they come: `image-0..7`, then `image-8..15`...).
+pub fn save_pngs_from(
+    images: &Tensor,
+    dir: &Path,
+    prefix: &str,
+    first: usize,
+) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).map_err(|e| unclip_core::Error::io(dir, e))?;
     let mut paths = Vec::new();
     for (i, img) in to_rgb_images(images)?.iter().enumerate() {
-        let path = dir.join(format!("{prefix}{i}.png"));
+        let path = dir.join(format!("{prefix}{}.png", first + i));
         write_image(img, &path)?;
         paths.push(path);
     }
@@ -95,8 +106,18 @@ pub fn save_grid(images: &Tensor, path: &Path, columns: usize) -> Result<()> {
 
 /// Reads an image file (any format the `image` crate decodes), with a clear error.
 pub fn open_image(path: &Path) -> Result<image::DynamicImage> {
-    image::open(path)
-        .map_err(|e| Error::Image { path: path.display().to_string(), reason: e.to_string() })
+    unclip_clip::preprocess::read_image(path).map_err(|e| {
+        let shown = path.display().to_string();
+        let reason = match e {
+            unclip_clip::Error::Image(m) => {
+                m.strip_prefix(&format!("{shown}: ")).unwrap_or(&m).to_string()
+            }
+            unclip_clip::Error::Core(unclip_core::Error::Io { source, .. }) => source.to_string(),
+            unclip_clip::Error::Core(unclip_core::Error::NotRegular { found, .. }) => found,
+            e => e.to_string(),
+        };
+        Error::Image { path: shown, reason }
+    })
 }
 
 /// (1, 3, H, W) float32 in [0, 1] of a decoded image.

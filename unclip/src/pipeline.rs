@@ -381,6 +381,7 @@ impl Unclip {
                     .into(),
             ));
         }
+        self.check_fits(request_images(req)?)?;
         let mut noise = noise_for(req.seed);
         let prompts: Vec<&str> = req.prompts.iter().map(String::as_str).collect();
         let enc = self.text_encoder.encode(&prompts)?;
@@ -404,6 +405,82 @@ impl Unclip {
             candidates,
             warnings: enc.warnings,
         })
+    }
+
+    /// Text to image in chunks of at most `batch_size` images, each handed to `on_chunk` (with
+    /// the index of its first image in the whole request) as soon as it is done: a request of
+    /// any size runs in the memory of one chunk. Rows are the request's in order (prompt 0's
+    /// images, then prompt 1's...), and `source_index` in each chunk refers to `req.prompts`.
+    /// When the request fits in one chunk this is [`Unclip::text_to_image`] exactly; otherwise
+    /// the first chunk is seeded with `req.seed` and the next ones continue the generator, so a
+    /// seed and a batch size give the same images every time. Returns the number of images.
+    pub fn text_to_image_chunked(
+        &mut self,
+        req: &TextToImage,
+        batch_size: usize,
+        progress: &mut dyn FnMut(&StepInfo),
+        on_chunk: &mut dyn FnMut(Generation, usize) -> Result<()>,
+    ) -> Result<usize> {
+        check_steps("batch_size", batch_size)?;
+        check_steps("num_images_per_prompt", req.num_images_per_prompt)?;
+        let total = request_images(req)? as usize;
+        if total <= batch_size {
+            on_chunk(self.text_to_image(req, progress)?, 0)?;
+            return Ok(total);
+        }
+        let per = req.num_images_per_prompt;
+        let mut first = 0;
+        while first < total {
+            let rows = first..total.min(first + batch_size);
+            let sub = TextToImage {
+                prompts: rows.clone().map(|r| req.prompts[r / per].clone()).collect(),
+                num_images_per_prompt: 1,
+                seed: if first == 0 { req.seed } else { None },
+                ..req.clone()
+            };
+            let mut g = self.text_to_image(&sub, progress)?;
+            g.source_index = rows.map(|r| r / per).collect();
+            on_chunk(g, first)?;
+            first += batch_size;
+        }
+        Ok(total)
+    }
+
+    /// At least the memory `images` images take at once in the decoder and upsampler loops:
+    /// the decoder's latents (twice, with guidance) and output, the upsampler's latents and the
+    /// final float images. The networks' activations come on top; this is the part that grows
+    /// with the request whatever the model, so a request beyond it cannot fit.
+    pub fn memory_needed(&self, images: u128) -> Result<u128> {
+        let (c, h, w) = self.decoder.sample_shape()?;
+        let elt = unclip_core::memory::element_size(self.decoder.kind());
+        let small = [3u128 * 4, c as u128 * elt * 3];
+        let mut per_image = small.iter().sum::<u128>() * (h as u128) * (w as u128);
+        if let Some(up) = &self.upsampler {
+            let (c2, h2, w2) = up.sample_shape()?;
+            let elt2 = unclip_core::memory::element_size(up.kind());
+            per_image += (c2 as u128 * elt2 * 2 + 3 * 4) * (h2 as u128) * (w2 as u128);
+        }
+        images
+            .checked_mul(per_image)
+            .ok_or_else(|| Error::Input(format!("{images} images: the memory they need overflows")))
+    }
+
+    /// Refuses a request of `images` images that cannot fit in the memory of the decoder's
+    /// device, saying how much it would need.
+    pub(crate) fn check_fits(&self, images: u128) -> Result<()> {
+        let bytes = self.memory_needed(images)?;
+        let (_, h, w) = self.decoder.sample_shape()?;
+        let up = match &self.upsampler {
+            Some(u) => {
+                u.sample_shape().map(|(_, h, w)| format!(", upsampler sample_size {h}x{w}"))?
+            }
+            None => String::new(),
+        };
+        let what = format!(
+            "generating {images} images at once (decoder sample_size {h}x{w}{up}; at least, use \
+             a smaller batch: Unclip::text_to_image_chunked, or --batch-size)"
+        );
+        Ok(unclip_core::memory::ensure_fits(&what, bytes, self.decoder.device())?)
     }
 
     /// The prior's image embeddings (best-of-N applied) without callbacks.
@@ -518,6 +595,7 @@ impl Unclip {
         start: Option<(Tensor, &mut dyn Scheduler)>,
     ) -> Result<(Tensor, Tensor)> {
         let b = check_embeddings(image_embeddings)?;
+        self.check_fits(b as u128)?;
         let (c, h, w) = self.decoder.sample_shape()?;
         let step = self.decoder.prepare(image_embeddings, text, guided)?;
         let (learned, scale) = (self.decoder_learned_variance, opts.decoder_guidance_scale);
@@ -606,6 +684,20 @@ impl Unclip {
             |x, t, _, last| up.predict(x, &low, t, last),
         )
     }
+}
+
+/// How many images a request makes (prompts x images per prompt), refused when it overflows.
+fn request_images(req: &TextToImage) -> Result<u128> {
+    (req.prompts.len() as u128)
+        .checked_mul(req.num_images_per_prompt as u128)
+        .filter(|&n| n <= i64::MAX as u128)
+        .ok_or_else(|| {
+            Error::Input(format!(
+                "num_images_per_prompt {} x {} prompts is too many images",
+                req.num_images_per_prompt,
+                req.prompts.len()
+            ))
+        })
 }
 
 /// Model-range images ([-1, 1]) as float images in [0, 1] on the CPU.

@@ -103,7 +103,9 @@ impl ClipImageEncoder {
         kind: Kind,
     ) -> Result<Self> {
         let model = ClipModel::load(model_dir, Towers::Vision, device, kind)?;
-        let (processor, processor_json) = if processor_file.is_file() {
+        // Present in any form (a FIFO or a folder included) means read it: `read_json` names what it
+        // is instead of silently falling back to the default.
+        let (processor, processor_json) = if unclip_core::fsutil::is_present(processor_file) {
             let v: Value = unclip_core::config::read_json(processor_file)?;
             (ImageProcessor::new(ProcessorConfig::from_value(&v)?), v)
         } else {

@@ -1,7 +1,8 @@
 //! File-system safety: atomic file writes (training never leaves a half-written checkpoint
 //! behind), cleanup of the temporary files a killed write leaves, completion markers of stage
 //! folders ([`mark_complete`]), installing a folder without losing what the target held
-//! ([`install_dir`]), and scratch folders.
+//! ([`install_dir`]), reads that open only regular files (a FIFO in place of a config would block
+//! forever; a folder, device or symlink loop is named for what it is), and scratch folders.
 
 mod complete;
 mod install;
@@ -114,9 +115,162 @@ where
     result
 }
 
+/// What is at `path`, in words, for error messages: "a folder", "a FIFO (named pipe)", "a
+/// symlink loop", "nothing (no such file or folder)", ...
+pub fn describe(path: &Path) -> String {
+    match std::fs::metadata(path) {
+        Ok(md) => kind_of(&md).to_string(),
+        Err(e) => match std::fs::symlink_metadata(path) {
+            Ok(l) if l.file_type().is_symlink() => {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    "a dangling symbolic link (its target does not exist)".into()
+                } else {
+                    format!("a symbolic link that does not resolve ({e}): a symlink loop")
+                }
+            }
+            _ if e.kind() == std::io::ErrorKind::NotFound => {
+                "nothing (no such file or folder)".into()
+            }
+            _ => format!("unreadable ({e})"),
+        },
+    }
+}
+
+fn kind_of(md: &std::fs::Metadata) -> &'static str {
+    let t = md.file_type();
+    if t.is_file() {
+        return "a regular file";
+    }
+    if t.is_dir() {
+        return "a folder";
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if t.is_fifo() {
+            return "a FIFO (named pipe)";
+        }
+        if t.is_socket() {
+            return "a socket";
+        }
+        if t.is_char_device() {
+            return "a character device";
+        }
+        if t.is_block_device() {
+            return "a block device";
+        }
+    }
+    "not a regular file"
+}
+
+fn not_regular(path: &Path, expected: &str) -> Error {
+    Error::NotRegular {
+        path: path.to_path_buf(),
+        found: format!("expected {expected}, found {}", describe(path)),
+    }
+}
+
+/// Opens `path` for reading if it is a regular file (symlinks followed). Anything else is refused
+/// with what it is, before opening: reading a FIFO blocks until a writer comes, a device never
+/// ends, a folder or symlink loop would otherwise read as "does not exist".
+pub fn open_regular(path: &Path) -> Result<std::fs::File> {
+    match std::fs::metadata(path) {
+        Ok(md) if md.is_file() => {}
+        // Plainly absent: the io error (NotFound) with the path, as every reader reports it.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !is_present(path) => {
+            return Err(Error::io(path, e));
+        }
+        _ => return Err(not_regular(path, "a regular file")),
+    }
+    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // Checked again on the open file: the path may have been swapped meanwhile.
+    let md = f.metadata().map_err(|e| Error::io(path, e))?;
+    if !md.is_file() {
+        return Err(not_regular(path, "a regular file"));
+    }
+    Ok(f)
+}
+
+/// Reads a whole regular file ([`open_regular`]) of at most `max` bytes (configs and tokenizer
+/// files are small; a multi-gigabyte "config" is a wrong path, not something to read).
+pub fn read_regular(path: &Path, max: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let f = open_regular(path)?;
+    let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    if len > max {
+        return Err(Error::NotRegular {
+            path: path.to_path_buf(),
+            found: format!("{len} bytes, more than the {max} a file of this kind may have"),
+        });
+    }
+    let mut buf = Vec::with_capacity(len as usize);
+    f.take(max + 1).read_to_end(&mut buf).map_err(|e| Error::io(path, e))?;
+    Ok(buf)
+}
+
+/// [`read_regular`] as UTF-8 text; a binary file is refused as such.
+pub fn read_text(path: &Path, max: u64) -> Result<String> {
+    String::from_utf8(read_regular(path, max)?).map_err(|e| Error::NotRegular {
+        path: path.to_path_buf(),
+        found: format!(
+            "not UTF-8 text (a binary file?): invalid byte at {}",
+            e.utf8_error().valid_up_to()
+        ),
+    })
+}
+
+/// Checks that `path` is a folder (symlinks followed), saying what it is otherwise: a regular
+/// file, a symlink loop, nothing.
+pub fn ensure_dir(path: &Path) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(md) if md.is_dir() => Ok(()),
+        _ => Err(not_regular(path, "a folder")),
+    }
+}
+
+/// Whether `path` exists in any form (a dangling or looping symlink counts: it is something the
+/// user put there, to be reported rather than skipped as absent).
+pub fn is_present(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn special_files_are_named_not_opened() {
+        let d = scratch_dir("fsutil-special").unwrap();
+        let fifo = d.join("config.json");
+        let status = std::process::Command::new("mkfifo").arg(&fifo).status();
+        if status.map(|s| s.success()).unwrap_or(false) {
+            // Would block forever if opened.
+            let err = read_text(&fifo, 1024).unwrap_err().to_string();
+            assert!(err.contains("FIFO") && err.contains("config.json"), "{err}");
+        }
+        let err = read_text(&d, 1024).unwrap_err().to_string();
+        assert!(err.contains("found a folder"), "{err}");
+        let a = d.join("a");
+        std::os::unix::fs::symlink(d.join("b"), &a).unwrap();
+        std::os::unix::fs::symlink(&a, d.join("b")).unwrap();
+        let err = open_regular(&a).unwrap_err().to_string();
+        assert!(err.contains("symlink loop"), "{err}");
+        assert!(is_present(&a));
+        let err = ensure_dir(&a).unwrap_err().to_string();
+        assert!(err.contains("expected a folder") && err.contains("symlink loop"), "{err}");
+        let file = d.join("f");
+        std::fs::write(&file, [0xffu8, 0xfe, 0]).unwrap();
+        let err = ensure_dir(&file).unwrap_err().to_string();
+        assert!(err.contains("found a regular file"), "{err}");
+        let err = read_text(&file, 1024).unwrap_err().to_string();
+        assert!(err.contains("binary"), "{err}");
+        let err = read_text(&file, 2).unwrap_err().to_string();
+        assert!(err.contains("3 bytes"), "{err}");
+        let err = read_text(&d.join("absent"), 2).unwrap_err().to_string();
+        assert!(err.contains("absent") && err.contains("No such file"), "{err}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
 
     #[test]
     fn scratch_dir_is_empty_each_time() {

@@ -57,8 +57,9 @@ pub fn batch_indices(len: usize, batch: usize, seed: u64, step: u64) -> Result<V
         if cached.as_ref().is_none_or(|(e, _)| *e != epoch) {
             cached = Some((epoch, epoch_permutation(len, seed, epoch as u64)));
         }
-        let perm = &cached.as_ref().expect("set above").1;
-        out.push(perm[(pos % len as u128) as usize]);
+        if let Some((_, perm)) = &cached {
+            out.push(perm[(pos % len as u128) as usize]);
+        }
     }
     Ok(out)
 }
