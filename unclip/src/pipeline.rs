@@ -359,6 +359,10 @@ impl Unclip {
                  variations or pass a description)"
             )));
         }
+        // The memory check first: for a request too large to run at once it says how much it
+        // would need and points to chunked generation, more use than the hard count limit.
+        check_steps("num_images_per_prompt", req.num_images_per_prompt)?;
+        self.check_fits(request_images(req)?)?;
         check_count("num_images_per_prompt", req.num_images_per_prompt)?;
         check_count("prior_candidates", req.prior_candidates)?;
         check_product(&[
@@ -381,7 +385,6 @@ impl Unclip {
                     .into(),
             ));
         }
-        self.check_fits(request_images(req)?)?;
         let mut noise = noise_for(req.seed);
         let prompts: Vec<&str> = req.prompts.iter().map(String::as_str).collect();
         let enc = self.text_encoder.encode(&prompts)?;
