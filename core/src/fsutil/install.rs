@@ -115,9 +115,9 @@ fn foreign_entries(dir: &Path) -> Result<Vec<String>> {
     Ok(found.difference(&listed).cloned().collect())
 }
 
-/// Copies the folder `src` to `dest` (which must not exist): folders and regular files only,
-/// each file synced.
-fn copy_tree(src: &Path, dest: &Path) -> Result<()> {
+/// Copies the folder `src` to `dest` (which must not exist): folders and regular files only
+/// (a link or special file is an error naming it), each file synced.
+pub fn copy_tree(src: &Path, dest: &Path) -> Result<()> {
     std::fs::create_dir(dest).map_err(|e| Error::io(dest, e))?;
     for e in std::fs::read_dir(src).map_err(|e| Error::io(src, e))? {
         let e = e.map_err(|e| Error::io(src, e))?;
