@@ -166,7 +166,8 @@ validate_every = 2
     let before = bytes(&run.join("prior/weights.safetensors"));
     for bad in [run.clone(), run.join("prior"), run.join("sub"), dir.clone()] {
         for flags in [&[][..], &["--overwrite"][..]] {
-            let args = [&["export", "--config", &cfg, "--to", &s(&bad)][..], flags].concat();
+            let to = s(&bad);
+            let args = [&["export", "--config", &cfg, "--to", &to][..], flags].concat();
             let (ok, text) = train(&args);
             assert!(!ok && text.contains(&s(&bad)) && text.contains(&s(&run)), "{text}");
         }
@@ -338,7 +339,8 @@ fn the_shapes_configs_run_every_stage() {
         "{out}"
     );
     assert!(
-        run.join("prior/weights-3.safetensors").is_file() && run.join("prior/complete.json").is_file()
+        run.join("prior/weights-3.safetensors").is_file()
+            && run.join("prior/complete.json").is_file()
     );
     // Anything but step counts is refused, naming the key.
     let mut other = more.clone();
@@ -358,7 +360,8 @@ fn the_shapes_configs_run_every_stage() {
     let out = train_ok(&with_sets(&["--config", &config, "--stage", "tokenizer"], &more));
     assert!(out.contains("tokenizer: trained on"), "{out}");
     assert!(
-        tok.join("tokenizer_config.json").is_file() && run.join("tokenizer/complete.json").is_file()
+        tok.join("tokenizer_config.json").is_file()
+            && run.join("tokenizer/complete.json").is_file()
     );
     assert!(!tok.join(".merges.txt.tmp-4999999").exists());
 

@@ -8,8 +8,8 @@ mod install;
 
 pub use complete::{COMPLETE_MARKER, clear_complete, is_complete, mark_complete, read_complete};
 pub use install::{
-    INSTALL_MANIFEST, Installed, check_install_target, copy_tree, install_dir, recover_killed_install,
-    resolve_path,
+    INSTALL_MANIFEST, Installed, check_install_target, copy_tree, install_dir,
+    recover_killed_install, resolve_path,
 };
 
 use crate::{Error, Result};
