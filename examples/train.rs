@@ -45,10 +45,15 @@ enum Command {
     Export {
         #[command(flatten)]
         config: ConfigArgs,
-        /// The model folder to write. An existing model folder gets the run's stages swapped in
-        /// (its other components are kept); a folder holding anything else is refused.
+        /// The model folder to write. An empty folder or a previous install (its
+        /// .unclip-install.json lists everything in it) gets the run's stages swapped in (its
+        /// other components are kept); a folder holding anything else is refused, and so are the
+        /// run folder and folders inside or around it.
         #[arg(long)]
         to: PathBuf,
+        /// Replace --to even when it holds files no install manifest lists (they are deleted).
+        #[arg(long)]
+        overwrite: bool,
         /// A model folder supplying the components the run did not train (when --to is new).
         #[arg(long)]
         base: Option<PathBuf>,
@@ -63,11 +68,12 @@ fn load(args: &ConfigArgs) -> anyhow::Result<(RunConfig, PathBuf)> {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match &cli.command {
-        Some(Command::Export { config, to, base }) => {
+        Some(Command::Export { config, to, base, overwrite }) => {
             let (cfg, _) = load(config)?;
             let opts = ExportOptions {
                 to: to.clone(),
                 base: base.clone().or_else(|| cfg.run.conditioning.clone()),
+                overwrite: *overwrite,
                 half: cfg.export.half,
                 decoder_guidance_scale: cfg.export.decoder_guidance_scale,
             };

@@ -94,7 +94,7 @@ validate_every = 2
     let split_out = format!("run.out={:?}", s(&dir.join("split")));
     let first = train_ok(&["--config", &cfg, "--set", &split_out, "--stop-after", "3"]);
     assert!(first.contains("stopped"), "{first}");
-    assert!(!dir.join("split/prior/done.json").exists());
+    assert!(!dir.join("split/prior/complete.json").exists());
     let second = train_ok(&["--config", &cfg, "--set", &split_out]);
     assert!(second.contains("prior: resuming at step 2"), "{second}");
     for stage in ["prior", "decoder"] {
@@ -104,7 +104,7 @@ validate_every = 2
             bytes(&dir.join("split").join(&w)),
             "{stage}"
         );
-        assert!(dir.join("split").join(stage).join("done.json").is_file());
+        assert!(dir.join("split").join(stage).join("complete.json").is_file());
     }
     assert!(dir.join("split/decoder/validation/step-00000004.png").is_file());
     let csv = std::fs::read_to_string(dir.join("split/decoder/validation.csv")).unwrap();
@@ -131,9 +131,26 @@ validate_every = 2
     assert_eq!(out.images.size(), vec![1, 3, 64, 64]);
     assert!(bool::try_from(out.images.isfinite().all()).unwrap());
 
-    // Exporting again swaps into the existing model folder.
+    // Exporting again swaps into the previous install; so does an export after one killed
+    // between its two renames (the previous folder, set aside, is put back first), and after
+    // one killed while building its copy in the run folder.
+    assert!(model.join(".unclip-install.json").is_file());
     train_ok(&["export", "--config", &cfg, "--to", &s(&model)]);
     assert!(model.join("model_index.json").is_file());
+    let aside = dir.join(".model.old-4999999");
+    std::fs::rename(&model, &aside).unwrap();
+    let staging = dir.join("whole/.export.tmp-4999999");
+    std::fs::create_dir_all(staging.join("prior")).unwrap();
+    train_ok(&["export", "--config", &cfg, "--to", &s(&model)]);
+    assert!(model.join("model_index.json").is_file() && !aside.exists() && !staging.exists());
+    // A file the user added to the install makes it theirs: refused, kept, named; with
+    // --overwrite it is replaced.
+    std::fs::write(model.join("prior/notes.txt"), b"mine").unwrap();
+    let (ok, text) = train(&["export", "--config", &cfg, "--to", &s(&model)]);
+    assert!(!ok && text.contains("prior/notes.txt") && text.contains("overwrite"), "{text}");
+    assert_eq!(bytes(&model.join("prior/notes.txt")), b"mine");
+    train_ok(&["export", "--config", &cfg, "--to", &s(&model), "--overwrite"]);
+    assert!(!model.join("prior/notes.txt").exists());
 
     // Never deletes what it did not write: a folder with the user's files, the run folder, a
     // folder inside it, and one containing it are refused, naming the paths.
@@ -142,16 +159,22 @@ validate_every = 2
     std::fs::write(mine.join("notes.txt"), b"mine").unwrap();
     std::fs::write(mine.join("model_index.json"), b"{}").unwrap();
     let (ok, text) = train(&["export", "--config", &cfg, "--to", &s(&mine)]);
-    assert!(!ok && text.contains("notes.txt"), "{text}");
+    assert!(!ok && text.contains("notes.txt") && text.contains(&s(&mine)), "{text}");
     assert_eq!(bytes(&mine.join("notes.txt")), b"mine");
+    assert_eq!(bytes(&mine.join("model_index.json")), b"{}");
     let run = dir.join("whole");
-    for bad in [run.clone(), run.join("sub"), dir.clone()] {
-        let (ok, text) = train(&["export", "--config", &cfg, "--to", &s(&bad)]);
-        assert!(!ok && text.contains(&s(&bad)) && text.contains("run folder"), "{text}");
+    let before = bytes(&run.join("prior/weights.safetensors"));
+    for bad in [run.clone(), run.join("prior"), run.join("sub"), dir.clone()] {
+        for flags in [&[][..], &["--overwrite"][..]] {
+            let to = s(&bad);
+            let args = [&["export", "--config", &cfg, "--to", &to][..], flags].concat();
+            let (ok, text) = train(&args);
+            assert!(!ok && text.contains(&s(&bad)) && text.contains(&s(&run)), "{text}");
+        }
     }
-    assert!(
-        run.join("prior/weights.safetensors").is_file() && run.join("decoder/done.json").is_file()
-    );
+    assert_eq!(bytes(&run.join("prior/weights.safetensors")), before);
+    assert!(run.join("decoder/complete.json").is_file() && !run.join("sub").exists());
+    assert!(mine.join("notes.txt").is_file() && model.join("model_index.json").is_file());
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -316,7 +339,8 @@ fn the_shapes_configs_run_every_stage() {
         "{out}"
     );
     assert!(
-        run.join("prior/weights-3.safetensors").is_file() && run.join("prior/done.json").is_file()
+        run.join("prior/weights-3.safetensors").is_file()
+            && run.join("prior/complete.json").is_file()
     );
     // Anything but step counts is refused, naming the key.
     let mut other = more.clone();
@@ -330,15 +354,16 @@ fn the_shapes_configs_run_every_stage() {
     // A tokenizer stage killed after vocab.json, before tokenizer_config.json (and a temporary
     // file of a killed write) is redone on the next run.
     let tok = run.join("tokenizer/model/tokenizer");
-    std::fs::remove_file(run.join("tokenizer/done.json")).unwrap();
+    std::fs::remove_file(run.join("tokenizer/complete.json")).unwrap();
     std::fs::remove_file(tok.join("tokenizer_config.json")).unwrap();
-    std::fs::write(tok.join(".merges.txt.tmp-99999"), b"half").unwrap();
+    std::fs::write(tok.join(".merges.txt.tmp-4999999"), b"half").unwrap();
     let out = train_ok(&with_sets(&["--config", &config, "--stage", "tokenizer"], &more));
     assert!(out.contains("tokenizer: trained on"), "{out}");
     assert!(
-        tok.join("tokenizer_config.json").is_file() && run.join("tokenizer/done.json").is_file()
+        tok.join("tokenizer_config.json").is_file()
+            && run.join("tokenizer/complete.json").is_file()
     );
-    assert!(!tok.join(".merges.txt.tmp-99999").exists());
+    assert!(!tok.join(".merges.txt.tmp-4999999").exists());
 
     // The decoder fine-tune config: step 0 is the shipped decoder exactly; two steps; the
     // decoder swapped into a copy of the shipped folder, which loads.

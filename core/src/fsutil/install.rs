@@ -9,7 +9,7 @@
 //! holding exactly such an install (or nothing) may be replaced; anything else there (the user's
 //! own files, another model, a file added to an install) is refused unless `overwrite` is given.
 
-use super::{sync_dir, temp_pid, temp_sibling};
+use super::{pid_alive, sync_dir, tagged_pid, temp_sibling};
 use crate::{Error, Result};
 use std::collections::BTreeSet;
 use std::path::{Component, Path, PathBuf};
@@ -115,9 +115,9 @@ fn foreign_entries(dir: &Path) -> Result<Vec<String>> {
     Ok(found.difference(&listed).cloned().collect())
 }
 
-/// Copies the folder `src` to `dest` (which must not exist): folders and regular files only,
-/// each file synced.
-fn copy_tree(src: &Path, dest: &Path) -> Result<()> {
+/// Copies the folder `src` to `dest` (which must not exist): folders and regular files only
+/// (a link or special file is an error naming it), each file synced.
+pub fn copy_tree(src: &Path, dest: &Path) -> Result<()> {
     std::fs::create_dir(dest).map_err(|e| Error::io(dest, e))?;
     for e in std::fs::read_dir(src).map_err(|e| Error::io(src, e))? {
         let e = e.map_err(|e| Error::io(src, e))?;
@@ -234,6 +234,43 @@ pub fn check_install_target(
     Ok(target)
 }
 
+/// Cleans up after an install of `dest` killed midway (by another process, now gone), from the
+/// names only [`install_dir`] uses beside the target: its copies (`.<name>.tmp-<pid>`) are
+/// removed; a previous target set aside for the swap (`.<name>.old-<pid>`) is put back when the
+/// target is missing (killed between the two renames), else removed (the swap had completed).
+/// Returns the paths restored or removed.
+pub fn recover_killed_install(dest: &Path) -> Result<Vec<PathBuf>> {
+    let target = resolve_path(dest)?;
+    let (Some(parent), Some(name)) = (target.parent(), target.file_name()) else {
+        return Ok(Vec::new());
+    };
+    let Ok(list) = std::fs::read_dir(parent) else { return Ok(Vec::new()) };
+    let name = name.to_string_lossy();
+    let (copy, aside) = (format!(".{name}.tmp-"), format!(".{name}.old-"));
+    let mine = std::process::id();
+    let mut done = Vec::new();
+    for e in list {
+        let e = e.map_err(|e| Error::io(parent, e))?;
+        let file_name = e.file_name();
+        let Some(n) = file_name.to_str() else { continue };
+        let path = e.path();
+        let dead = |tag: &str| tagged_pid(n, tag).is_some_and(|p| p != mine && !pid_alive(p));
+        if n.starts_with(&copy) && dead(".tmp-") {
+            remove_any(&path).map_err(|x| Error::io(&path, x))?;
+        } else if n.starts_with(&aside) && dead(".old-") {
+            if std::fs::symlink_metadata(&target).is_err() {
+                std::fs::rename(&path, &target).map_err(|x| Error::io(&path, x))?;
+            } else {
+                remove_any(&path).map_err(|x| Error::io(&path, x))?;
+            }
+        } else {
+            continue;
+        }
+        done.push(path);
+    }
+    Ok(done)
+}
+
 /// Installs a copy of the folder `src` at `dest`, replacing what was there only when nothing is
 /// lost by it:
 ///
@@ -246,8 +283,8 @@ pub fn check_install_target(
 /// - the copy (folders and regular files only) is written beside `dest` and swapped in by
 ///   renames; the previous target is removed only after the swap.
 ///
-/// Errors name every path involved. Stale copies of an earlier killed install of the same
-/// target (`.<name>.tmp-<pid>` beside it) are removed first.
+/// Errors name every path involved. What an earlier killed install of the same target left
+/// beside it is cleaned up first ([`recover_killed_install`]).
 pub fn install_dir(
     src: &Path,
     dest: &Path,
@@ -258,6 +295,7 @@ pub fn install_dir(
     if !std::fs::metadata(&src_r).map(|m| m.is_dir()).unwrap_or(false) {
         return Err(err(src, "the folder to install does not exist or is not a folder"));
     }
+    recover_killed_install(dest)?;
     let target = check_install_target(dest, keep_clear_of, overwrite)?;
     keep_clear(dest, &target, "the folder being installed", src)?;
     let (Some(parent), Some(name)) = (target.parent(), target.file_name()) else {
@@ -265,19 +303,6 @@ pub fn install_dir(
     };
     let existing = std::fs::symlink_metadata(&target).ok();
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    // Copies left by a killed install of this target (ours by their name).
-    let stale_prefix = format!(".{}.tmp-", name.to_string_lossy());
-    for e in std::fs::read_dir(parent).map_err(|e| Error::io(parent, e))? {
-        let e = e.map_err(|e| Error::io(parent, e))?;
-        let file_name = e.file_name();
-        let Some(n) = file_name.to_str() else { continue };
-        if n.starts_with(&stale_prefix) && temp_pid(n).is_some_and(|p| p != std::process::id()) {
-            let alive = temp_pid(n).is_some_and(super::pid_alive);
-            if !alive {
-                remove_any(&e.path()).map_err(|x| Error::io(e.path(), x))?;
-            }
-        }
-    }
     let staging = temp_sibling(&target)?;
     remove_any(&staging).map_err(|e| Error::io(&staging, e))?;
     let written = copy_tree(&src_r, &staging).and_then(|()| {
@@ -452,6 +477,21 @@ mod tests {
         install_dir(&src, &d.join("shapes"), &[], false).unwrap();
         assert!(!stale.exists());
         assert!(other.exists(), "another target's copy is not this install's business");
+        // Killed between the two renames: the previous install, set aside, is put back.
+        let target = d.join("shapes");
+        std::fs::rename(&target, d.join(".shapes.old-4999999")).unwrap();
+        let done = recover_killed_install(&target).unwrap();
+        assert_eq!(done.len(), 1);
+        assert_eq!(read(&target.join("model_index.json")), "v1");
+        // Killed after the swap, before removing the previous one: it is removed.
+        model(&d.join(".shapes.old-4999999"), "v0");
+        install_dir(&src, &target, &[], false).unwrap();
+        assert!(!d.join(".shapes.old-4999999").exists());
+        assert_eq!(read(&target.join("model_index.json")), "v1");
+        // A live process's (this one's) names are left alone.
+        let live = d.join(format!(".shapes.old-{}", std::process::id()));
+        std::fs::create_dir_all(&live).unwrap();
+        assert!(recover_killed_install(&target).unwrap().is_empty() && live.exists());
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -8,7 +8,10 @@ mod complete;
 mod install;
 
 pub use complete::{COMPLETE_MARKER, clear_complete, is_complete, mark_complete, read_complete};
-pub use install::{INSTALL_MANIFEST, Installed, check_install_target, install_dir, resolve_path};
+pub use install::{
+    INSTALL_MANIFEST, Installed, check_install_target, copy_tree, install_dir,
+    recover_killed_install, resolve_path,
+};
 
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
@@ -36,8 +39,13 @@ pub fn temp_sibling(path: &Path) -> Result<PathBuf> {
 
 /// The process id in a temporary name written by [`temp_sibling`] (`.<name>.tmp-<pid>`).
 fn temp_pid(name: &str) -> Option<u32> {
+    tagged_pid(name, ".tmp-")
+}
+
+/// The process id in a name `.<stem><tag><pid>` (`tag` such as `.tmp-` or `.old-`).
+fn tagged_pid(name: &str, tag: &str) -> Option<u32> {
     let rest = name.strip_prefix('.')?;
-    let (stem, pid) = rest.rsplit_once(".tmp-")?;
+    let (stem, pid) = rest.rsplit_once(tag)?;
     if stem.is_empty() || pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }

@@ -17,8 +17,8 @@ use unclip_prior::TextConditioning;
 
 /// The stored effective config of a run folder.
 pub const STORED_CONFIG: &str = "config.toml";
-/// The completion marker of a stage, written last.
-pub const DONE: &str = "done.json";
+/// The completion marker of a stage, written last (`fsutil::mark_complete`).
+pub const DONE: &str = unclip_core::fsutil::COMPLETE_MARKER;
 /// The shipped (EMA) weights of a stage in its own tensor names.
 pub const WEIGHTS: &str = "weights.safetensors";
 /// Where a finished stage's diffusers components lie: `<run>/<stage>/model/<component>/`.
@@ -69,22 +69,21 @@ impl Trainer {
         let device = unclip_core::parse_device(&cfg.run.device)?;
         let out = cfg.run.out.clone();
         std::fs::create_dir_all(&out).map_err(|e| TrainError::io(&out, e))?;
-        super::export::remove_temp_files(&out)?;
+        unclip_core::fsutil::clean_stale_temps(&out)?;
         let stored = out.join(STORED_CONFIG);
         if stored.exists() {
             let text = std::fs::read_to_string(&stored).map_err(|e| TrainError::io(&stored, e))?;
             let old = RunConfig::parse(&text, &stored, &[])?;
             for (stage, before) in cfg.compare_with_stored(&old, file)? {
                 let dir = out.join(stage);
-                let done = dir.join(DONE);
-                if done.exists() {
+                if unclip_core::fsutil::is_complete(&dir) {
                     let weights = dir.join(WEIGHTS);
                     if weights.exists() {
                         let kept = dir.join(format!("weights-{before}.safetensors"));
                         std::fs::rename(&weights, &kept)
                             .map_err(|e| TrainError::io(&weights, e))?;
                     }
-                    std::fs::remove_file(&done).map_err(|e| TrainError::io(&done, e))?;
+                    unclip_core::fsutil::clear_complete(&dir)?;
                     println!("{stage}: extending from {before} steps");
                 }
             }
@@ -103,7 +102,7 @@ impl Trainer {
 
     /// True when stage `name`'s completion marker exists.
     pub fn is_complete(&self, name: &str) -> bool {
-        self.out().join(name).join(DONE).is_file()
+        unclip_core::fsutil::is_complete(&self.out().join(name))
     }
 
     /// Runs every unfinished stage of the config in order (or `opts.only`).
@@ -208,7 +207,7 @@ impl Trainer {
 fn write_marker(dir: &Path, name: &str, cfg: &RunConfig) -> Result<()> {
     let steps = cfg.train_settings(name).map(|t| t.steps);
     let v = serde_json::json!({ "stage": name, "steps": steps, "complete": true });
-    super::write_json(&dir.join(DONE), &v)
+    Ok(unclip_core::fsutil::mark_complete(dir, &v)?)
 }
 
 /// Every path the config names exists, before any work.
@@ -283,7 +282,7 @@ impl Ctx<'_> {
         };
         if own {
             let dir = self.stage_dir(stage);
-            if !dir.join(DONE).is_file() {
+            if !unclip_core::fsutil::is_complete(&dir) {
                 return Err(TrainError::stage(
                     stage,
                     format!(

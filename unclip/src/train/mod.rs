@@ -14,8 +14,9 @@
 //! - [`export`]: the trained stages as a model folder `Unclip::from_pretrained` loads, written
 //!   beside the target and swapped in, never deleting anything it did not write.
 //!
-//! A stage is complete only when its marker `<run>/<stage>/done.json`, written last, says so;
-//! a stage without it is resumed from its newest checkpoint (or started).
+//! A stage is complete only when its marker `<run>/<stage>/complete.json`
+//! (`fsutil::mark_complete`), written last, says so; a stage without it is resumed from its
+//! newest checkpoint (or started).
 
 pub mod config;
 pub mod export;
