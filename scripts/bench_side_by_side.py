@@ -17,7 +17,7 @@ weights, written once by scripts/bench/make_karlo_random.py into target/bench/ka
 architecture is Karlo's, only the step counts are reduced to fit a small CPU).
 
 usage: .venv/bin/python scripts/bench_side_by_side.py [--configs tiny,embedded,karlo] [--threads 1]
-       [--rounds 2] [--dtype f32|bf16] [--out benches/side_by_side.md]
+       [--rounds 2] [--dtype f32|bf16] [--profile release|dev] [--out benches/side_by_side.md]
 """
 import argparse
 import json
@@ -27,7 +27,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
-OURS = os.path.join(ROOT, "target", "release", "side_by_side")
+PROFILE_DIR = {"release": "release", "dev": "debug"}
 KARLO_DIR = os.path.join(ROOT, "target", "bench", "karlo-random")
 
 # name -> (folder, steps prior/decoder/super-res, warmup (prior, decoder), warmup (upsamplers), reps,
@@ -61,14 +61,17 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32", help="both sides' weights and activations")
     ap.add_argument("--out", default=None, help="also write the table (markdown) here")
+    ap.add_argument("--profile", choices=sorted(PROFILE_DIR), default="release",
+                    help="cargo profile of our binary (dev: dependencies at opt-level 3, ours at 1; quicker to build)")
     a = ap.parse_args()
+    ours_bin = os.path.join(ROOT, "target", PROFILE_DIR[a.profile], "side_by_side")
 
     try:
         import torch, diffusers  # noqa: E401  (versions for the header)
     except ImportError as e:
         sys.exit(f"{e}: install the reference packages into this Python first:\n"
                  "  grep -v '^open-clip' fixtures/requirements.txt | .venv/bin/pip install -r /dev/stdin")
-    subprocess.run(["cargo", "build", "--release", "-q", "-p", "unclip-benches", "--bin", "side_by_side"],
+    subprocess.run(["cargo", "build", "--profile", a.profile, "-q", "-p", "unclip-benches", "--bin", "side_by_side"],
                    cwd=ROOT, check=True)
     header = (f"diffusers {diffusers.__version__}, torch {torch.__version__}, CPU {a.dtype}, "
               f"{a.threads} thread(s) each; tiny/embedded: {a.rounds} interleaved round(s), karlo: 1 round")
@@ -83,7 +86,7 @@ def main():
             continue
         args = ["--model", folder, "--threads", str(a.threads), "--warmup", str(warmup), "--sr-warmup", str(sr_warmup), "--reps", str(reps),
                 "--pipeline-reps", str(preps), "--steps", steps, "--dtype", a.dtype] + (["--sr-last"] if sr_last else [])
-        ours_cmd = [OURS] + args + ["--json"]
+        ours_cmd = [ours_bin] + args + ["--json"]
         theirs_cmd = [PY, os.path.join(ROOT, "scripts", "bench", "theirs.py")] + args
         results = {"ours": [], "theirs": []}
         # Karlo-sized runs take minutes per process on a small CPU: one round (ours, then theirs).
