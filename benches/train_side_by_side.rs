@@ -11,7 +11,7 @@
 //! (the data pipeline and the frozen CLIP are not part of the step).
 //!
 //! `cargo run --release -p unclip-benches --bin train_side_by_side -- --model DIR [--threads 1]
-//!  [--batch 4,4] [--warmup 1] [--reps 5] --json`
+//!  [--batch 4,4] [--warmup 1] [--reps 5] [--channels-last] --json`
 
 use serde_json::Value;
 use std::collections::HashMap;
@@ -42,11 +42,14 @@ struct Args {
     warmup: usize,
     reps: usize,
     json: bool,
+    /// Re-lay the decoder's conv kernels channels-last before training (an experiment: the
+    /// decoder stage trains in the default layout).
+    channels_last: bool,
 }
 
 fn parse_args() -> Result<Args> {
     let mut a =
-        Args { model: String::new(), threads: 1, batch: [4, 4], warmup: 1, reps: 5, json: false };
+        Args { model: String::new(), threads: 1, batch: [4, 4], warmup: 1, reps: 5, json: false, channels_last: false };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         let mut val = || it.next().ok_or_else(|| anyhow::anyhow!("{k} needs a value"));
@@ -62,6 +65,7 @@ fn parse_args() -> Result<Args> {
             "--warmup" => a.warmup = val()?.parse()?,
             "--reps" => a.reps = val()?.parse()?,
             "--json" => a.json = true,
+            "--channels-last" => a.channels_last = true,
             other => anyhow::bail!("unknown argument {other}"),
         }
     }
@@ -109,7 +113,7 @@ fn rand(shape: &[i64]) -> Tensor {
 
 /// Median seconds of one decoder training step (UNet and text projection trained together, as the
 /// decoder stage does).
-fn decoder_step(dir: &Path, b: i64, warmup: usize, reps: usize) -> Result<f64> {
+fn decoder_step(dir: &Path, b: i64, warmup: usize, reps: usize, channels_last: bool) -> Result<f64> {
     let (udir, pdir) = (dir.join("decoder"), dir.join("text_proj"));
     let ucfg = read_config::<UNet2DConditionModel>(&udir)?;
     let pcfg = read_config::<UnCLIPTextProjModel>(&pdir)?;
@@ -123,6 +127,9 @@ fn decoder_step(dir: &Path, b: i64, warmup: usize, reps: usize) -> Result<f64> {
         }
     }
     load_tensors(&vs, &saved, &dir.display().to_string(), Unexpected::Error)?;
+    if channels_last {
+        unclip_core::nn::vars_to_channels_last(&vs)?;
+    }
     let raw = json_file(&udir.join("config.json"))?;
     let side = int(&raw, "sample_size", "decoder/config.json")?;
     let c = int(&raw, "in_channels", "decoder/config.json")?
@@ -194,7 +201,7 @@ fn main() -> Result<()> {
     tch::set_num_threads(a.threads);
     tch::manual_seed(0);
     let dir = Path::new(&a.model);
-    let dec = decoder_step(dir, a.batch[0], a.warmup, a.reps)?;
+    let dec = decoder_step(dir, a.batch[0], a.warmup, a.reps, a.channels_last)?;
     let prior = prior_step(dir, a.batch[1], a.warmup, a.reps)?;
     let res = serde_json::json!({
         "decoder_train_step": dec,
