@@ -48,8 +48,15 @@ struct Args {
 }
 
 fn parse_args() -> Result<Args> {
-    let mut a =
-        Args { model: String::new(), threads: 1, batch: [4, 4], warmup: 1, reps: 5, json: false, channels_last: false };
+    let mut a = Args {
+        model: String::new(),
+        threads: 1,
+        batch: [4, 4],
+        warmup: 1,
+        reps: 5,
+        json: false,
+        channels_last: false,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         let mut val = || it.next().ok_or_else(|| anyhow::anyhow!("{k} needs a value"));
@@ -59,7 +66,10 @@ fn parse_args() -> Result<Args> {
             "--batch" => {
                 let v: Vec<i64> =
                     val()?.split(',').map(str::parse).collect::<std::result::Result<_, _>>()?;
-                anyhow::ensure!(v.len() == 2 && v.iter().all(|&b| b > 0), "--batch takes decoder,prior (> 0)");
+                anyhow::ensure!(
+                    v.len() == 2 && v.iter().all(|&b| b > 0),
+                    "--batch takes decoder,prior (> 0)"
+                );
                 a.batch = [v[0], v[1]];
             }
             "--warmup" => a.warmup = val()?.parse()?,
@@ -90,8 +100,8 @@ fn time(warmup: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result
 }
 
 fn json_file(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     Ok(serde_json::from_str(&text)?)
 }
 
@@ -113,7 +123,13 @@ fn rand(shape: &[i64]) -> Tensor {
 
 /// Median seconds of one decoder training step (UNet and text projection trained together, as the
 /// decoder stage does).
-fn decoder_step(dir: &Path, b: i64, warmup: usize, reps: usize, channels_last: bool) -> Result<f64> {
+fn decoder_step(
+    dir: &Path,
+    b: i64,
+    warmup: usize,
+    reps: usize,
+    channels_last: bool,
+) -> Result<f64> {
     let (udir, pdir) = (dir.join("decoder"), dir.join("text_proj"));
     let ucfg = read_config::<UNet2DConditionModel>(&udir)?;
     let pcfg = read_config::<UnCLIPTextProjModel>(&pdir)?;
@@ -146,7 +162,8 @@ fn decoder_step(dir: &Path, b: i64, warmup: usize, reps: usize, channels_last: b
     let trainer = DecoderTrainer::karlo().with_prediction(prediction);
 
     let images = rand(&[b, c, side, side]).clamp(-1.0, 1.0);
-    let (image_embeddings, prompt_embeds, hidden) = (rand(&[b, d]), rand(&[b, d]), rand(&[b, l, d]));
+    let (image_embeddings, prompt_embeds, hidden) =
+        (rand(&[b, d]), rand(&[b, d]), rand(&[b, l, d]));
     let mask = Tensor::ones([b, l], (Kind::Bool, Device::Cpu));
     let (e_prompt, e_hidden) = (rand(&[1, d]), rand(&[1, l, d]));
     let e_mask = Tensor::ones([1, l], (Kind::Bool, Device::Cpu));
@@ -174,7 +191,8 @@ fn decoder_step(dir: &Path, b: i64, warmup: usize, reps: usize, channels_last: b
 
 /// Median seconds of one prior training step.
 fn prior_step(dir: &Path, b: i64, warmup: usize, reps: usize) -> Result<f64> {
-    let (vs, prior) = PriorTransformer::from_pretrained(&dir.join("prior"), Device::Cpu, Kind::Float)?;
+    let (vs, prior) =
+        PriorTransformer::from_pretrained(&dir.join("prior"), Device::Cpu, Kind::Float)?;
     let cfg = prior.config();
     let (e, n) = (cfg.embedding_dim, cfg.num_embeddings);
     let text = |rows: i64| {
