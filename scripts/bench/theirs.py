@@ -8,6 +8,7 @@ import resource
 import statistics
 import sys
 import time
+import types
 
 import torch
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
@@ -39,6 +40,39 @@ class VPredictionUnCLIPScheduler(UnCLIPScheduler):
         c = sample.shape[1]
         x0 = a.sqrt() * sample - (1 - a).sqrt() * model_output[:, :c]
         return super().step(torch.cat([x0, model_output[:, c:]], 1), timestep, sample, **kw)
+
+
+def coordinate_maps(side, dtype):
+    """(1, 2, side, side): x then y of each pixel centre, -1 at the left / top edge to 1, as
+    unclip-decoder appends them to a decoder with `coordinate_channels` (this project's extension;
+    scripts/diagnose/common.py has the same maps for the parity diagnostics)."""
+    c = (torch.arange(side) + 0.5) / side * 2 - 1
+    return torch.cat([c.view(1, 1, 1, side).expand(1, 1, side, side),
+                      c.view(1, 1, side, 1).expand(1, 1, side, side)], 1).to(dtype)
+
+
+class CoordinateDecoder(torch.nn.Module):
+    """A diffusers UNet2DConditionModel whose input has `coords` extra coordinate channels, seen by
+    UnCLIPPipeline as a decoder of the image's channels: the maps are appended on each call, as
+    unclip-decoder does inside its UNet."""
+
+    def __init__(self, unet, coords):
+        super().__init__()
+        self.unet, self.maps = unet, coordinate_maps(unet.config.sample_size, unet.dtype)
+        self.config = types.SimpleNamespace(**dict(unet.config))
+        self.config.in_channels = unet.config.in_channels - coords
+
+    @property
+    def dtype(self):
+        return self.unet.dtype
+
+    @property
+    def device(self):
+        return self.unet.device
+
+    def forward(self, sample, timestep, **kw):
+        maps = self.maps.expand(sample.shape[0], -1, -1, -1)
+        return self.unet(sample=torch.cat([sample, maps], 1), timestep=timestep, **kw)
 
 
 def load_scheduler(path):
@@ -73,6 +107,10 @@ def main():
     prior = PriorTransformer.from_pretrained(os.path.join(d, "prior"), **load).eval()
     tp = UnCLIPTextProjModel.from_pretrained(os.path.join(d, "text_proj"), **load).eval()
     dec = UNet2DConditionModel.from_pretrained(os.path.join(d, "decoder"), **load).eval()
+    # The embedded decoder has coordinate input channels (`coordinate_channels`, unknown to diffusers).
+    coords = UNet2DConditionModel.load_config(os.path.join(d, "decoder")).get("coordinate_channels", 0)
+    if coords:
+        dec = CoordinateDecoder(dec, coords).eval()
     srf = UNet2DModel.from_pretrained(os.path.join(d, "super_res_first"), **load).eval()
     srl = UNet2DModel.from_pretrained(os.path.join(d, "super_res_last"), **load).eval()
     sch = {n: load_scheduler(os.path.join(d, n))
@@ -109,7 +147,7 @@ def main():
     s = pipe.decoder_scheduler
     s.set_timesteps(ds)
     t = s.timesteps[len(s.timesteps) // 2]
-    c = dec.config.in_channels
+    c = dec.config.in_channels  # the image's channels (without coordinate maps)
     xd = torch.randn(1, c, dec.config.sample_size, dec.config.sample_size, dtype=dt)
 
     def decoder_step():
