@@ -6,7 +6,8 @@
 //!   up to the order of float sums. The workers are this test executable run again
 //!   (UNCLIP_DDP_TEST_WORKER), started by unclip-dist's launcher.
 //! - `train_nproc_2_trains_the_decoder`: `train --nproc 2` on the committed webdataset trains a
-//!   small decoder with both ranks bit-identical at the end, only rank 0 writing.
+//!   small decoder with both ranks bit-identical at the end, only rank 0 writing; a run stopped
+//!   and resumed with 2 ranks ends bit for bit where the uninterrupted one does.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -200,6 +201,25 @@ validate_every = 3
     assert_eq!(csv.lines().count(), 4, "one row per step, from rank 0 alone:\n{csv}");
     assert!(run.join("done.json").is_file() && run.join("model/decoder/config.json").is_file());
     assert!(run.join("validation/step-00000003.png").is_file());
+
+    // Stopped after 2 steps and rerun with the same world size: bit for bit the same weights
+    // (every rank resumes from rank 0's checkpoint, its shard and its noise seeds).
+    let split = format!("run.out={:?}", s(&dir.join("split")));
+    let train2 = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_train"))
+            .args(["--config", &s(&config), "--nproc", "2", "--set", &split])
+            .args(extra)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{text}");
+        text
+    };
+    assert!(train2(&["--stop-after", "2"]).contains("stopped"));
+    assert!(train2(&[]).contains("decoder: resuming at step 2"));
+    let w = |run: &str| std::fs::read(dir.join(run).join("decoder/weights.safetensors")).unwrap();
+    assert!(w("run") == w("split"), "the resumed 2-rank run differs from the uninterrupted one");
 
     // An odd global batch does not split over 2 ranks: a clear error naming the key.
     let out = Command::new(env!("CARGO_BIN_EXE_train"))
