@@ -8,10 +8,15 @@
 //!
 //! Rerunning the same command resumes where the run stopped (bit for bit on the CPU). The
 //! effective config is printed and saved as `<run.out>/config.toml`. See `unclip::train`.
+//!
+//! Data parallel (prior and decoder stages): `--nproc N` starts N local ranks (one libtorch
+//! thread each unless `run.threads` is set with --set); under torchrun or `srun` (RANK,
+//! WORLD_SIZE, ... set) each process is one rank. `batch_size` is then the global batch.
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
-use unclip::train::{ExportOptions, RunConfig, RunOptions, Trainer, export};
+use unclip::dist::{Backend, DistEnv, Options, ProcessGroup};
+use unclip::train::{Dist, ExportOptions, RunConfig, RunOptions, Trainer, export};
 
 #[derive(Parser)]
 #[command(about = "Trains unCLIP stages from a TOML run config; `export` writes a model folder")]
@@ -27,6 +32,10 @@ struct Cli {
     /// Stop after this many training steps (rerun to resume).
     #[arg(long)]
     stop_after: Option<u64>,
+    /// Train data-parallel with N local processes (Gloo on the CPU, NCCL on CUDA; GPU =
+    /// LOCAL_RANK). Not needed under torchrun or srun, which start the ranks themselves.
+    #[arg(long, value_name = "N")]
+    nproc: Option<usize>,
 }
 
 #[derive(clap::Args)]
@@ -79,10 +88,39 @@ fn main() -> anyhow::Result<()> {
             };
             export(&cfg.run.out, &opts)?;
         }
+        None if cli.nproc.is_some_and(|n| n > 1) && !DistEnv::launched() => {
+            let n = cli.nproc.unwrap_or(1);
+            let mut args: Vec<std::ffi::OsString> = Vec::new();
+            let mut rest = std::env::args_os().skip(1);
+            while let Some(a) = rest.next() {
+                match a.to_str() {
+                    Some("--nproc") => drop(rest.next()),
+                    Some(s) if s.starts_with("--nproc=") => {}
+                    _ => args.push(a),
+                }
+            }
+            if !cli.config.set.iter().any(|s| s.trim_start().starts_with("run.threads")) {
+                args.extend(["--set".into(), "run.threads=1".into()]);
+            }
+            unclip::dist::spawn_local(n, std::env::current_exe()?, &args)?;
+        }
         None => {
             let (cfg, path) = load(&cli.config)?;
-            println!("# effective config ({})\n{}", path.display(), cfg.to_toml());
-            let trainer = Trainer::open(cfg, &path)?;
+            let env = DistEnv::from_env()?;
+            if env.rank == 0 {
+                println!("# effective config ({})\n{}", path.display(), cfg.to_toml());
+            }
+            let trainer = if env.world_size > 1 {
+                let device = match unclip::core::parse_device(&cfg.run.device)? {
+                    unclip::tch::Device::Cuda(_) => unclip::tch::Device::Cuda(env.local_rank),
+                    d => d,
+                };
+                let opts = Options { backend: Backend::for_device(device), ..Options::default() };
+                let pg = ProcessGroup::init(&env, &opts)?;
+                Trainer::open_distributed(cfg, &path, device, Dist::new(pg))?
+            } else {
+                Trainer::open(cfg, &path)?
+            };
             let opts = RunOptions { only: cli.stage.clone(), stop_after: cli.stop_after };
             let summary = trainer.run(&opts)?;
             if summary.stopped {

@@ -61,6 +61,7 @@ pub use unclip_clip as clip;
 pub use unclip_core as core;
 pub use unclip_core::tch;
 pub use unclip_decoder as decoder;
+pub use unclip_dist as dist;
 pub use unclip_prior as prior;
 pub use unclip_scheduler as scheduler;
 pub use variation::{Start, Variations};

@@ -73,6 +73,10 @@ struct Param {
     steps: i64,
 }
 
+/// Gradient averaging over data-parallel processes (see [`AdamW::backward_step_synced`]): takes
+/// the local loss, averages the gradients in place, returns the mean loss.
+pub type GradSync = dyn FnMut(f64) -> Result<f64>;
+
 /// What [`AdamW::backward_step`] did.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepOutcome {
@@ -229,18 +233,38 @@ impl AdamW {
         loss: &Tensor,
         max_grad_norm: Option<f64>,
     ) -> Result<StepOutcome> {
+        self.backward_step_synced(loss, max_grad_norm, None)
+    }
+
+    /// [`Self::backward_step`] for data-parallel training: after the backward pass `sync` gets
+    /// this process's loss, must replace every gradient by its mean over the processes and
+    /// return the mean loss. The backward pass runs even when the local loss is not finite (its
+    /// gradients then poison the mean), so every process takes part in every collective and all
+    /// of them skip or take the step together; clipping sees the averaged gradients.
+    pub fn backward_step_synced(
+        &mut self,
+        loss: &Tensor,
+        max_grad_norm: Option<f64>,
+        sync: Option<&mut GradSync>,
+    ) -> Result<StepOutcome> {
         if loss.numel() != 1 {
             return Err(Error::InvalidArgument(format!(
                 "the loss must be a scalar, got shape {:?}",
                 loss.size()
             )));
         }
-        let value = loss.f_to_kind(Kind::Double)?.f_double_value(&[])?;
+        let mut value = loss.f_to_kind(Kind::Double)?.f_double_value(&[])?;
         self.zero_grad();
+        if let Some(sync) = sync {
+            loss.f_backward()?;
+            value = sync(value)?;
+        } else if value.is_finite() {
+            loss.f_backward()?;
+        }
         if !value.is_finite() {
+            self.zero_grad();
             return Ok(StepOutcome { loss: value, grad_norm: f64::NAN, skipped: true });
         }
-        loss.f_backward()?;
         let norm = match max_grad_norm {
             Some(m) => self.clip_grad_norm(m)?,
             None => super::clip::grad_norm(&self.grads())?,

@@ -54,7 +54,7 @@ mod progress;
 mod run;
 mod schedule;
 
-pub use adamw::{AdamW, AdamWConfig, StepOutcome, default_no_decay};
+pub use adamw::{AdamW, AdamWConfig, GradSync, StepOutcome, default_no_decay};
 pub use checkpoint::{Checkpointer, Manifest, Snapshot};
 pub use clip::{GradNorm, clip_grad_norm, grad_norm};
 pub use csv_log::{BASE_COLUMNS, CsvLogger, LogRow, LossLog, read_csv};
@@ -62,5 +62,5 @@ pub use data_order::{batch_indices, epoch_permutation, seed_step, step_seed};
 pub use ema::{Ema, EmaConfig};
 pub use plot::{PlotOptions, moving_average, plot_loss_csv, plot_loss_curve};
 pub use progress::Progress;
-pub use run::{LoopConfig, TrainLoop};
+pub use run::{DataParallel, LoopConfig, TrainLoop};
 pub use schedule::LrSchedule;

@@ -2,8 +2,8 @@
 //! them, so a recipe only supplies the loss of a step.
 
 use super::{
-    AdamW, AdamWConfig, Checkpointer, CsvLogger, Ema, EmaConfig, LogRow, LrSchedule, Manifest,
-    PlotOptions, Progress, Snapshot, StepOutcome, plot_loss_csv, seed_step,
+    AdamW, AdamWConfig, Checkpointer, CsvLogger, Ema, EmaConfig, GradSync, LogRow, LrSchedule,
+    Manifest, PlotOptions, Progress, Snapshot, StepOutcome, plot_loss_csv, seed_step, step_seed,
 };
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
@@ -25,6 +25,20 @@ pub struct LoopConfig {
     pub keep_last: usize,
 }
 
+/// This process's part in a data-parallel run (see [`TrainLoop::open_data_parallel`]).
+pub struct DataParallel {
+    /// This process's rank; rank 0 alone writes the log, checkpoints and shipped weights.
+    pub rank: usize,
+    /// Averages the gradients (and the loss) over the ranks after each backward pass.
+    pub sync: Box<GradSync>,
+}
+
+impl std::fmt::Debug for DataParallel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataParallel").field("rank", &self.rank).finish_non_exhaustive()
+    }
+}
+
 /// A run in `dir`: `dir/loss.csv`, `dir/loss.png`, and checkpoints in `dir` (see
 /// [`Checkpointer`]). Opening it resumes from the newest checkpoint when there is one.
 pub struct TrainLoop {
@@ -33,7 +47,9 @@ pub struct TrainLoop {
     opt: AdamW,
     ema: Option<Ema>,
     ckpt: Checkpointer,
-    log: CsvLogger,
+    /// None on data-parallel ranks other than 0 (they write nothing).
+    log: Option<CsvLogger>,
+    dp: Option<DataParallel>,
     progress: Progress,
     start: u64,
     /// Training seconds of earlier processes of this run (from the checkpoint).
@@ -66,6 +82,24 @@ impl TrainLoop {
         metadata: serde_json::Value,
         label: &str,
     ) -> Result<Self> {
+        Self::open_data_parallel(dir, vs, cfg, no_decay, extra_columns, metadata, label, None)
+    }
+
+    /// [`Self::open`] for one rank of a data-parallel run (`None`: a run of one process). Every
+    /// rank resumes from the same checkpoint in `dir` (a folder all ranks see); only rank 0 writes
+    /// there. Each rank seeds its steps apart (rank 0 as a run of one), so the ranks draw
+    /// different noise for their different items.
+    #[allow(clippy::too_many_arguments)]
+    pub fn open_data_parallel(
+        dir: &Path,
+        vs: &VarStore,
+        cfg: LoopConfig,
+        no_decay: impl Fn(&str) -> bool,
+        extra_columns: &[&str],
+        metadata: serde_json::Value,
+        label: &str,
+        dp: Option<DataParallel>,
+    ) -> Result<Self> {
         cfg.schedule.validate()?;
         if cfg.total_steps == 0 {
             return Err(Error::InvalidArgument("total_steps must be at least 1".into()));
@@ -87,7 +121,12 @@ impl TrainLoop {
             }
             None => (0, 0.0, metadata),
         };
-        let log = CsvLogger::resume(&dir.join("loss.csv"), extra_columns, start)?;
+        let writer = dp.as_ref().is_none_or(|d| d.rank == 0);
+        let log = if writer {
+            Some(CsvLogger::resume(&dir.join("loss.csv"), extra_columns, start)?)
+        } else {
+            None
+        };
         let progress = Progress::new(label, start, cfg.total_steps);
         Ok(Self {
             cfg,
@@ -96,6 +135,7 @@ impl TrainLoop {
             ema,
             ckpt,
             log,
+            dp,
             progress,
             start,
             secs_before,
@@ -137,7 +177,10 @@ impl TrainLoop {
 
     /// Call first in step `step`: seeds libtorch for the step and sets its learning rate.
     pub fn begin_step(&mut self, step: u64) -> Result<()> {
-        seed_step(self.cfg.seed, step);
+        match self.dp.as_ref().map_or(0, |d| d.rank) {
+            0 => seed_step(self.cfg.seed, step),
+            rank => seed_step(step_seed(self.cfg.seed, step), rank as u64),
+        }
         self.opt.set_lr(self.cfg.schedule.lr(step))
     }
 
@@ -150,7 +193,8 @@ impl TrainLoop {
         loss: &Tensor,
         extra: &[f64],
     ) -> Result<StepOutcome> {
-        let out = self.opt.backward_step(loss, self.cfg.max_grad_norm)?;
+        let sync = self.dp.as_mut().map(|d| &mut *d.sync);
+        let out = self.opt.backward_step_synced(loss, self.cfg.max_grad_norm, sync)?;
         if let Some(ema) = &mut self.ema {
             ema.update(vs)?;
         }
@@ -164,7 +208,10 @@ impl TrainLoop {
             secs,
             extra: extra.to_vec(),
         };
-        self.log.log(&row)?;
+        let Some(log) = &mut self.log else {
+            return Ok(out); // not rank 0: no log, progress or checkpoints
+        };
+        log.log(&row)?;
         self.progress.update(done, out.loss, self.opt.lr());
         if out.skipped {
             self.progress.println(&format!("step {done}: loss or gradients not finite, skipped"));
@@ -194,7 +241,11 @@ impl TrainLoop {
 
     /// After the last step: draws `loss.png` from the log and writes the weights to ship (the
     /// EMA's when there is one, under the model's names) to `weights`, optionally cast to `kind`.
+    /// Ranks other than 0 of a data-parallel run write nothing.
     pub fn finish(mut self, vs: &VarStore, weights: &Path, kind: Option<tch::Kind>) -> Result<()> {
+        if self.log.is_none() {
+            return Ok(());
+        }
         self.progress.finish();
         let csv = self.dir.join("loss.csv");
         if super::read_csv(&csv)?.rows.len() >= 2 {

@@ -3,6 +3,7 @@
 //! detection and completion markers.
 
 use super::config::{RunConfig, TrainSettings};
+use super::dist::{DATA_PARALLEL_STAGES, Dist};
 use super::source::{self, Split};
 use super::{Result, TrainError, write_bytes};
 use crate::data::{Batch, Loader};
@@ -50,6 +51,7 @@ pub struct Trainer {
     pub(crate) cfg: RunConfig,
     pub(crate) file: PathBuf,
     pub(crate) device: Device,
+    pub(crate) dist: Option<Dist>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -89,7 +91,34 @@ impl Trainer {
             }
         }
         write_bytes(&stored, cfg.to_toml().as_bytes())?;
-        Ok(Self { cfg, file: file.to_path_buf(), device })
+        Ok(Self { cfg, file: file.to_path_buf(), device, dist: None })
+    }
+
+    /// [`Self::open`] for one rank of a data-parallel run (see [`super::dist`]): rank 0 prepares
+    /// the run folder (which every rank must see: a shared file system across machines) while
+    /// the others wait, then only check it. `device` replaces `run.device` (each rank its own
+    /// GPU). A run of one process behaves as [`Self::open`].
+    pub fn open_distributed(
+        cfg: RunConfig,
+        file: &Path,
+        device: Device,
+        dist: Dist,
+    ) -> Result<Self> {
+        let mut t = if dist.rank() == 0 {
+            Self::open(cfg, file)?
+        } else {
+            preflight(&cfg, file)?;
+            Self { cfg, file: file.to_path_buf(), device, dist: None }
+        };
+        t.device = device;
+        dist.barrier("run")?;
+        t.dist = (dist.world_size() > 1).then_some(dist);
+        Ok(t)
+    }
+
+    /// This process's rank in a data-parallel run (0 otherwise).
+    pub fn rank(&self) -> usize {
+        self.dist.as_ref().map_or(0, Dist::rank)
     }
 
     pub fn config(&self) -> &RunConfig {
@@ -138,12 +167,35 @@ impl Trainer {
                 summary.stopped = true;
                 break;
             }
-            let ctx =
-                Ctx { cfg: &self.cfg, out: self.out(), device: self.device, data: &split, budget };
+            if let Some(d) = &self.dist {
+                if !DATA_PARALLEL_STAGES.contains(&name) {
+                    return Err(TrainError::stage(
+                        name,
+                        format!(
+                            "trains with one process only (data parallel is implemented for {});                              run it alone first (`--stage {name}` without --nproc/torchrun), then                              rerun the {} processes",
+                            DATA_PARALLEL_STAGES.join(" and "),
+                            d.world_size()
+                        ),
+                    ));
+                }
+            }
+            let ctx = Ctx {
+                cfg: &self.cfg,
+                out: self.out(),
+                device: self.device,
+                data: &split,
+                budget,
+                dist: self.dist.as_ref(),
+            };
             let steps = super::stages::run(&ctx, name)?;
             summary.steps += steps.steps;
+            if let Some(d) = &self.dist {
+                d.barrier(name)?; // rank 0's exports are written
+            }
             if steps.finished {
-                write_marker(&self.out().join(name), name, &self.cfg)?;
+                if self.rank() == 0 {
+                    write_marker(&self.out().join(name), name, &self.cfg)?;
+                }
                 summary.complete.push(name.into());
             } else {
                 summary.stopped = true;
@@ -178,6 +230,7 @@ impl Trainer {
             device: self.device,
             data: &split,
             budget: None,
+            dist: None,
         };
         let cond = ctx.conditioning()?;
         let (model, _, _) = super::stages::decoder::initial(&ctx, stage, &cond)?;
@@ -254,6 +307,8 @@ pub(crate) struct Ctx<'a> {
     pub data: &'a Split,
     /// Steps this process may still train (None: no limit).
     pub budget: Option<u64>,
+    /// Set in a data-parallel run of more than one process.
+    pub dist: Option<&'a Dist>,
 }
 
 /// How far a stage got.
@@ -266,6 +321,11 @@ pub(crate) struct StageSteps {
 impl Ctx<'_> {
     pub fn seed(&self) -> u64 {
         self.cfg.run.seed
+    }
+
+    /// Rank 0 (or a run of one process): the process that writes.
+    pub fn is_main(&self) -> bool {
+        self.dist.is_none_or(|d| d.rank() == 0)
     }
 
     pub fn stage_dir(&self, name: &str) -> PathBuf {
@@ -334,12 +394,18 @@ impl Ctx<'_> {
         batch: usize,
     ) -> Result<(Loader, Option<Loader>)> {
         let salt = source::salt(name);
-        let train = source::loader(
+        let (rank, world) = self.dist.map_or((0, 1), |d| (d.rank(), d.world_size()));
+        let per_rank = match self.dist {
+            Some(d) => d.per_rank_batch(name, batch)?,
+            None => batch,
+        };
+        let train = source::loader_sharded(
             self.data.train.clone(),
             &self.cfg.data,
             self.seed(),
             salt,
-            needs(batch),
+            needs(per_rank),
+            (rank, world),
         )?;
         let held = match &self.data.holdout {
             Some(h) => Some(source::loader(
@@ -455,8 +521,28 @@ pub(crate) fn train(
     let dir = ctx.stage_dir(name);
     let cfg = loop_config(t, ctx.seed());
     let meta = serde_json::json!({ "stage": name, "train": t });
-    let mut run = TrainLoop::open(&dir, vs, cfg, default_no_decay, extra_columns, meta, name)?;
+    let dp = match ctx.dist {
+        Some(d) => {
+            d.broadcast(name, vs)?; // the start: rank 0's initial weights (and so EMA)
+            Some(d.data_parallel(name, vs)?)
+        }
+        None => None,
+    };
+    let mut run = TrainLoop::open_data_parallel(
+        &dir,
+        vs,
+        cfg,
+        default_no_decay,
+        extra_columns,
+        meta,
+        name,
+        dp,
+    )?;
     let start = run.start_step();
+    if let Some(d) = ctx.dist {
+        d.check_same(name, "step to resume from", start)?;
+        d.broadcast(name, vs)?; // after a resume: rank 0's checkpoint
+    }
     if start > 0 {
         println!("{name}: resuming at step {start} of {}", t.steps);
     }
@@ -498,7 +584,7 @@ pub(crate) fn train(
         }
         let done = s + 1;
         let due = (t.validate_every > 0 && done % t.validate_every == 0) || done == t.steps;
-        if due {
+        if due && ctx.is_main() {
             validate(
                 name,
                 &dir,
@@ -513,6 +599,15 @@ pub(crate) fn train(
         }
     }
     drop(batches);
+    if let Some(d) = ctx.dist {
+        let digest = d.check_identical(name, vs)?;
+        if d.rank() == 0 {
+            println!(
+                "{name}: the {} ranks hold identical parameters (digest {digest:016x})",
+                d.world_size()
+            );
+        }
+    }
     let weights = dir.join(WEIGHTS);
     run.finish(vs, &weights, None)?;
     if skipped > 0 {
@@ -589,7 +684,14 @@ mod tests {
         );
         let cfg = RunConfig::parse(&text, Path::new("t.toml"), &[]).unwrap();
         let split = source::open(&cfg.data, 0, 8, 0).unwrap();
-        let ctx = Ctx { cfg: &cfg, out: &dir, device: Device::Cpu, data: &split, budget: None };
+        let ctx = Ctx {
+            cfg: &cfg,
+            out: &dir,
+            device: Device::Cpu,
+            data: &split,
+            budget: None,
+            dist: None,
+        };
         let needs = |b| Needs {
             batch_size: b,
             resolution: Some(8),

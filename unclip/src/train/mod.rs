@@ -19,6 +19,7 @@
 //! newest checkpoint (or started).
 
 pub mod config;
+pub mod dist;
 pub mod export;
 mod grid;
 mod loop_;
@@ -27,6 +28,7 @@ mod stages;
 pub mod tokenizer;
 
 pub use config::{ConfigError, RunConfig};
+pub use dist::{DATA_PARALLEL_STAGES, Dist};
 pub use export::{ExportOptions, export};
 pub use loop_::{RunOptions, RunSummary, Trainer};
 pub use source::Subset;

@@ -120,6 +120,18 @@ pub(crate) fn loader(
     salt: u64,
     needs: Needs,
 ) -> Result<Loader> {
+    loader_sharded(dataset, cfg, seed, salt, needs, (0, 1))
+}
+
+/// [`loader`] reading shard `rank` of `world` (see `LoaderConfig::rank`).
+pub(crate) fn loader_sharded(
+    dataset: Arc<dyn Dataset>,
+    cfg: &DataConfig,
+    seed: u64,
+    salt: u64,
+    needs: Needs,
+    (rank, world_size): (usize, usize),
+) -> Result<Loader> {
     let crop = match cfg.crop {
         CropKind::Center => Crop::Center,
         CropKind::Random => Crop::Random,
@@ -127,8 +139,8 @@ pub(crate) fn loader(
     let config = LoaderConfig {
         batch_size: needs.batch_size,
         seed: seed ^ salt,
-        rank: 0,
-        world_size: 1,
+        rank,
+        world_size,
         workers: cfg.workers,
         prefetch: cfg.prefetch,
         transform: needs.resolution.map(|r| Transform { resolution: r, crop, hflip: cfg.hflip }),

@@ -264,7 +264,7 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
         holdout.as_ref(),
         hooks,
     )?;
-    if steps.finished {
+    if steps.finished && ctx.is_main() {
         let tensors = read_tensors(&dir.join(WEIGHTS))?;
         let dest = dir.join(MODEL);
         save_component::<UNet2DConditionModel>(&unet_cfg, &tensors, UNET, &dest.join("decoder"))?;

@@ -131,7 +131,7 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
     let hooks = StageHooks { step: &mut step, after: &mut after, pictures: &mut pictures };
     let dir = ctx.stage_dir("prior");
     let steps = loop_::train(ctx, "prior", &vs, t, &[], &loader, holdout.as_ref(), hooks)?;
-    if steps.finished {
+    if steps.finished && ctx.is_main() {
         unclip_core::weights::load_file(
             &vs,
             &dir.join(WEIGHTS),
