@@ -235,8 +235,9 @@ fn broken_shard(dir: &Path) -> PathBuf {
 fn bad_items_are_skipped_counted_and_named() {
     let dir = scratch_dir("data-bad").unwrap();
     let shard = broken_shard(&dir);
-    let wds: Arc<dyn Dataset> =
-        Arc::new(WebDataset::open(&[shard.clone()], &WebDatasetOptions::default()).unwrap());
+    let wds: Arc<dyn Dataset> = Arc::new(
+        WebDataset::open(std::slice::from_ref(&shard), &WebDatasetOptions::default()).unwrap(),
+    );
     assert_eq!(wds.len(), 11);
     let cfg = LoaderConfig { max_bad_fraction: 0.5, ..config(3, 1, 2) };
     let loader = Loader::new(wds.clone(), cfg).unwrap();
@@ -293,9 +294,12 @@ fn missing_shards_and_misaligned_embeddings_are_named_errors() {
         Arc::new(WebDataset::open(&[shard0], &WebDatasetOptions::default()).unwrap());
     // Embeddings of shard 00001's images joined to shard 00000: the first foreign key is named.
     let wrong = fake_embeddings(&dir, &all, 16..20);
-    let err = WithEmbeddings::new(images.clone(), EmbeddingShards::open(&[wrong.clone()]).unwrap())
-        .err()
-        .unwrap();
+    let err = WithEmbeddings::new(
+        images.clone(),
+        EmbeddingShards::open(std::slice::from_ref(&wrong)).unwrap(),
+    )
+    .err()
+    .unwrap();
     assert!(matches!(err, DataError::Misaligned { .. }), "{err}");
     assert!(
         err.to_string().contains("000010000") && err.to_string().contains("00016.safetensors"),
