@@ -199,7 +199,8 @@ validate_every = 3
     let run = dir.join("run/decoder");
     let csv = std::fs::read_to_string(run.join("loss.csv")).unwrap();
     assert_eq!(csv.lines().count(), 4, "one row per step, from rank 0 alone:\n{csv}");
-    assert!(run.join("done.json").is_file() && run.join("model/decoder/config.json").is_file());
+    assert!(run.join(unclip::core::fsutil::COMPLETE_MARKER).is_file());
+    assert!(run.join("model/decoder/config.json").is_file());
     assert!(run.join("validation/step-00000003.png").is_file());
 
     // Stopped after 2 steps and rerun with the same world size: bit for bit the same weights

@@ -359,11 +359,17 @@ impl Unclip {
                  variations or pass a description)"
             )));
         }
-        // The memory check first: for a request too large to run at once it says how much it
-        // would need and points to chunked generation, more use than the hard count limit.
-        check_steps("num_images_per_prompt", req.num_images_per_prompt)?;
-        self.check_fits(request_images(req)?)?;
-        check_count("num_images_per_prompt", req.num_images_per_prompt)?;
+        let images = request_images(req)?;
+        if let Err(Error::Input(count)) =
+            check_count("num_images_per_prompt", req.num_images_per_prompt)
+        {
+            // Past the hard limit, also say what it would need and point to chunked generation.
+            return Err(Error::Input(match self.check_fits(images) {
+                Err(fit) => format!("{count}: {fit}"),
+                Ok(()) => count,
+            }));
+        }
+        self.check_fits(images)?;
         check_count("prior_candidates", req.prior_candidates)?;
         check_product(&[
             ("prompts", req.prompts.len()),
