@@ -225,20 +225,7 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
         Ok((l.loss, extra))
     };
     let mut after = || Ok(());
-    let grid_batch = match &ctx.data.holdout {
-        Some(h) if ctx.cfg.validation.grid > 0 => {
-            let n = ctx.cfg.validation.grid.min(h.len());
-            let l = super::super::source::loader(
-                h.clone(),
-                &ctx.cfg.data,
-                ctx.seed(),
-                0x9e1d,
-                needs(n),
-            )?;
-            Some(l.batch(0)?)
-        }
-        _ => None,
-    };
+    let grid_batch = super::grid_batch(ctx, needs)?;
     let (ucfg, pcfg) = (unet_cfg.clone(), proj_cfg.clone());
     let steps_n = ctx.cfg.validation.sample_steps;
     let mut pictures = |done: u64, ema: Option<&Ema>, dir: &Path| -> Result<()> {

@@ -11,6 +11,22 @@ use super::loop_::{Ctx, StageSteps};
 use super::{Result, TrainError};
 use std::path::{Path, PathBuf};
 
+/// The held-out batch a validation grid shows (`validation.grid` items, the same every time), or
+/// `None` without a held-out split or a grid.
+pub(crate) fn grid_batch(
+    ctx: &Ctx,
+    needs: impl Fn(usize) -> super::source::Needs,
+) -> Result<Option<crate::data::Batch>> {
+    match &ctx.data.holdout {
+        Some(h) if ctx.cfg.validation.grid > 0 => {
+            let n = ctx.cfg.validation.grid.min(h.len());
+            let l = super::source::loader(h.clone(), &ctx.cfg.data, ctx.seed(), 0x9e1d, needs(n))?;
+            Ok(Some(l.batch(0)?))
+        }
+        _ => Ok(None),
+    }
+}
+
 pub(crate) fn run(ctx: &Ctx, name: &str) -> Result<StageSteps> {
     match name {
         "tokenizer" => {

@@ -99,20 +99,7 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
         Ok((l.loss, vec![]))
     };
     let mut after = || Ok(());
-    let grid_batch = match &ctx.data.holdout {
-        Some(h) if ctx.cfg.validation.grid > 0 => {
-            let n = ctx.cfg.validation.grid.min(h.len());
-            let l = super::super::source::loader(
-                h.clone(),
-                &ctx.cfg.data,
-                ctx.seed(),
-                0x9e1d,
-                needs(n),
-            )?;
-            Some(l.batch(0)?)
-        }
-        _ => None,
-    };
+    let grid_batch = super::grid_batch(ctx, needs)?;
     let low_side = stage.low_resolution as i64;
     let sched = super::decoder::scheduler_config(pred, "fixed_small_log");
     let n_steps = ctx.cfg.validation.sample_steps;
