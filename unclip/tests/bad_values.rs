@@ -5,7 +5,6 @@
 
 use std::cell::Cell;
 use std::path::Path;
-use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
 use unclip::traits::TextConditioning;
 use unclip::{
@@ -14,35 +13,8 @@ use unclip::{
 };
 use unclip_core::testing::fixture_path;
 
-static RNG: Mutex<()> = Mutex::new(());
-
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    RNG.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn model() -> Unclip {
-    let mut m = Unclip::from_pretrained(fixture_path("pipeline/text2img"), &LoadOptions::default())
-        .unwrap();
-    let var = fixture_path("pipeline/variation");
-    m.load_image_encoder(
-        &var.join("image_encoder"),
-        Some(&var.join("feature_extractor")),
-        Device::Cpu,
-        Kind::Float,
-    )
-    .unwrap();
-    m
-}
-
-fn small(prompt: &str) -> TextToImage {
-    TextToImage {
-        prior_steps: 2,
-        decoder_steps: 2,
-        super_res_steps: 2,
-        seed: Some(3),
-        ..TextToImage::new(prompt)
-    }
-}
+mod common;
+use common::{lock, small, with_image_encoder as model};
 
 fn dec() -> DecodeOptions {
     DecodeOptions { decoder_steps: 2, super_res_steps: 2, seed: Some(1), ..Default::default() }
@@ -114,15 +86,17 @@ fn opposite_embeddings_interpolate_to_finite_images() {
     let _g = lock();
     let mut m = model();
     let e = m.embed_images(&[image()]).unwrap();
-    let g = m
-        .interpolate(
+    let mut opposite = || {
+        m.interpolate(
             &Endpoint::Embedding(e.shallow_clone()),
             &Endpoint::Embedding(e.neg()),
             3,
             &dec(),
             &mut no_progress,
         )
-        .unwrap();
+        .unwrap()
+    };
+    let g = opposite();
     assert!(finite(&g.image_embeddings) && finite(&g.images), "NaN frames");
     let mid = g.image_embeddings.get(1);
     let cos = (mid.dot(&e.get(0)) / (mid.norm() * e.get(0).norm())).double_value(&[]);
@@ -130,16 +104,7 @@ fn opposite_embeddings_interpolate_to_finite_images() {
     let end = g.image_embeddings.get(2);
     assert!((end + e.get(0)).abs().max().double_value(&[]) < 1e-4, "ends at the opposite");
     // Same request, same frames.
-    let again = m
-        .interpolate(
-            &Endpoint::Embedding(e.shallow_clone()),
-            &Endpoint::Embedding(e.neg()),
-            3,
-            &dec(),
-            &mut no_progress,
-        )
-        .unwrap();
-    assert!(again.images.equal(&g.images));
+    assert!(opposite().images.equal(&g.images));
 }
 
 /// The stage's predictions turn NaN from its second call on (a broken weight, say).

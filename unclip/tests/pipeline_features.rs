@@ -3,7 +3,6 @@
 //! inversion, interpolation, text diffs.
 
 use std::path::Path;
-use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
 use unclip::{
     DecodeOptions, Endpoint, Error, LoadOptions, Start, TextToImage, Unclip, Variations,
@@ -11,38 +10,8 @@ use unclip::{
 };
 use unclip_core::testing::{fixture_path, max_abs_diff};
 
-static RNG: Mutex<()> = Mutex::new(());
-
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    RNG.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn t2i() -> Unclip {
-    Unclip::from_pretrained(fixture_path("pipeline/text2img"), &LoadOptions::default()).unwrap()
-}
-
-fn with_image_encoder() -> Unclip {
-    let mut m = t2i();
-    let var = fixture_path("pipeline/variation");
-    m.load_image_encoder(
-        &var.join("image_encoder"),
-        Some(&var.join("feature_extractor")),
-        Device::Cpu,
-        Kind::Float,
-    )
-    .unwrap();
-    m
-}
-
-fn small(prompt: &str) -> TextToImage {
-    TextToImage {
-        prior_steps: 2,
-        decoder_steps: 2,
-        super_res_steps: 2,
-        seed: Some(3),
-        ..TextToImage::new(prompt)
-    }
-}
+mod common;
+use common::{lock, small, t2i, with_image_encoder};
 
 fn tmp(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("unclip-test-{}-{name}", std::process::id()));
