@@ -159,6 +159,7 @@ impl Progress {
                 Stage::Prior => "prior",
                 Stage::Decoder => "decoder",
                 Stage::SuperRes => "super-res",
+                Stage::SuperRes2 => "super-res 2",
                 Stage::Inversion => "inversion",
             });
         }

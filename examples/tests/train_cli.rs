@@ -446,3 +446,42 @@ fn the_prior_trains_on_embedding_shards() {
     assert!(dir.join("run/prior/model/prior/diffusion_pytorch_model.safetensors").is_file());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The 64 -> 256 px upsampler config trains a few steps and its export, swapped into a copy of
+/// the shipped folder, makes that folder's pipeline write 256 px images.
+#[test]
+fn the_256_px_upsampler_config_trains_and_extends_the_cascade() {
+    let dir = unclip::core::fsutil::scratch_dir("train-cli-256").unwrap();
+    let config = s(&root().join("configs/shapes/upsampler-256.toml"));
+    let sets = [
+        format!("run.out={:?}", s(&dir.join("run"))),
+        "data.items=16".into(),
+        "validation.items=2".into(),
+        "validation.grid=1".into(),
+        "validation.sample_steps=2".into(),
+        "upsampler2.train.steps=2".into(),
+        "upsampler2.train.batch_size=1".into(),
+    ];
+    let out = train_ok(&with_sets(&["--config", &config], &sets));
+    assert!(out.contains("complete: [upsampler2]"), "{out}");
+    let copy = dir.join("shapes-copy");
+    let status = Command::new("cp")
+        .args(["-r", &s(&root().join("models/shapes")), &s(&copy)])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    train_ok(&with_sets(&["export", "--config", &config, "--to", &s(&copy)], &sets));
+    let mut m =
+        Unclip::from_pretrained(&copy, &LoadOptions::new(Device::Cpu, Kind::Float)).unwrap();
+    assert!(m.upsampler_2.is_some());
+    let req = TextToImage {
+        seed: Some(0),
+        prior_steps: 2,
+        decoder_steps: 2,
+        super_res_steps: 2,
+        ..m.sampling.text_to_image("a red circle on a blue background")
+    };
+    let g = m.text_to_image(&req, &mut unclip::no_progress).unwrap();
+    assert_eq!(g.images.size(), vec![1, 3, 256, 256]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -52,7 +52,8 @@ pub use error::{Error, Result};
 pub use loading::LoadOptions;
 pub use manipulate::{Endpoint, slerp, text_diff_embedding};
 pub use pipeline::{
-    Candidates, DecodeOptions, Generation, Stage, StepInfo, TextToImage, Unclip, no_progress,
+    Candidates, CascadeStage, DecodeOptions, Generation, Stage, StepInfo, TextToImage, Unclip,
+    no_progress,
 };
 pub use rerank::Ranked;
 pub use sampling::SamplingDefaults;

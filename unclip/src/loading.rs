@@ -2,7 +2,7 @@
 //! one folder per component), as `kakaobrain/karlo-v1-alpha` and
 //! `karlo-v1-alpha-image-variations` are published. Device and dtype are chosen per component.
 
-use crate::pipeline::Unclip;
+use crate::pipeline::{CascadeStage, Unclip};
 use crate::sampling::SamplingDefaults;
 use crate::stages::{ClipImageEncoder, ClipTextEncoder, KarloDecoder, KarloPrior, KarloUpsampler};
 use crate::{Error, Result};
@@ -23,10 +23,13 @@ use unclip_scheduler::{
 pub const TEXT_TO_IMAGE: &str = "UnCLIPPipeline";
 pub const IMAGE_VARIATION: &str = "UnCLIPImageVariationPipeline";
 const SCHEDULERS: [&str; 3] = ["prior_scheduler", "decoder_scheduler", "super_res_scheduler"];
+/// The optional second upsampler and its sampler ([`crate::CascadeStage`]; not in Karlo folders).
+pub const SUPER_RES_2: &str = "super_res_2";
+pub const SUPER_RES_2_SCHEDULER: &str = "super_res_2_scheduler";
 
 /// Where each component is loaded: a default device and dtype, overridable per component
 /// (names as the folders: `text_encoder`, `image_encoder`, `prior`, `text_proj`, `decoder`,
-/// `super_res_first`, `super_res_last`).
+/// `super_res_first`, `super_res_last`, `super_res_2`).
 ///
 /// ```no_run
 /// # use unclip::{LoadOptions, tch::{Device, Kind}};
@@ -84,6 +87,7 @@ impl LoadOptions {
             "decoder",
             "super_res_first",
             "super_res_last",
+            SUPER_RES_2,
         ];
         for (name, (device, kind)) in self
             .overrides
@@ -174,7 +178,10 @@ pub fn inspect(dir: &Path) -> Result<(String, Value)> {
         });
     }
     let mut problems = Vec::new();
-    for &comp in required_components(&class) {
+    // The second upsampler is optional; listed, it needs its folder and its sampler.
+    let cascade: &[&str] =
+        if index.get(SUPER_RES_2).is_some() { &[SUPER_RES_2, SUPER_RES_2_SCHEDULER] } else { &[] };
+    for &comp in required_components(&class).iter().chain(cascade) {
         if index.get(comp).is_none() {
             problems.push(format!("model_index.json does not list {comp}"));
         }
@@ -345,7 +352,7 @@ impl Unclip {
     pub fn from_pretrained(dir: impl AsRef<Path>, opts: &LoadOptions) -> Result<Self> {
         opts.check()?;
         let dir = &crate::hub::resolve(dir.as_ref())?;
-        let (class, _) = inspect(dir)?;
+        let (class, index) = inspect(dir)?;
         let sub = |c: &str| dir.join(c);
 
         let text_encoder = {
@@ -385,6 +392,18 @@ impl Unclip {
             last: Some(load_component(opts, "super_res_last", &sub("super_res_last"))?),
         };
 
+        let upsampler_2 = if index.get(SUPER_RES_2).is_some() {
+            let d = sub(SUPER_RES_2);
+            let upsampler =
+                KarloUpsampler { first: load_component(opts, SUPER_RES_2, &d)?, last: None };
+            let path = sub(SUPER_RES_2_SCHEDULER).join("scheduler_config.json");
+            let (scheduler, _, v) =
+                load_scheduler(&path).map_err(component_err(SUPER_RES_2_SCHEDULER, &path))?;
+            Some((CascadeStage { upsampler: Box::new(upsampler), scheduler }, v))
+        } else {
+            None
+        };
+
         let mut configs = BTreeMap::new();
         let mut scheds = Vec::new();
         let mut learned = false;
@@ -413,6 +432,10 @@ impl Unclip {
             decoder_scheduler,
             super_res_scheduler,
         );
+        if let Some((stage, v)) = upsampler_2 {
+            configs.insert(SUPER_RES_2_SCHEDULER.to_string(), v);
+            pipe.upsampler_2 = Some(stage);
+        }
         pipe.image_encoder = image_encoder;
         pipe.decoder_learned_variance = learned;
         pipe.scheduler_configs = configs;
@@ -456,6 +479,18 @@ impl Unclip {
             u.save_pretrained(&sub("super_res_first"), &sub("super_res_last"))?;
             add("super_res_first", "diffusers", "UNet2DModel");
             add("super_res_last", "diffusers", "UNet2DModel");
+        }
+        if let Some(stage) = &self.upsampler_2 {
+            stage.upsampler.save_pretrained(&sub(SUPER_RES_2), &sub(SUPER_RES_2))?;
+            add(SUPER_RES_2, "diffusers", "UNet2DModel");
+            let v =
+                self.scheduler_configs.get(SUPER_RES_2_SCHEDULER).cloned().ok_or_else(|| {
+                    Error::Pipeline("the second upsampler has no scheduler config to save".into())
+                })?;
+            let d = sub(SUPER_RES_2_SCHEDULER);
+            std::fs::create_dir_all(&d).map_err(|e| unclip_core::Error::io(&d, e))?;
+            unclip_core::config::write_json(&d.join("scheduler_config.json"), &v)?;
+            add(SUPER_RES_2_SCHEDULER, "diffusers", "UnCLIPScheduler");
         }
         for name in SCHEDULERS {
             if name == "prior_scheduler" && self.prior.is_none() {

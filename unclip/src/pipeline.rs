@@ -20,6 +20,8 @@ pub enum Stage {
     Prior,
     Decoder,
     SuperRes,
+    /// The second super-resolution stage ([`Unclip::upsampler_2`]).
+    SuperRes2,
     /// DDIM inversion of an input image (variations from the image itself).
     Inversion,
 }
@@ -30,6 +32,7 @@ impl std::fmt::Display for Stage {
             Stage::Prior => "prior",
             Stage::Decoder => "decoder",
             Stage::SuperRes => "super-resolution",
+            Stage::SuperRes2 => "second super-resolution",
             Stage::Inversion => "DDIM inversion",
         })
     }
@@ -211,6 +214,14 @@ pub struct Generation {
     pub warnings: Vec<String>,
 }
 
+/// A further super-resolution stage run on the first upsampler's output, with its own sampler
+/// (Karlo stops at 256 px after one; the embedded model goes 32 -> 64 -> 256 px). Stored as
+/// `super_res_2/` and `super_res_2_scheduler/` in a model folder, our extension of the layout.
+pub struct CascadeStage {
+    pub upsampler: Box<dyn Upsampler>,
+    pub scheduler: Box<dyn Scheduler>,
+}
+
 /// An unCLIP model: the stages and their samplers. Any stage can be replaced by assigning the
 /// public fields (e.g. another prior, a DDIM decoder sampler, no upsampler).
 pub struct Unclip {
@@ -220,6 +231,8 @@ pub struct Unclip {
     pub decoder: Box<dyn Decoder>,
     /// `None`: the decoder's image is the output.
     pub upsampler: Option<Box<dyn Upsampler>>,
+    /// A second upsampler after `upsampler` (`None` in Karlo folders).
+    pub upsampler_2: Option<CascadeStage>,
     /// Needed for image variations, interpolation, text diffs and reranking.
     pub image_encoder: Option<Box<dyn ImageEncoder>>,
     pub prior_scheduler: Box<dyn Scheduler>,
@@ -241,6 +254,7 @@ impl std::fmt::Debug for Unclip {
             .field("class", &self.source_class)
             .field("prior", &self.prior.is_some())
             .field("upsampler", &self.upsampler.is_some())
+            .field("upsampler_2", &self.upsampler_2.is_some())
             .field("image_encoder", &self.image_encoder.is_some())
             .finish()
     }
@@ -314,6 +328,7 @@ impl Unclip {
             prior,
             decoder,
             upsampler,
+            upsampler_2: None,
             image_encoder: None,
             prior_scheduler,
             decoder_scheduler,
@@ -468,6 +483,11 @@ impl Unclip {
             let (c2, h2, w2) = up.sample_shape()?;
             let elt2 = unclip_core::memory::element_size(up.kind());
             per_image += (c2 as u128 * elt2 * 2 + 3 * 4) * (h2 as u128) * (w2 as u128);
+        }
+        if let Some(s) = &self.upsampler_2 {
+            let (c3, h3, w3) = s.upsampler.sample_shape()?;
+            let elt3 = unclip_core::memory::element_size(s.upsampler.kind());
+            per_image += (c3 as u128 * elt3 * 2 + 3 * 4) * (h3 as u128) * (w3 as u128);
         }
         images
             .checked_mul(per_image)
@@ -684,14 +704,25 @@ impl Unclip {
         self.super_res_scheduler.set_timesteps(steps)?;
         let sigma = self.super_res_scheduler.init_noise_sigma();
         let x = noise.randn(&[b, c2, h2, w2], up.kind(), up.device()).f_mul_scalar(sigma)?;
-        run_loop(
+        let out = run_loop(
             Stage::SuperRes,
             self.super_res_scheduler.as_mut(),
             x,
             noise,
             progress,
             |x, t, _, last| up.predict(x, &low, t, last),
-        )
+        )?;
+        let Some(stage) = self.upsampler_2.as_mut() else { return Ok(out) };
+        let up = stage.upsampler.as_ref();
+        let low = up.condition(&out.f_clamp(-1.0, 1.0)?)?;
+        drop(out);
+        let (c3, h3, w3) = up.sample_shape()?;
+        stage.scheduler.set_timesteps(steps)?;
+        let sigma = stage.scheduler.init_noise_sigma();
+        let x = noise.randn(&[b, c3, h3, w3], up.kind(), up.device()).f_mul_scalar(sigma)?;
+        run_loop(Stage::SuperRes2, stage.scheduler.as_mut(), x, noise, progress, |x, t, _, last| {
+            up.predict(x, &low, t, last)
+        })
     }
 }
 

@@ -46,6 +46,9 @@ pub struct RunConfig {
     pub decoder: Option<DecoderStage>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upsampler: Option<UpsamplerStage>,
+    /// A second upsampler after `[upsampler]` (e.g. 64 -> 256 px), exported as `super_res_2/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upsampler2: Option<UpsamplerStage>,
     #[serde(default)]
     pub export: ExportConfig,
 }
@@ -398,7 +401,7 @@ pub struct UpsamplerStage {
 }
 
 /// `[export]`: what the exported model folder recommends.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExportConfig {
     /// `sampling_config.json`'s decoder guidance (Karlo's 8 when absent).
@@ -409,8 +412,15 @@ pub struct ExportConfig {
     pub half: bool,
 }
 
+/// A file without `[export]` gets the same defaults as an empty `[export]` (f16 weights).
+impl Default for ExportConfig {
+    fn default() -> Self {
+        Self { decoder_guidance_scale: None, half: true }
+    }
+}
+
 /// The stages in training order.
-pub const STAGES: [&str; 5] = ["tokenizer", "clip", "prior", "decoder", "upsampler"];
+pub const STAGES: [&str; 6] = ["tokenizer", "clip", "prior", "decoder", "upsampler", "upsampler2"];
 
 impl RunConfig {
     /// Reads `path`, applies `key=value` overrides (dotted keys; values in TOML syntax, or bare
@@ -456,6 +466,7 @@ impl RunConfig {
             self.prior.is_some(),
             self.decoder.is_some(),
             self.upsampler.is_some(),
+            self.upsampler2.is_some(),
         ];
         STAGES.iter().zip(present).filter(|(_, p)| *p).map(|(s, _)| *s).collect()
     }
@@ -467,6 +478,7 @@ impl RunConfig {
             "prior" => self.prior.as_ref().map(|s| &s.train),
             "decoder" => self.decoder.as_ref().map(|s| &s.train),
             "upsampler" => self.upsampler.as_ref().map(|s| &s.train),
+            "upsampler2" => self.upsampler2.as_ref().map(|s| &s.train),
             _ => None,
         }
     }
@@ -477,6 +489,7 @@ impl RunConfig {
             "prior" => self.prior.as_mut().map(|s| &mut s.train),
             "decoder" => self.decoder.as_mut().map(|s| &mut s.train),
             "upsampler" => self.upsampler.as_mut().map(|s| &mut s.train),
+            "upsampler2" => self.upsampler2.as_mut().map(|s| &mut s.train),
             _ => None,
         }
     }
@@ -521,7 +534,7 @@ impl RunConfig {
         if self.stages().is_empty() {
             return err(
                 "stages",
-                "at least one stage section: [tokenizer], [clip], [prior], [decoder] or [upsampler]",
+                "at least one stage section: [tokenizer], [clip], [prior], [decoder], [upsampler] or [upsampler2]",
             );
         }
         if self.validation.grid > 64 {
@@ -635,35 +648,9 @@ impl RunConfig {
                 return err("decoder.high_noise_from", "a timestep in 0..1000");
             }
         }
-        if let Some(u) = &self.upsampler {
-            if u.init.is_none() == u.model.is_none() {
-                return err("upsampler.model", "exactly one of upsampler.model and upsampler.init");
-            }
-            if let Some(m) = &u.model {
-                if m.channels.is_empty()
-                    || m.channels.iter().any(|&c| c <= 0 || c % m.norm_groups != 0)
-                {
-                    return err(
-                        "upsampler.model.channels",
-                        "positive channel counts divisible by norm_groups",
-                    );
-                }
-            }
-            if u.low_resolution == 0
-                || u.resolution <= u.low_resolution
-                || u.resolution % u.low_resolution != 0
-                || u.resolution > 4096
-            {
-                return err(
-                    "upsampler.resolution",
-                    "a multiple of upsampler.low_resolution, larger than it",
-                );
-            }
-            if u.crop <= 0 || u.crop > u.resolution as i64 {
-                return err("upsampler.crop", "from 1 to upsampler.resolution");
-            }
-            if !(0.0..=10.0).contains(&u.blur_sigma) {
-                return err("upsampler.blur_sigma", "from 0 to 10");
+        for (name, u) in [("upsampler", &self.upsampler), ("upsampler2", &self.upsampler2)] {
+            if let Some(u) = u {
+                validate_upsampler(name, u)?;
             }
         }
         if let Some(g) = self.export.decoder_guidance_scale {
@@ -720,7 +707,7 @@ impl RunConfig {
                 if same.$f.is_none() || old.$f.is_none() { same.$f = old.$f.clone(); }
             )*};
         }
-        keep_absent!(tokenizer, clip, prior, decoder, upsampler);
+        keep_absent!(tokenizer, clip, prior, decoder, upsampler, upsampler2);
         if &same != old {
             let a = toml::Value::try_from(&same).ok();
             let b = toml::Value::try_from(old).ok();
@@ -826,4 +813,34 @@ fn diff_keys(a: &toml::Value, b: &toml::Value, prefix: String, out: &mut Vec<Str
         _ if a != b => out.push(prefix),
         _ => {}
     }
+}
+
+/// `[upsampler]` or `[upsampler2]` (`name`): impossible values as (key, what was expected).
+fn validate_upsampler(name: &str, u: &UpsamplerStage) -> Result<(), (String, String)> {
+    let err = |k: &str, m: String| Err((format!("{name}.{k}"), m));
+    if u.init.is_none() == u.model.is_none() {
+        return err("model", format!("exactly one of {name}.model and {name}.init"));
+    }
+    if let Some(m) = &u.model {
+        if m.channels.is_empty() || m.channels.iter().any(|&c| c <= 0 || c % m.norm_groups != 0) {
+            return err(
+                "model.channels",
+                "positive channel counts divisible by norm_groups".into(),
+            );
+        }
+    }
+    if u.low_resolution == 0
+        || u.resolution <= u.low_resolution
+        || u.resolution % u.low_resolution != 0
+        || u.resolution > 4096
+    {
+        return err("resolution", format!("a multiple of {name}.low_resolution, larger than it"));
+    }
+    if u.crop <= 0 || u.crop > u.resolution as i64 {
+        return err("crop", format!("from 1 to {name}.resolution"));
+    }
+    if !(0.0..=10.0).contains(&u.blur_sigma) {
+        return err("blur_sigma", "from 0 to 10".into());
+    }
+    Ok(())
 }

@@ -33,12 +33,13 @@ pub struct ExportOptions {
 }
 
 /// The components each stage writes into `<run>/<stage>/model/`.
-const STAGE_COMPONENTS: [(&str, &[&str]); 5] = [
+const STAGE_COMPONENTS: [(&str, &[&str]); 6] = [
     ("tokenizer", &["tokenizer"]),
     ("clip", &["text_encoder", "image_encoder", "feature_extractor"]),
     ("prior", &["prior", "prior_scheduler"]),
     ("decoder", &["decoder", "text_proj", "decoder_scheduler"]),
     ("upsampler", &["super_res_first", "super_res_last", "super_res_scheduler"]),
+    ("upsampler2", &[crate::loading::SUPER_RES_2, crate::loading::SUPER_RES_2_SCHEDULER]),
 ];
 
 fn class_of(component: &str) -> Value {
@@ -50,7 +51,7 @@ fn class_of(component: &str) -> Value {
         "prior" => ("diffusers", "PriorTransformer"),
         "text_proj" => ("unclip", "UnCLIPTextProjModel"),
         "decoder" => ("diffusers", "UNet2DConditionModel"),
-        "super_res_first" | "super_res_last" => ("diffusers", "UNet2DModel"),
+        "super_res_first" | "super_res_last" | "super_res_2" => ("diffusers", "UNet2DModel"),
         _ => ("diffusers", "UnCLIPScheduler"),
     };
     json!([lib, class])

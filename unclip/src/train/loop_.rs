@@ -246,7 +246,7 @@ impl Trainer {
         if let Some(d) = &c.decoder {
             side = side.max(d.resolution);
         }
-        if let Some(u) = &c.upsampler {
+        for u in [&c.upsampler, &c.upsampler2].into_iter().flatten() {
             side = side.max(u.resolution);
         }
         if let Some(m) = c.clip.as_ref().and_then(|c| c.model.as_ref()) {
@@ -291,6 +291,7 @@ fn preflight(cfg: &RunConfig, file: &Path) -> Result<()> {
         ("prior.init", cfg.prior.as_ref().and_then(|s| s.init.as_ref())),
         ("decoder.init", cfg.decoder.as_ref().and_then(|s| s.init.as_ref())),
         ("upsampler.init", cfg.upsampler.as_ref().and_then(|s| s.init.as_ref())),
+        ("upsampler2.init", cfg.upsampler2.as_ref().and_then(|s| s.init.as_ref())),
     ] {
         if let Some(p) = p {
             missing(key, p, "a component folder or a model folder")?;

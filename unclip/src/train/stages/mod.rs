@@ -36,7 +36,8 @@ pub(crate) fn run(ctx: &Ctx, name: &str) -> Result<StageSteps> {
         "clip" => clip::run(ctx),
         "prior" => prior::run(ctx),
         "decoder" => decoder::run(ctx),
-        "upsampler" => upsampler::run(ctx),
+        "upsampler" => upsampler::run(ctx, "upsampler"),
+        "upsampler2" => upsampler::run(ctx, "upsampler2"),
         other => Err(TrainError::stage(other, "no such stage")),
     }
 }

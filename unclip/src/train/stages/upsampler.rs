@@ -9,6 +9,7 @@ use super::super::{Result, TrainError, write_json};
 use super::decoder::prediction;
 use super::{component_dir, seed_init};
 use crate::data::Batch;
+use crate::loading::{SUPER_RES_2, SUPER_RES_2_SCHEDULER};
 use serde_json::{Value, json};
 use std::path::Path;
 use tch::{Kind, Tensor};
@@ -37,27 +38,32 @@ pub(crate) fn model_config(m: &UpsamplerModelConfig, side: u32) -> Value {
     })
 }
 
-pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
-    let stage = ctx
-        .cfg
-        .upsampler
-        .as_ref()
-        .ok_or_else(|| TrainError::stage("upsampler", "no [upsampler] section"))?;
+/// Trains `[upsampler]` (exported as Karlo's `super_res_first`/`super_res_last`) or
+/// `[upsampler2]` (`name`; exported as `super_res_2`, run after the first).
+pub(crate) fn run(ctx: &Ctx, name: &'static str) -> Result<StageSteps> {
+    let (section, unet_names, sched_name): (_, &[&str], _) = match name {
+        "upsampler" => {
+            (&ctx.cfg.upsampler, &["super_res_first", "super_res_last"], "super_res_scheduler")
+        }
+        _ => (&ctx.cfg.upsampler2, &[SUPER_RES_2], SUPER_RES_2_SCHEDULER),
+    };
+    let stage =
+        section.as_ref().ok_or_else(|| TrainError::stage(name, format!("no [{name}] section")))?;
     let device = ctx.device;
     let (cfg, init): (UNet2DConfig, _) = match (&stage.init, &stage.model) {
         (Some(init), _) => {
-            let dir = component_dir(init, "super_res_first", "upsampler.init")?;
+            let dir = component_dir(init, unet_names[0], &format!("{name}.init"))?;
             (checkpoint::read_config::<UNet2DModel>(&dir)?, Some(dir))
         }
         (None, Some(m)) => (
             serde_json::from_value(model_config(m, stage.resolution))
-                .map_err(|e| TrainError::stage("upsampler", format!("model config: {e}")))?,
+                .map_err(|e| TrainError::stage(name, format!("model config: {e}")))?,
             None,
         ),
         (None, None) => {
             return Err(TrainError::stage(
-                "upsampler",
-                "upsampler.model or upsampler.init is required",
+                name,
+                format!("{name}.model or {name}.init is required"),
             ));
         }
     };
@@ -70,7 +76,7 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
             &dir.join("diffusion_pytorch_model.safetensors"),
             Unexpected::Error,
         )?;
-        println!("upsampler: started from {}", dir.display());
+        println!("{name}: started from {}", dir.display());
     }
     let pred = prediction(stage.prediction);
     let corruption = if stage.blur_sigma > 0.0 {
@@ -88,13 +94,13 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
         clip_resolution: None,
         low_resolution: None,
     };
-    let (loader, holdout) = ctx.loaders("upsampler", needs, t.batch_size)?;
+    let (loader, holdout) = ctx.loaders(name, needs, t.batch_size)?;
     let unet = &loaded.model;
     let mut step = |batch: &Batch| -> Result<(Tensor, Vec<f64>)> {
         let high = batch
             .images
             .as_ref()
-            .ok_or_else(|| TrainError::stage("upsampler", "the batch has no images"))?;
+            .ok_or_else(|| TrainError::stage(name, "the batch has no images"))?;
         let l = trainer.loss(unet, &high.f_to_device(device)?, &mut TorchNoise::unseeded())?;
         Ok((l.loss, vec![]))
     };
@@ -114,7 +120,7 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
         let low = resize_bicubic_aa(&high.f_to_device(device)?, low_side, low_side)?;
         let mut scheduler = unclip_scheduler::UnCLIPScheduler::new(
             serde_json::from_value(sched.clone())
-                .map_err(|e| TrainError::stage("upsampler", e.to_string()))?,
+                .map_err(|e| TrainError::stage(name, e.to_string()))?,
         )?;
         let settings = SuperResSampling { num_inference_steps: n_steps, size: None };
         tch::manual_seed(ctx.seed() as i64);
@@ -133,17 +139,16 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
         super::super::grid::save(dir, done, Some(&low_up), &out)
     };
     let hooks = StageHooks { step: &mut step, after: &mut after, pictures: &mut pictures };
-    let dir = ctx.stage_dir("upsampler");
-    let steps =
-        loop_::train(ctx, "upsampler", &loaded.vs, t, &[], &loader, holdout.as_ref(), hooks)?;
+    let dir = ctx.stage_dir(name);
+    let steps = loop_::train(ctx, name, &loaded.vs, t, &[], &loader, holdout.as_ref(), hooks)?;
     if steps.finished {
         unclip_core::weights::load_file(&loaded.vs, &dir.join(WEIGHTS), Unexpected::Error)?;
         let dest = dir.join(MODEL);
         // One upsampler serves as both Karlo super-res UNets (the last one runs the final step).
-        for name in ["super_res_first", "super_res_last"] {
-            checkpoint::save(&loaded, &dest.join(name), None)?;
+        for unet in unet_names {
+            checkpoint::save(&loaded, &dest.join(unet), None)?;
         }
-        write_json(&dest.join("super_res_scheduler").join("scheduler_config.json"), &sched)?;
+        write_json(&dest.join(sched_name).join("scheduler_config.json"), &sched)?;
     }
     Ok(steps)
 }
