@@ -189,6 +189,32 @@ fn print_shape_confusion(all: &[Case], reports: &[CheckReport]) {
     println!();
 }
 
+/// Single-object prompts that state a place: where the largest object found lies when it is not
+/// in the stated cell (its left-right mirror, its top-bottom mirror, elsewhere, or nothing found).
+fn print_position_errors(all: &[Case], reports: &[CheckReport]) {
+    let mut counts = [0usize; 5];
+    for (case, r) in all.iter().zip(reports) {
+        let [obj] = case.spec.objects.as_slice() else { continue };
+        let (Some(cell), PromptKind::Single) = (obj.cell, r.kind) else { continue };
+        let k = match r.detected.first().map(|d| d.cell) {
+            Some(c) if c == cell => 0,
+            Some(c) if c.row == cell.row && c.col == 2 - cell.col => 1,
+            Some(c) if c.col == cell.col && c.row == 2 - cell.row => 2,
+            Some(_) => 3,
+            None => 4,
+        };
+        counts[k] += 1;
+    }
+    if counts.iter().sum::<usize>() == 0 {
+        return;
+    }
+    println!(
+        "place of the largest object on single-object images that state one: right {}, \
+         left-right mirror {}, top-bottom mirror {}, elsewhere {}, none found {}\n",
+        counts[0], counts[1], counts[2], counts[3], counts[4]
+    );
+}
+
 /// The most prompts of one kind an evaluation takes (a larger count is a typo).
 const MAX_CASES: usize = 100_000;
 
@@ -220,8 +246,12 @@ fn main() -> anyhow::Result<()> {
         sampling.prior_guidance_scale,
         sampling.decoder_guidance_scale
     );
-    let (_, side, _) =
-        model.upsampler.as_ref().map_or(model.decoder.sample_shape(), |u| u.sample_shape())?;
+    // The output size: the last stage's.
+    let (_, side, _) = match (&model.upsampler_2, &model.upsampler) {
+        (Some(s), _) => s.upsampler.sample_shape()?,
+        (None, Some(u)) => u.sample_shape()?,
+        (None, None) => model.decoder.sample_shape()?,
+    };
     let (_, small_side, _) = model.decoder.sample_shape()?;
     anyhow::ensure!(cli.batch > 0, "--batch must be at least 1");
     anyhow::ensure!(cli.batch <= unclip::pipeline::MAX_BATCH, "--batch {} is too large", cli.batch);
@@ -285,6 +315,7 @@ fn main() -> anyhow::Result<()> {
     }
     println!("\nchecker on {} generated held-out images ({side} px):\n{table}", all.len());
     print_shape_confusion(&all, &reports);
+    print_position_errors(&all, &reports);
     let single = Some(PromptKind::Single);
     use unclip::shapes::Attribute as A;
     for (attr, target) in
