@@ -196,7 +196,7 @@ impl Trainer {
                 write_marker(&self.out().join(name), name, &self.cfg)?;
             }
             if let Some(d) = &self.dist {
-                d.barrier(name)?; // rank 0's exports and marker are written (the next stage reads them)
+                d.barrier(name)?; // the next stage reads rank 0's exports and marker
             }
             if steps.finished {
                 summary.complete.push(name.into());
