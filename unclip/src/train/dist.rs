@@ -263,3 +263,43 @@ fn digest(vs: &VarStore) -> Result<u64> {
 fn dist_err(stage: &str, e: unclip_dist::DistError) -> TrainError {
     TrainError::stage(stage, format!("data-parallel: {e}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    /// With global draws rank `r` of `w` gets rows `r, r + w, ...` of what one process draws
+    /// for the whole batch from the same seed: the rows of its items in the loader's order.
+    #[test]
+    fn global_draws_are_the_ranks_rows_of_one_process_draws() {
+        let _lock = unclip_scheduler::global_rng_lock();
+        let whole = |seed: i64| {
+            tch::manual_seed(seed);
+            let mut one = StepNoise::single();
+            (one.randn(&[6, 2, 3], Kind::Float, Device::Cpu), one.randint(1000, &[6], Device::Cpu))
+        };
+        let (n, t) = whole(4);
+        for rank in 0..3i64 {
+            tch::manual_seed(4);
+            let mut own = StepNoise { rows: Some((rank, 3)) };
+            let a = own.randn(&[2, 2, 3], Kind::Float, Device::Cpu);
+            let b = own.randint(1000, &[2], Device::Cpu);
+            assert!(a.equal(&n.slice(0, rank, 6, 3)), "rank {rank}: noise");
+            assert!(b.equal(&t.slice(0, rank, 6, 3)), "rank {rank}: integers");
+        }
+        // A draw without a batch dimension is the same on every rank, as in one process.
+        tch::manual_seed(9);
+        let s1 = StepNoise::single().randn(&[], Kind::Float, Device::Cpu);
+        tch::manual_seed(9);
+        let s2 = StepNoise { rows: Some((1, 2)) }.randn(&[], Kind::Float, Device::Cpu);
+        assert!(s1.equal(&s2));
+    }
+
+    #[test]
+    fn grad_mode_is_seen() {
+        assert!(grad_enabled());
+        assert!(!tch::no_grad(grad_enabled));
+        assert!(grad_enabled());
+    }
+}
