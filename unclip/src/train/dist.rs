@@ -57,8 +57,8 @@ impl Dist {
         }
     }
 
-    /// The noise source of this rank's training step (see [`StepNoise`]).
-    /// Plain draws without gradients (rank 0's held-out loss draws as a run of one does).
+    /// The noise source of this rank's training step (see [`StepNoise`]); plain draws while
+    /// autograd is off, so rank 0's held-out loss draws what a run of one process does.
     pub(crate) fn noise(&self) -> StepNoise {
         let global = self.global_draws && grad_enabled();
         StepNoise { rows: global.then_some((self.rank() as i64, self.world_size() as i64)) }
