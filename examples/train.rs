@@ -9,9 +9,10 @@
 //! Rerunning the same command resumes where the run stopped (bit for bit on the CPU). The
 //! effective config is printed and saved as `<run.out>/config.toml`. See `unclip::train`.
 //!
-//! Data parallel (prior and decoder stages): `--nproc N` starts N local ranks (one libtorch
-//! thread each unless `run.threads` is set with --set); under torchrun or `srun` (RANK,
-//! WORLD_SIZE, ... set) each process is one rank. `batch_size` is then the global batch.
+//! Data parallel (every stage; rank 0 alone builds the tokenizer): `--nproc N` starts N local
+//! ranks (one libtorch thread each unless `run.threads` is set with --set); under torchrun or
+//! `srun` (RANK, WORLD_SIZE, ... set) each process is one rank. `batch_size` is then the global
+//! batch.
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;

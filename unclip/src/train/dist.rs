@@ -4,25 +4,81 @@
 //! split evenly over the ranks), gradients and loss averaged in buckets after every backward pass
 //! (before clipping and the optimizer), so AdamW and the EMA move identically everywhere; rank 0
 //! alone writes checkpoints, logs, pictures and exports.
+//!
+//! Draws. By default each rank seeds its steps apart (rank 0 as a run of one) and draws the noise,
+//! timesteps, dropout and crops of its own items. With [`Dist::with_global_draws`] every rank
+//! draws those of the whole global batch from the step's shared seed and keeps the rows of its
+//! items ([`StepNoise`]), so the run trains what one process with the global batch would, up to
+//! the order of float sums: the check that the averaging is right, at world-size times the
+//! drawing work.
+//!
+//! CLIP's contrastive loss needs the whole global batch (every caption against every image):
+//! [`Dist::gather_global`] all-gathers the features as open_clip does.
 
 use super::{Result, TrainError};
 use std::rc::Rc;
 use tch::{Kind, Tensor, nn::VarStore};
 use unclip_core::train::{DataParallel, GradSync};
 use unclip_dist::{DEFAULT_BUCKET_BYTES, GradBuckets, ProcessGroup};
+use unclip_scheduler::{NoiseSource, TorchNoise};
 
 /// The stages that can train data-parallel.
-pub const DATA_PARALLEL_STAGES: &[&str] = &["prior", "decoder"];
+pub const DATA_PARALLEL_STAGES: &[&str] = &["clip", "prior", "decoder", "upsampler", "upsampler2"];
 
 /// This process's place in a data-parallel run.
 #[derive(Debug, Clone)]
 pub struct Dist {
     pg: Rc<ProcessGroup>,
+    global_draws: bool,
 }
 
 impl Dist {
     pub fn new(pg: ProcessGroup) -> Self {
-        Self { pg: Rc::new(pg) }
+        Self { pg: Rc::new(pg), global_draws: false }
+    }
+
+    /// Every rank draws the random numbers of the whole global batch and keeps its items' rows
+    /// (see the module documentation): the run then matches one process on the global batch.
+    /// Every rank of a run, and a resumed run, must use the same setting.
+    pub fn with_global_draws(mut self, on: bool) -> Self {
+        self.global_draws = on;
+        self
+    }
+
+    pub fn global_draws(&self) -> bool {
+        self.global_draws
+    }
+
+    /// Called after the loop seeded step `step`: with global draws every rank reseeds as a run
+    /// of one process does (the loop seeds the ranks apart).
+    pub(crate) fn seed_step(&self, seed: u64, step: u64) {
+        if self.global_draws {
+            unclip_core::train::seed_step(seed, step);
+        }
+    }
+
+    /// The noise source of this rank's training step (see [`StepNoise`]); plain draws while
+    /// autograd is off, so rank 0's held-out loss draws what a run of one process does.
+    pub(crate) fn noise(&self) -> StepNoise {
+        let global = self.global_draws && grad_enabled();
+        StepNoise { rows: global.then_some((self.rank() as i64, self.world_size() as i64)) }
+    }
+
+    /// The global batch of `local` (this rank's `(B, ..)` rows, e.g. CLIP features): every
+    /// rank's rows in rank order, this rank's own carrying their gradient (the gathered ones
+    /// carry none), times the world size. Each rank then computes the loss of the whole global
+    /// batch; the gradients it sends back reach only its own rows, so their sum over the ranks
+    /// is the global loss's gradient and the buckets' mean, with the factor, equals it. Terms
+    /// of the loss that do not go through the features (CLIP's temperature) get the same
+    /// gradient on every rank, unscaled, and so the right mean too.
+    pub fn gather_global(&self, stage: &str, local: &Tensor) -> Result<Tensor> {
+        let detached = local.f_detach()?.f_contiguous()?;
+        let mut all = self.pg.all_gather(&detached).map_err(|e| dist_err(stage, e))?;
+        // Same value as `local` exactly (the difference is zero); gradient times the world size.
+        let scaled =
+            detached.f_add(&local.f_sub(&detached)?.f_mul_scalar(self.world_size() as f64)?)?;
+        all[self.rank()] = scaled;
+        Ok(Tensor::f_cat(&all, 0)?)
     }
 
     pub fn rank(&self) -> usize {
@@ -120,6 +176,69 @@ impl Dist {
     }
 }
 
+/// Noise for a training step: plain [`TorchNoise`], or with global draws (`rows = (rank,
+/// world)`) each draw made for the whole global batch (its first dimension times the world
+/// size) and cut to this rank's rows. The loader gives rank `r` of `w` the items at positions
+/// `r, r + w, r + 2w, ...` of the global batch, so its rows are every `w`-th from `r`. Every
+/// draw of the stages' losses is per item along the first dimension.
+pub(crate) struct StepNoise {
+    rows: Option<(i64, i64)>,
+}
+
+impl StepNoise {
+    /// A run of one process: libtorch's generator as the loop seeded it.
+    pub(crate) fn single() -> Self {
+        Self { rows: None }
+    }
+
+    fn global_shape(&self, shape: &[i64]) -> Option<(Vec<i64>, i64, i64)> {
+        let (rank, world) = self.rows?;
+        let (first, rest) = shape.split_first()?;
+        let mut global = vec![first * world];
+        global.extend_from_slice(rest);
+        Some((global, rank, world))
+    }
+
+    fn own_rows(t: Tensor, rank: i64, world: i64) -> Tensor {
+        let n = t.size()[0];
+        t.slice(0, rank, n, world).contiguous()
+    }
+}
+
+impl NoiseSource for StepNoise {
+    fn randn(&mut self, shape: &[i64], kind: Kind, device: tch::Device) -> Tensor {
+        match self.global_shape(shape) {
+            Some((g, rank, world)) => {
+                let all = TorchNoise::unseeded().randn(&g, Kind::Float, tch::Device::Cpu);
+                Self::own_rows(all, rank, world).to_device(device).to_kind(kind)
+            }
+            None => TorchNoise::unseeded().randn(shape, kind, device),
+        }
+    }
+
+    fn randint(&mut self, high: i64, shape: &[i64], device: tch::Device) -> Tensor {
+        match self.global_shape(shape) {
+            Some((g, rank, world)) => {
+                let all = TorchNoise::unseeded().randint(high, &g, tch::Device::Cpu);
+                Self::own_rows(all, rank, world).to_device(device)
+            }
+            None => TorchNoise::unseeded().randint(high, shape, device),
+        }
+    }
+}
+
+/// Whether autograd records (false inside `tch::no_grad`): tch does not expose the mode, but an
+/// operation on a tensor that requires gradients yields one only while it records.
+fn grad_enabled() -> bool {
+    let probe = Tensor::zeros([1], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+    (&probe * 1.0).requires_grad()
+}
+
+/// The noise of a training step for `dist` (or a run of one process).
+pub(crate) fn step_noise(dist: Option<&Dist>) -> StepNoise {
+    dist.map_or_else(StepNoise::single, Dist::noise)
+}
+
 /// Trainable variables sorted by name: the same order on every rank.
 fn trainable(vs: &VarStore) -> Vec<(String, Tensor)> {
     let mut v: Vec<(String, Tensor)> =
@@ -143,4 +262,44 @@ fn digest(vs: &VarStore) -> Result<u64> {
 
 fn dist_err(stage: &str, e: unclip_dist::DistError) -> TrainError {
     TrainError::stage(stage, format!("data-parallel: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    /// With global draws rank `r` of `w` gets rows `r, r + w, ...` of what one process draws
+    /// for the whole batch from the same seed: the rows of its items in the loader's order.
+    #[test]
+    fn global_draws_are_the_ranks_rows_of_one_process_draws() {
+        let _lock = unclip_scheduler::global_rng_lock();
+        let whole = |seed: i64| {
+            tch::manual_seed(seed);
+            let mut one = StepNoise::single();
+            (one.randn(&[6, 2, 3], Kind::Float, Device::Cpu), one.randint(1000, &[6], Device::Cpu))
+        };
+        let (n, t) = whole(4);
+        for rank in 0..3i64 {
+            tch::manual_seed(4);
+            let mut own = StepNoise { rows: Some((rank, 3)) };
+            let a = own.randn(&[2, 2, 3], Kind::Float, Device::Cpu);
+            let b = own.randint(1000, &[2], Device::Cpu);
+            assert!(a.equal(&n.slice(0, rank, 6, 3)), "rank {rank}: noise");
+            assert!(b.equal(&t.slice(0, rank, 6, 3)), "rank {rank}: integers");
+        }
+        // A draw without a batch dimension is the same on every rank, as in one process.
+        tch::manual_seed(9);
+        let s1 = StepNoise::single().randn(&[], Kind::Float, Device::Cpu);
+        tch::manual_seed(9);
+        let s2 = StepNoise { rows: Some((1, 2)) }.randn(&[], Kind::Float, Device::Cpu);
+        assert!(s1.equal(&s2));
+    }
+
+    #[test]
+    fn grad_mode_is_seen() {
+        assert!(grad_enabled());
+        assert!(!tch::no_grad(grad_enabled));
+        assert!(grad_enabled());
+    }
 }

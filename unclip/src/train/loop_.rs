@@ -168,12 +168,15 @@ impl Trainer {
                 break;
             }
             if let Some(d) = &self.dist {
-                if !DATA_PARALLEL_STAGES.contains(&name) {
+                // The tokenizer is not trained by steps: rank 0 alone builds it.
+                if name != "tokenizer" && !DATA_PARALLEL_STAGES.contains(&name) {
                     return Err(TrainError::stage(
                         name,
                         format!(
-                            "trains with one process only (data parallel is implemented for {});                              run it alone first (`--stage {name}` without --nproc/torchrun), then                              rerun the {} processes",
-                            DATA_PARALLEL_STAGES.join(" and "),
+                            "trains with one process only (data parallel is implemented for {}); \
+                             run it alone first (`--stage {name}` without --nproc/torchrun), then \
+                             rerun the {} processes",
+                            DATA_PARALLEL_STAGES.join(", "),
                             d.world_size()
                         ),
                     ));
@@ -189,13 +192,13 @@ impl Trainer {
             };
             let steps = super::stages::run(&ctx, name)?;
             summary.steps += steps.steps;
+            if steps.finished && self.rank() == 0 {
+                write_marker(&self.out().join(name), name, &self.cfg)?;
+            }
             if let Some(d) = &self.dist {
-                d.barrier(name)?; // rank 0's exports are written
+                d.barrier(name)?; // the next stage reads rank 0's exports and marker
             }
             if steps.finished {
-                if self.rank() == 0 {
-                    write_marker(&self.out().join(name), name, &self.cfg)?;
-                }
                 summary.complete.push(name.into());
             } else {
                 summary.stopped = true;
@@ -558,6 +561,9 @@ pub(crate) fn train(
         let batch =
             batches.next().ok_or_else(|| TrainError::stage(name, "the data loader ended"))??;
         run.begin_step(s)?;
+        if let Some(d) = ctx.dist {
+            d.seed_step(ctx.seed(), s);
+        }
         let (loss, extra) = (hooks.step)(&batch)?;
         let out = run.end_step(s, vs, &loss, &extra)?;
         done_here += 1;

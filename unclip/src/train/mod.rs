@@ -32,6 +32,7 @@ pub use dist::{DATA_PARALLEL_STAGES, Dist};
 pub use export::{ExportOptions, export};
 pub use loop_::{RunOptions, RunSummary, Trainer};
 pub use source::Subset;
+pub use stages::clip::contrastive_step as clip_contrastive_step;
 pub use stages::decoder::{TEXT_PROJ, UNET, warm_start};
 
 /// What can go wrong while training or exporting.

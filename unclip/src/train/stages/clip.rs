@@ -1,7 +1,10 @@
 //! The CLIP stage: both towers trained with the contrastive loss of `unclip_clip::train` on
 //! (caption, image) pairs, the learned temperature clamped as CLIP does. On the shapes source,
 //! batches can be groups of counterpart scenes (`clip.counterparts`): hard negatives.
+//! Data-parallel, the loss is the global batch's (every caption against every image of all
+//! ranks, open_clip's gathered features; [`contrastive_step`]).
 
+use super::super::dist::Dist;
 use super::super::loop_::{self, Ctx, MODEL, StageHooks, StageSteps, WEIGHTS};
 use super::super::source::Needs;
 use super::super::{Result, TrainError, write_json};
@@ -13,6 +16,7 @@ use tch::{Device, Kind, Tensor};
 use unclip_clip::train::MAX_LOGIT_SCALE;
 use unclip_clip::{
     AnyConfig, ClipModel, ImageProcessor, ProcessorConfig, Towers, Truncation, contrastive_loss,
+    normalize, similarity,
 };
 use unclip_core::weights::{Unexpected, load_tensors, read_tensors};
 
@@ -103,6 +107,23 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
         clip_resolution: Some(image_size as u32),
         low_resolution: None,
     };
+    if let Some(d) = ctx.dist {
+        let share = d.per_rank_batch("clip", t.batch_size)?;
+        let g = stage.counterparts;
+        if g > 1 && share % g != 0 {
+            let w = d.world_size();
+            return Err(TrainError::stage(
+                "clip",
+                format!(
+                    "clip.train.batch_size = {} gives each of the {w} processes {share} items, \
+                     not whole groups of clip.counterparts = {g} scenes: expected a batch size \
+                     that is a multiple of {w} x {g} = {}",
+                    t.batch_size,
+                    w * g
+                ),
+            ));
+        }
+    }
     let (loader, holdout) = ctx.loaders("clip", needs, t.batch_size)?;
     let groups = (stage.counterparts > 1).then(|| Counterparts::new(ctx.seed(), image_size));
     let mut step = |batch: &Batch| -> Result<(Tensor, Vec<f64>)> {
@@ -117,13 +138,12 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
             }
         };
         let enc = tok.encode_batch(&captions, Truncation::Truncate, device)?;
-        let out = model.forward(&enc.input_ids, None, &pixels.f_to_device(device)?)?;
-        let loss = contrastive_loss(&out.logits_per_text)?;
-        // Fraction of captions whose own image scores highest in the batch.
+        let (loss, logits_per_text) =
+            contrastive_step(&model, &enc.input_ids, &pixels.f_to_device(device)?, ctx.dist)?;
+        // Fraction of captions whose own image scores highest in the (global) batch.
         let acc = tch::no_grad(|| -> Result<f64> {
-            let n = captions.len() as i64;
-            let hit = out
-                .logits_per_text
+            let n = logits_per_text.size()[0];
+            let hit = logits_per_text
                 .f_argmax(1, false)?
                 .f_eq_tensor(&Tensor::f_arange(n, (Kind::Int64, device))?)?;
             Ok(hit.f_to_kind(Kind::Float)?.f_mean(Kind::Float)?.f_double_value(&[])?)
@@ -149,10 +169,31 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
         holdout.as_ref(),
         hooks,
     )?;
-    if steps.finished {
+    if steps.finished && ctx.is_main() {
         write_components(&model, &dir.join(WEIGHTS), &dir.join(MODEL), image_size)?;
     }
     Ok(steps)
+}
+
+/// CLIP's contrastive loss of a batch (caption ids, preprocessed pixels) and its (texts, images)
+/// logits. In a data-parallel training step (`dist`, and the features carry gradients) the batch
+/// is the global one: each rank's normalized features all-gathered ([`Dist::gather_global`]),
+/// so after the gradient average every rank holds the gradient one process would compute on all
+/// ranks' pairs concatenated. Without gradients (held-out loss, rank 0 alone) it stays local.
+pub fn contrastive_step(
+    model: &ClipModel,
+    input_ids: &Tensor,
+    pixels: &Tensor,
+    dist: Option<&Dist>,
+) -> Result<(Tensor, Tensor)> {
+    let mut text = normalize(&model.encode_text(input_ids, None)?.text_embeds)?;
+    let mut image = normalize(&model.encode_image(pixels)?.image_embeds)?;
+    if let Some(d) = dist.filter(|_| text.requires_grad()) {
+        text = d.gather_global("clip", &text)?;
+        image = d.gather_global("clip", &image)?;
+    }
+    let logits_per_text = similarity(&text, &image, Some(&model.logit_scale()?.f_exp()?))?;
+    Ok((contrastive_loss(&logits_per_text)?, logits_per_text))
 }
 
 /// The trained towers as transformers `CLIP*ModelWithProjection` folders, and the image

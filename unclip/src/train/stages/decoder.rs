@@ -4,6 +4,7 @@
 //! time (`unclip_decoder::train`). `decoder.init` fine-tunes a pretrained decoder folder.
 
 use super::super::config::{DecoderModelConfig, DecoderStage, Prediction};
+use super::super::dist::step_noise;
 use super::super::loop_::{self, Conditioning, Ctx, MODEL, StageHooks, StageSteps, WEIGHTS};
 use super::super::source::Needs;
 use super::super::{Result, TrainError, write_json};
@@ -220,7 +221,7 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
                 text_mask: &empty.mask,
             }),
         };
-        let l = trainer.loss(&model.unet, &model.text_proj, &b, &mut TorchNoise::unseeded())?;
+        let l = trainer.loss(&model.unet, &model.text_proj, &b, &mut step_noise(ctx.dist))?;
         let extra = vec![l.mse.f_double_value(&[])?, l.vb.f_double_value(&[])?];
         Ok((l.loss, extra))
     };

@@ -30,7 +30,10 @@ pub(crate) fn grid_batch(
 pub(crate) fn run(ctx: &Ctx, name: &str) -> Result<StageSteps> {
     match name {
         "tokenizer" => {
-            super::tokenizer::run(ctx)?;
+            // Rank 0 alone builds it in a data-parallel run; the others wait at the barrier.
+            if ctx.is_main() {
+                super::tokenizer::run(ctx)?;
+            }
             Ok(StageSteps { steps: 0, finished: true })
         }
         "clip" => clip::run(ctx),

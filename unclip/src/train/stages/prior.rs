@@ -4,6 +4,7 @@
 //! first; a fine-tuned one keeps its own.
 
 use super::super::config::SourceKind;
+use super::super::dist::step_noise;
 use super::super::loop_::{self, Ctx, MODEL, StageHooks, StageSteps, WEIGHTS};
 use super::super::source::Needs;
 use super::super::{Result, TrainError, write_json};
@@ -15,7 +16,6 @@ use tch::{Tensor, nn::VarStore};
 use unclip_prior::{
     PriorBatch, PriorConfig, PriorTrainer, PriorTransformer, TrainOptions, fit_clip_stats,
 };
-use unclip_scheduler::TorchNoise;
 
 /// diffusers' `PriorTransformer` config in Karlo's layout.
 pub(crate) fn model_config(
@@ -119,11 +119,8 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
     let mut step = |batch: &Batch| -> Result<(Tensor, Vec<f64>)> {
         let text = cond.encode_text(&batch.captions)?;
         let image_embeds = cond.image_embeds(batch, "prior")?;
-        let loss = trainer.loss(
-            &model,
-            &PriorBatch { image_embeds, text },
-            &mut TorchNoise::unseeded(),
-        )?;
+        let loss =
+            trainer.loss(&model, &PriorBatch { image_embeds, text }, &mut step_noise(ctx.dist))?;
         Ok((loss, vec![]))
     };
     let mut after = || Ok(());

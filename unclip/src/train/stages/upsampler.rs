@@ -3,6 +3,7 @@
 //! in unCLIP's first upsampler (`unclip_decoder::train::UpsamplerTrainer`).
 
 use super::super::config::UpsamplerModelConfig;
+use super::super::dist::step_noise;
 use super::super::loop_::{self, Ctx, MODEL, StageHooks, StageSteps, WEIGHTS};
 use super::super::source::Needs;
 use super::super::{Result, TrainError, write_json};
@@ -101,7 +102,7 @@ pub(crate) fn run(ctx: &Ctx, name: &'static str) -> Result<StageSteps> {
             .images
             .as_ref()
             .ok_or_else(|| TrainError::stage(name, "the batch has no images"))?;
-        let l = trainer.loss(unet, &high.f_to_device(device)?, &mut TorchNoise::unseeded())?;
+        let l = trainer.loss(unet, &high.f_to_device(device)?, &mut step_noise(ctx.dist))?;
         Ok((l.loss, vec![]))
     };
     let mut after = || Ok(());
@@ -141,7 +142,7 @@ pub(crate) fn run(ctx: &Ctx, name: &'static str) -> Result<StageSteps> {
     let hooks = StageHooks { step: &mut step, after: &mut after, pictures: &mut pictures };
     let dir = ctx.stage_dir(name);
     let steps = loop_::train(ctx, name, &loaded.vs, t, &[], &loader, holdout.as_ref(), hooks)?;
-    if steps.finished {
+    if steps.finished && ctx.is_main() {
         unclip_core::weights::load_file(&loaded.vs, &dir.join(WEIGHTS), Unexpected::Error)?;
         let dest = dir.join(MODEL);
         // One upsampler serves as both Karlo super-res UNets (the last one runs the final step).
