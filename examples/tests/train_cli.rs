@@ -34,7 +34,7 @@ fn s(p: &Path) -> String {
 
 /// A prior and a decoder trained a few steps on the committed webdataset with the shapes model's
 /// frozen CLIP: a run stopped after 3 steps and rerun ends bit for bit where an uninterrupted
-/// run does; the export swaps both into a copy of the model folder, which loads and samples.
+/// run does (the prior with gradient accumulation: 2 micro-batches of 2 per step); the export swaps both into a copy of the model folder, which loads and samples.
 #[test]
 fn prior_and_decoder_train_resume_export_and_generate() {
     let dir = unclip::core::fsutil::scratch_dir("train-cli-e2e").unwrap();
@@ -62,7 +62,8 @@ stat_items = 16
 layers = 1
 [prior.train]
 steps = 4
-batch_size = 4
+batch_size = 2
+accumulate = 2
 lr = 1e-4
 checkpoint_every = 2
 validate_every = 2

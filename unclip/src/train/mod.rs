@@ -23,11 +23,12 @@ pub mod dist;
 pub mod export;
 mod grid;
 mod loop_;
+mod precision;
 mod source;
 mod stages;
 pub mod tokenizer;
 
-pub use config::{ConfigError, RunConfig};
+pub use config::{ConfigError, Precision, RunConfig};
 pub use dist::{DATA_PARALLEL_STAGES, Dist};
 pub use export::{ExportOptions, export};
 pub use loop_::{RunOptions, RunSummary, Trainer};
