@@ -564,7 +564,7 @@ pub(crate) fn train(
     // Optimizer step `s` reads micro-batches `s * micro ..`: a function of the step, as the
     // noise is (seeded once per step), so a resumed run draws what an uninterrupted one does.
     let mut batches = loader.iter_from(start * micro);
-    let mut next = || -> Result<Batch> {
+    let mut next = move || -> Result<Batch> {
         Ok(batches.next().ok_or_else(|| TrainError::stage(name, "the data loader ended"))??)
     };
     for s in run.remaining() {
@@ -624,7 +624,7 @@ pub(crate) fn train(
             validate(name, &dir, done, &run, holdout, skipped, &mut step, pictures, ctx.seed())?;
         }
     }
-    drop(next);
+    drop(next); // the loader's prefetch threads end here
     if let Some(d) = ctx.dist {
         let digest = d.check_identical(name, vs)?;
         if d.rank() == 0 {
@@ -678,7 +678,7 @@ impl Accumulated {
             match (g.defined(), k.as_mut()) {
                 (false, _) => *k = None,
                 (true, Some(buf)) => {
-                    let _ = buf.f_copy_(&g)?;
+                    buf.f_copy_(&g)?;
                 }
                 (true, None) => *k = Some(g.f_detach_copy()?),
             }

@@ -150,7 +150,7 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
             e.copy_to(&eval_vs)?;
         }
         let opts = SampleOptions { num_inference_steps: sample_steps, guidance_scale: 4.0 };
-        let mut noise = TorchNoise::new(ctx.seed() ^ 0x7072_696f_72);
+        let mut noise = TorchNoise::new(ctx.seed() ^ 0x0070_7269_6f72);
         let sampled = tch::no_grad(|| {
             sample(&eval, &mut karlo_prior_scheduler()?, text, Some(&empty), &opts, &mut noise)
         })?;
