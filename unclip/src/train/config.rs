@@ -73,8 +73,8 @@ pub struct RunSection {
     pub conditioning: Option<PathBuf>,
 }
 
-/// `run.precision`: f32, or autocast to bf16 (CPU and CUDA) or f16 (CUDA only) with f32 master
-/// weights.
+/// `run.precision`: f32, or autocast to bf16 (CPU and CUDA) or f16 (CUDA only, without loss
+/// scaling: small gradients can underflow) with f32 master weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Precision {

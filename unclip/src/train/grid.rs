@@ -70,14 +70,19 @@ fn write_png(dir: &Path, done: u64, canvas: image::RgbImage, cell: u32) -> Resul
     Ok(())
 }
 
-/// Every held-out item in one batch (the same at every validation), or `None` without a
-/// held-out split.
+/// Held-out items the prior's and CLIP's retrieval numbers are computed over, at most: one batch
+/// kept in memory for the whole run.
+pub(crate) const RETRIEVAL_ITEMS: usize = 256;
+
+/// The held-out items (at most [`RETRIEVAL_ITEMS`]) in one batch, the same at every
+/// validation, or `None` without a held-out split.
 pub(crate) fn holdout_batch(
     ctx: &Ctx,
     needs: impl Fn(usize) -> super::source::Needs,
 ) -> Result<Option<Batch>> {
     let Some(h) = &ctx.data.holdout else { return Ok(None) };
-    let l = super::source::loader(h.clone(), &ctx.cfg.data, ctx.seed(), 0x9e1d, needs(h.len()))?;
+    let n = h.len().min(RETRIEVAL_ITEMS);
+    let l = super::source::loader(h.clone(), &ctx.cfg.data, ctx.seed(), 0x9e1d, needs(n))?;
     Ok(Some(l.batch(0)?))
 }
 

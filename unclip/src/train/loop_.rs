@@ -537,7 +537,7 @@ pub(crate) fn train(
     let micro = t.accumulate.max(1) as u64;
     let accum = (micro > 1).then(|| Rc::new(RefCell::new(Accumulated::new(vs))));
     let dp = match &accum {
-        Some(a) => Some(a.borrow().wrap(a.clone(), dp, ctx.dist.map_or(0, |d| d.rank()))),
+        Some(a) => Some(Accumulated::hook(a.clone(), dp, ctx.dist.map_or(0, |d| d.rank()))),
         None => dp,
     };
     let mut run = TrainLoop::open_data_parallel(
@@ -579,7 +579,7 @@ pub(crate) fn train(
             }
             Some(acc) => {
                 // Each micro-batch's loss / micro: the gradients sum to the whole batch's mean.
-                acc.borrow_mut().reset()?;
+                acc.borrow_mut().reset();
                 let mut extras = Vec::new();
                 for _ in 1..micro {
                     let (loss, extra) = step(&next()?)?;
@@ -663,12 +663,11 @@ impl Accumulated {
     }
 
     /// Before a step's first micro-batch.
-    fn reset(&mut self) -> Result<()> {
+    fn reset(&mut self) {
         for p in &mut self.params {
             p.zero_grad();
         }
         self.loss = 0.0;
-        Ok(())
     }
 
     /// After the first micro-batches' backward passes: keep their gradient sums.
@@ -688,12 +687,7 @@ impl Accumulated {
 
     /// The optimizer's gradient hook: adds the kept gradients to the last micro-batch's, then
     /// runs `inner` (a data-parallel run's all-reduce) on the sums; returns the step's loss.
-    fn wrap(
-        &self,
-        me: Rc<RefCell<Self>>,
-        inner: Option<DataParallel>,
-        rank: usize,
-    ) -> DataParallel {
+    fn hook(me: Rc<RefCell<Self>>, inner: Option<DataParallel>, rank: usize) -> DataParallel {
         let mut inner = inner.map(|d| d.sync);
         let sync: Box<GradSync> = Box::new(move |last: f64| {
             let a = me.borrow();

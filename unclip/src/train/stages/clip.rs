@@ -155,9 +155,9 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
     Ok(steps)
 }
 
-/// CLIP's validation hook: over every held-out pair (EMA weights), caption-to-image and
-/// image-to-caption top-1 retrieval in `validation/metrics.csv`, and the similarity picture of
-/// the first `validation.grid` pairs (`grid::save_similarity`).
+/// CLIP's validation hook: over the held-out pairs (`grid::holdout_batch`, EMA weights),
+/// caption-to-image and image-to-caption top-1 retrieval in `validation/metrics.csv`, and the
+/// similarity picture of the first `validation.grid` pairs (`grid::save_similarity`).
 #[allow(clippy::type_complexity)]
 fn pictures<'a>(
     ctx: &Ctx,

@@ -129,7 +129,7 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
         Ok((loss, vec![]))
     };
     let mut after = || Ok(());
-    // Validation: the prior's samples (EMA weights) for every held-out caption against the
+    // Validation: the prior's samples (EMA weights) for the held-out captions against the
     // held-out images' true embeddings: mean cosine to the own image and top-1 retrieval in
     // `validation/metrics.csv`; the picture shows the first `validation.grid` true images over
     // the held-out images nearest to their captions' samples.
