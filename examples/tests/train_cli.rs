@@ -34,7 +34,7 @@ fn s(p: &Path) -> String {
 
 /// A prior and a decoder trained a few steps on the committed webdataset with the shapes model's
 /// frozen CLIP: a run stopped after 3 steps and rerun ends bit for bit where an uninterrupted
-/// run does; the export swaps both into a copy of the model folder, which loads and samples.
+/// run does (the prior with gradient accumulation: 2 micro-batches of 2 per step); the export swaps both into a copy of the model folder, which loads and samples.
 #[test]
 fn prior_and_decoder_train_resume_export_and_generate() {
     let dir = unclip::core::fsutil::scratch_dir("train-cli-e2e").unwrap();
@@ -62,7 +62,8 @@ stat_items = 16
 layers = 1
 [prior.train]
 steps = 4
-batch_size = 4
+batch_size = 2
+accumulate = 2
 lr = 1e-4
 checkpoint_every = 2
 validate_every = 2
@@ -107,6 +108,11 @@ validate_every = 2
         assert!(dir.join("split").join(stage).join("complete.json").is_file());
     }
     assert!(dir.join("split/decoder/validation/step-00000004.png").is_file());
+    // The prior's validation: nearest held-out images to its samples, retrieval numbers.
+    assert!(dir.join("split/prior/validation/step-00000004.png").is_file());
+    let metrics = std::fs::read_to_string(dir.join("split/prior/validation/metrics.csv")).unwrap();
+    assert!(metrics.starts_with("step,mean_cosine,top1_retrieval\n2,"), "{metrics}");
+    assert_eq!(metrics.lines().count(), 3, "{metrics}");
     let csv = std::fs::read_to_string(dir.join("split/decoder/validation.csv")).unwrap();
     assert_eq!(csv.lines().count(), 3, "{csv}");
     let stored = std::fs::read_to_string(dir.join("whole/config.toml")).unwrap();
@@ -312,6 +318,9 @@ fn the_shapes_configs_run_every_stage() {
     let out = train_ok(&with_sets(&["--config", &config], &sets));
     assert!(out.contains("complete: [tokenizer, clip, prior, decoder, upsampler]"), "{out}");
     assert!(run.join("upsampler/validation/step-00000003.png").is_file());
+    assert!(run.join("clip/validation/step-00000003.png").is_file());
+    let metrics = std::fs::read_to_string(run.join("clip/validation/metrics.csv")).unwrap();
+    assert!(metrics.starts_with("step,text_to_image_top1,image_to_text_top1\n3,"), "{metrics}");
 
     let model = dir.join("model");
     train_ok(&["export", "--config", &config, "--set", &sets[0], "--to", &s(&model)]);

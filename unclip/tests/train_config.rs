@@ -71,10 +71,26 @@ fn impossible_values_are_named() {
         ("decoder.text_dropout=nan", "decoder.text_dropout"),
         ("run.threads=0", "run.threads"),
         ("run.device=abacus", "run.device"),
+        ("decoder.train.accumulate=0", "decoder.train.accumulate"),
+        ("run.precision=f16", "run.precision"),
     ] {
         let e = error(MINIMAL, &[set]);
         assert!(e.contains(&format!("run.toml: key `{key}`: ")), "{set}: {e}");
     }
+}
+
+/// `run.precision`: f32 by default; bf16 on the CPU; f16 only on CUDA, refused elsewhere with
+/// the key and what to use instead; other values named with the accepted ones.
+#[test]
+fn precision_is_checked() {
+    let cfg = RunConfig::parse(MINIMAL, &file(), &[]).unwrap();
+    assert_eq!(cfg.run.precision, unclip::train::Precision::F32);
+    let cfg = RunConfig::parse(MINIMAL, &file(), &["run.precision=bf16".into()]).unwrap();
+    assert_eq!(cfg.run.precision, unclip::train::Precision::Bf16);
+    let e = error(MINIMAL, &["run.precision=f16"]);
+    assert!(e.contains("key `run.precision`") && e.contains("needs run.device = \"cuda\""), "{e}");
+    let e = error(MINIMAL, &["run.precision=fp8"]);
+    assert!(e.contains("key `run.precision`") && e.contains("`f32`, `bf16`, `f16`"), "{e}");
 }
 
 #[test]

@@ -67,10 +67,24 @@ pub struct RunSection {
     /// libtorch CPU threads (libtorch's default when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threads: Option<i32>,
+    /// The forward passes' precision (the weights and the optimizer stay f32).
+    #[serde(default)]
+    pub precision: Precision,
     /// A model folder (diffusers layout) whose tokenizer and CLIP encoders the prior and decoder
     /// condition on, when this run does not train its own (no `[tokenizer]`/`[clip]` stage).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub conditioning: Option<PathBuf>,
+}
+
+/// `run.precision`: f32, or autocast to bf16 (CPU and CUDA) or f16 (CUDA only, without loss
+/// scaling: small gradients can underflow) with f32 master weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+    F16,
 }
 
 /// Which dataset source (see `unclip::data`).
@@ -164,7 +178,13 @@ impl Default for ValidationConfig {
 #[serde(deny_unknown_fields)]
 pub struct TrainSettings {
     pub steps: u64,
+    /// Items of one forward/backward pass (the global batch in a data-parallel run).
     pub batch_size: usize,
+    /// Micro-batches of `batch_size` per optimizer step (gradient accumulation): each step
+    /// updates as one step on `accumulate * batch_size` items would, for losses that are a mean
+    /// over items (the contrastive CLIP loss sees only each micro-batch's negatives).
+    #[serde(default = "default_accumulate")]
+    pub accumulate: usize,
     pub lr: f64,
     /// Linear warmup steps (default: steps / 20, at most 500).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -191,6 +211,9 @@ pub struct TrainSettings {
     /// Stop after this many non-finite steps in a row (each one is skipped and counted).
     #[serde(default = "default_nonfinite")]
     pub max_nonfinite: u64,
+}
+fn default_accumulate() -> usize {
+    1
 }
 fn default_floor() -> f64 {
     0.1
@@ -503,6 +526,23 @@ impl RunConfig {
         if unclip_core::parse_device(&self.run.device).is_err() {
             return err("run.device", "cpu, cuda, cuda:N or mps");
         }
+        let device = unclip_core::parse_device(&self.run.device).ok();
+        match (self.run.precision, device) {
+            (Precision::F16, Some(d)) if !d.is_cuda() => {
+                return err(
+                    "run.precision",
+                    "\"f32\" or \"bf16\" on this device: \"f16\" autocast needs run.device = \"cuda\" \
+                     (libtorch's CPU autocast is bf16)",
+                );
+            }
+            (Precision::Bf16, Some(d)) if !(d.is_cuda() || d == tch::Device::Cpu) => {
+                return err(
+                    "run.precision",
+                    "\"f32\" on this device (autocast runs on cpu and cuda)",
+                );
+            }
+            _ => {}
+        }
         if let Some(t) = self.run.threads {
             if !(1..=1024).contains(&t) {
                 return err("run.threads", "a thread count from 1 to 1024");
@@ -737,6 +777,9 @@ fn validate_train(name: &str, t: &TrainSettings) -> Result<(), (String, String)>
     }
     if t.batch_size == 0 || t.batch_size > 65_536 {
         return Err((k("batch_size"), "from 1 to 65536".into()));
+    }
+    if t.accumulate == 0 || t.accumulate > 4096 {
+        return Err((k("accumulate"), "micro-batches per optimizer step, from 1 to 4096".into()));
     }
     if !(fin(t.lr) && t.lr > 0.0 && t.lr < 1.0) {
         return Err((k("lr"), "a learning rate in (0, 1)".into()));

@@ -10,7 +10,9 @@
 //! - [`Trainer`]: the run folder (effective config saved, resume by rerunning, steps extended),
 //!   one stage runner per stage on `unclip_core::train::TrainLoop` (AdamW, EMA, schedule,
 //!   clipping, atomic checkpoints, bit-exact resume, CSV log, loss picture), held-out loss and
-//!   validation grids, non-finite steps skipped and counted;
+//!   validation grids (the prior's and CLIP's: retrieval numbers and pictures), non-finite
+//!   steps skipped and counted, gradient accumulation (`accumulate`) and bf16 autocast
+//!   (`run.precision`, f32 master weights);
 //! - [`export`]: the trained stages as a model folder `Unclip::from_pretrained` loads, written
 //!   beside the target and swapped in, never deleting anything it did not write.
 //!
@@ -23,11 +25,12 @@ pub mod dist;
 pub mod export;
 mod grid;
 mod loop_;
+mod precision;
 mod source;
 mod stages;
 pub mod tokenizer;
 
-pub use config::{ConfigError, RunConfig};
+pub use config::{ConfigError, Precision, RunConfig};
 pub use dist::{DATA_PARALLEL_STAGES, Dist};
 pub use export::{ExportOptions, export};
 pub use loop_::{RunOptions, RunSummary, Trainer};

@@ -157,7 +157,7 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
             Ok(())
         })
     };
-    let mut pictures = |_: u64, _: Option<&unclip_core::train::Ema>, _: &Path| Ok(());
+    let mut pictures = pictures(ctx, &model, &tok, needs)?;
     let hooks = StageHooks { step: &mut step, after: &mut after, pictures: &mut pictures };
     let steps = loop_::train(
         ctx,
@@ -194,6 +194,49 @@ pub fn contrastive_step(
     }
     let logits_per_text = similarity(&text, &image, Some(&model.logit_scale()?.f_exp()?))?;
     Ok((contrastive_loss(&logits_per_text)?, logits_per_text))
+}
+
+/// CLIP's validation hook: over the held-out pairs (`grid::holdout_batch`, EMA weights),
+/// caption-to-image and image-to-caption top-1 retrieval in `validation/metrics.csv`, and the
+/// similarity picture of the first `validation.grid` pairs (`grid::save_similarity`).
+#[allow(clippy::type_complexity)]
+fn pictures<'a>(
+    ctx: &Ctx,
+    model: &'a ClipModel,
+    tok: &'a unclip_clip::ClipTokenizer,
+    needs: impl Fn(usize) -> Needs,
+) -> Result<Box<dyn FnMut(u64, Option<&unclip_core::train::Ema>, &Path) -> Result<()> + 'a>> {
+    let held = super::super::grid::holdout_batch(ctx, needs)?;
+    let (shown, device) = (ctx.cfg.validation.grid as i64, ctx.device);
+    Ok(Box::new(move |done: u64, ema: Option<&unclip_core::train::Ema>, dir: &Path| {
+        let Some(b) = &held else { return Ok(()) };
+        let Some(pixels) = &b.clip_pixels else { return Ok(()) };
+        let averaged;
+        let m = match ema {
+            Some(e) => {
+                averaged =
+                    ClipModel::new(model.config().clone(), Towers::Both, device, Kind::Float)?;
+                e.copy_to(averaged.var_store())?;
+                &averaged
+            }
+            None => model,
+        };
+        let enc = tok.encode_batch(&b.captions, Truncation::Truncate, device)?;
+        let out = tch::no_grad(|| m.forward(&enc.input_ids, None, &pixels.f_to_device(device)?))?;
+        let logits = out.logits_per_text;
+        let (t2i, _) = super::super::grid::top1(&logits)?;
+        let (i2t, _) = super::super::grid::top1(&logits.f_t_copy()?)?;
+        let columns = ["text_to_image_top1", "image_to_text_top1"];
+        super::super::grid::log_metrics("clip", dir, done, &columns, &[t2i, i2t])?;
+        let g = shown.min(logits.size()[0]);
+        match &b.images {
+            Some(images) if g >= 2 => {
+                let sub = logits.f_narrow(0, 0, g)?.f_narrow(1, 0, g)?;
+                super::super::grid::save_similarity(dir, done, &images.f_narrow(0, 0, g)?, &sub)
+            }
+            _ => Ok(()),
+        }
+    }))
 }
 
 /// The trained towers as transformers `CLIP*ModelWithProjection` folders, and the image

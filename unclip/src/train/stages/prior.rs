@@ -7,15 +7,18 @@ use super::super::config::SourceKind;
 use super::super::dist::step_noise;
 use super::super::loop_::{self, Ctx, MODEL, StageHooks, StageSteps, WEIGHTS};
 use super::super::source::Needs;
-use super::super::{Result, TrainError, write_json};
+use super::super::{Result, TrainError, grid, write_json};
 use super::{component_dir, seed_init};
 use crate::data::Batch;
 use serde_json::json;
 use std::path::Path;
 use tch::{Tensor, nn::VarStore};
+use unclip_core::train::Ema;
 use unclip_prior::{
-    PriorBatch, PriorConfig, PriorTrainer, PriorTransformer, TrainOptions, fit_clip_stats,
+    PriorBatch, PriorConfig, PriorTrainer, PriorTransformer, SampleOptions, TrainOptions,
+    fit_clip_stats, sample, sampling::karlo_prior_scheduler,
 };
+use unclip_scheduler::TorchNoise;
 
 /// diffusers' `PriorTransformer` config in Karlo's layout.
 pub(crate) fn model_config(
@@ -124,7 +127,45 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
         Ok((loss, vec![]))
     };
     let mut after = || Ok(());
-    let mut pictures = |_: u64, _: Option<&unclip_core::train::Ema>, _: &Path| Ok(());
+    // Validation: the prior's samples (EMA weights) for the held-out captions against the
+    // held-out images' true embeddings: mean cosine to the own image and top-1 retrieval in
+    // `validation/metrics.csv`; the picture shows the first `validation.grid` true images over
+    // the held-out images nearest to their captions' samples.
+    let held = grid::holdout_batch(ctx, needs)?;
+    let truth = match &held {
+        Some(b) => Some((cond.image_embeds(b, "prior")?, cond.encode_text(&b.captions)?)),
+        None => None,
+    };
+    let empty = cond.encode_text(&[""])?;
+    let model_cfg = model.config().clone();
+    let (shown, sample_steps) = (ctx.cfg.validation.grid, ctx.cfg.validation.sample_steps);
+    let mut pictures = |done: u64, ema: Option<&Ema>, dir: &Path| -> Result<()> {
+        let (Some(b), Some((truth, text))) = (&held, &truth) else { return Ok(()) };
+        let mut eval_vs = VarStore::new(device);
+        let eval = PriorTransformer::new(eval_vs.root(), &model_cfg)?;
+        eval_vs.copy(&vs)?; // with clip_mean / clip_std
+        if let Some(e) = ema {
+            e.copy_to(&eval_vs)?;
+        }
+        let opts = SampleOptions { num_inference_steps: sample_steps, guidance_scale: 4.0 };
+        let mut noise = TorchNoise::new(ctx.seed() ^ 0x0070_7269_6f72);
+        let sampled = tch::no_grad(|| {
+            sample(&eval, &mut karlo_prior_scheduler()?, text, Some(&empty), &opts, &mut noise)
+        })?;
+        let sim = grid::cosine(&sampled, truth)?;
+        let own = sim.f_diagonal(0, 0, 1)?.f_mean(tch::Kind::Float)?.f_double_value(&[])?;
+        let (top1, nearest) = grid::top1(&sim)?;
+        grid::log_metrics("prior", dir, done, &["mean_cosine", "top1_retrieval"], &[own, top1])?;
+        match &b.images {
+            Some(images) if shown > 0 => {
+                let g = (shown as i64).min(nearest.size()[0]);
+                let found = images
+                    .f_index_select(0, &nearest.f_narrow(0, 0, g)?.f_to_device(images.device())?)?;
+                grid::save(dir, done, Some(&images.f_narrow(0, 0, g)?), &found)
+            }
+            _ => Ok(()),
+        }
+    };
     let hooks = StageHooks { step: &mut step, after: &mut after, pictures: &mut pictures };
     let dir = ctx.stage_dir("prior");
     let steps = loop_::train(ctx, "prior", &vs, t, &[], &loader, holdout.as_ref(), hooks)?;
