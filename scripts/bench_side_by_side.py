@@ -43,7 +43,7 @@ CONFIGS = {
     "karlo": (KARLO_DIR, "2,2,2", 1, 0, 1, 1, False),
 }
 # --train: name -> (decoder,prior batch, warmup, reps)
-TRAIN_CONFIGS = {"tiny": ("4,4", 2, 9), "embedded": ("32,128", 1, 5)}
+TRAIN_CONFIGS = {"tiny": ("4,4", 3, 31), "embedded": ("32,128", 1, 5)}
 TRAIN_ROWS = [("decoder_train_step", "decoder train step (batch {0})"),
               ("prior_train_step", "prior train step (batch {1})")]
 ROWS = [("prior_step", "prior step (guided, 2 rows)"), ("decoder_step", "decoder step (guided, 2 rows)"),
