@@ -9,7 +9,7 @@
 //! the optimizer's time. tch 0.26 binds neither libtorch's `_fused_adamw_` nor its `_foreach_`
 //! kernels, which would do the same in C++.
 
-use super::clip::{GradNorm, clip_grad_norm};
+use super::clip::GradNorm;
 use crate::{Error, Result};
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -354,21 +354,28 @@ impl AdamW {
         self.params.iter().map(|p| p.steps).max().unwrap_or(0)
     }
 
-    /// Zeroes the gradients (keeps them allocated, like tch's optimizer).
+    /// Zeroes the gradients (keeps them allocated, like tch's optimizer): one kernel per bucket
+    /// whose gradients are views of its buffer.
     pub fn zero_grad(&mut self) {
-        for p in &mut self.params {
-            p.var.zero_grad();
+        let flat = self.flat_grads();
+        for (b, g) in self.buckets.iter().zip(flat) {
+            match g {
+                Some(mut g) => {
+                    let _ = g.zero_();
+                }
+                None => b.members.iter().for_each(|&i| self.params[i].var.zero_grad()),
+            }
         }
     }
 
-    fn grads(&self) -> Vec<Tensor> {
-        self.params.iter().map(|p| p.var.grad()).filter(|g| g.defined()).collect()
-    }
-
-    /// Global L2 norm of the gradients, clipped to `max_norm` when finite (see
-    /// [`clip_grad_norm`]).
+    /// Global L2 norm of the gradients, clipped to `max_norm` when finite (as
+    /// [`super::clip_grad_norm`], over the flat gradient buffers where the gradients are views of them).
     pub fn clip_grad_norm(&self, max_norm: f64) -> Result<GradNorm> {
-        clip_grad_norm(&self.grads(), max_norm)
+        if !(max_norm.is_finite() && max_norm > 0.0) {
+            return Err(Error::InvalidArgument(format!("max_norm must be > 0, got {max_norm}")));
+        }
+        let norm = tch::no_grad(|| self.clip_flat(&self.flat_grads(), Some(max_norm)))?;
+        Ok(GradNorm { norm, clipped: norm.is_finite() && max_norm / (norm + 1e-6) < 1.0 })
     }
 
     /// One AdamW update from the current gradients, in place under `no_grad`. Variables that
@@ -389,8 +396,11 @@ impl AdamW {
     /// buffer from then on and the flat gradients cost nothing (tch's `zero_grad` zeroes in
     /// place, keeping the views).
     fn bucket_grads(&mut self) -> Result<Vec<Option<Tensor>>> {
-        let mut out = Vec::with_capacity(self.buckets.len());
-        for b in &mut self.buckets {
+        let mut out = self.flat_grads();
+        for (b, flat) in self.buckets.iter_mut().zip(out.iter_mut()) {
+            if flat.is_some() {
+                continue;
+            }
             let steps = self.params[b.members[0]].steps;
             let mut grads = Vec::with_capacity(b.members.len());
             for &i in &b.members {
@@ -402,33 +412,42 @@ impl AdamW {
                 grads.push(g);
             }
             if grads.len() < b.members.len() {
-                out.push(None);
                 continue;
-            }
-            if let Some(flat) = &b.grad {
-                let base = flat.data_ptr() as usize;
-                let elt = flat.kind().elt_size_in_bytes();
-                let viewed = grads
-                    .iter()
-                    .zip(&b.offsets)
-                    .all(|(g, &off)| g.data_ptr() as usize == base + off as usize * elt);
-                if viewed {
-                    out.push(Some(flat.shallow_clone()));
-                    continue;
-                }
             }
             let layouts: Vec<&Layout> = b.members.iter().map(|&i| &self.params[i].layout).collect();
             let parts: Vec<Tensor> =
                 grads.iter().zip(&layouts).map(|(g, l)| l.flatten(g)).collect::<Result<_>>()?;
-            let flat = Tensor::f_cat(&parts, 0)?;
+            let buffer = Tensor::f_cat(&parts, 0)?;
             for (k, g) in grads.iter_mut().enumerate() {
                 let (start, len) = (b.offsets[k], b.offsets[k + 1] - b.offsets[k]);
-                g.set_data(&layouts[k].view(&flat, start, len)?);
+                g.set_data(&layouts[k].view(&buffer, start, len)?);
             }
-            b.grad = Some(flat.shallow_clone());
-            out.push(Some(flat));
+            b.grad = Some(buffer.shallow_clone());
+            *flat = Some(buffer);
         }
         Ok(out)
+    }
+
+    /// Each bucket's flat gradient buffer where its members' gradients are (still) views of it
+    /// and their step counts agree, else `None`.
+    fn flat_grads(&self) -> Vec<Option<Tensor>> {
+        self.buckets
+            .iter()
+            .map(|b| {
+                let flat = b.grad.as_ref()?;
+                let base = flat.data_ptr() as usize;
+                let elt = flat.kind().elt_size_in_bytes();
+                let steps = self.params[b.members[0]].steps;
+                let viewed = b.members.iter().zip(&b.offsets).all(|(&i, &off)| {
+                    let p = &self.params[i];
+                    let g = p.var.grad();
+                    p.steps == steps
+                        && g.defined()
+                        && g.data_ptr() as usize == base + off as usize * elt
+                });
+                viewed.then(|| flat.shallow_clone())
+            })
+            .collect()
     }
 
     /// The update from `grads` (as [`Self::bucket_grads`] made them, possibly clipped since).
