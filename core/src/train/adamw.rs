@@ -815,12 +815,12 @@ mod tests {
                 r.steps += 1;
                 let bc1 = 1.0 - cfg.beta1.powi(r.steps);
                 let bc2 = 1.0 - cfg.beta2.powi(r.steps);
-                for j in 0..r.w.len() {
+                for (j, &gj) in g.iter().enumerate() {
                     if r.decay {
                         r.w[j] *= 1.0 - lr * cfg.weight_decay;
                     }
-                    r.m[j] = cfg.beta1 * r.m[j] + (1.0 - cfg.beta1) * g[j];
-                    r.v[j] = cfg.beta2 * r.v[j] + (1.0 - cfg.beta2) * g[j] * g[j];
+                    r.m[j] = cfg.beta1 * r.m[j] + (1.0 - cfg.beta1) * gj;
+                    r.v[j] = cfg.beta2 * r.v[j] + (1.0 - cfg.beta2) * gj * gj;
                     let (m_hat, v_hat) = (r.m[j] / bc1, r.v[j] / bc2);
                     r.w[j] -= lr * m_hat / (v_hat.sqrt() + cfg.eps);
                 }
@@ -829,8 +829,8 @@ mod tests {
             let d = if k == 0 { 0.0 } else { 0.9f64.min((1.0 + n) / (10.0 + n)) };
             ema.update(&vs).unwrap();
             for r in refs.iter_mut() {
-                for j in 0..r.w.len() {
-                    r.shadow[j] = d * r.shadow[j] + (1.0 - d) * r.w[j];
+                for (s, w) in r.shadow.iter_mut().zip(&r.w) {
+                    *s = d * *s + (1.0 - d) * w;
                 }
             }
             let state: HashMap<String, Tensor> = opt.state_tensors().unwrap().into_iter().collect();
