@@ -16,10 +16,12 @@ Configurations: `tiny` (fixtures/data/pipeline/text2img, diffusers' test-sized c
 weights, written once by scripts/bench/make_karlo_random.py into target/bench/karlo-random; the
 architecture is Karlo's, only the step counts are reduced to fit a small CPU).
 
---train: one training step instead (forward, backward, AdamW, EMA) of the decoder and the prior,
-ours (benches/train_side_by_side.rs, the library's training code) against a plain PyTorch loop over
-diffusers' models (scripts/bench/theirs_train.py) on the same folders, batches and loss; tiny and
-embedded (batch: the shapes recipe's, configs/shapes/embedded.toml).
+--train: one training step instead (forward, backward, AdamW, EMA) of the decoder, the prior and
+a two-tower CLIP, ours (benches/train_side_by_side.rs, the library's training code) against a plain
+PyTorch loop over diffusers' and transformers' models (scripts/bench/theirs_train.py) on the same
+folders, batches and loss; tiny and embedded (batch: the shapes recipe's, configs/shapes/embedded.toml).
+Besides the wall-clock medians it reports each side's median CPU time per step, the steadier figure
+on a machine shared with other work.
 
 usage: .venv/bin/python scripts/bench_side_by_side.py [--configs tiny,embedded,karlo] [--threads 1] [--train]
        [--rounds 2] [--dtype f32|bf16] [--profile release|dev] [--out benches/side_by_side.md]
@@ -42,9 +44,16 @@ CONFIGS = {
     "embedded": (os.path.join(ROOT, "models", "shapes"), "25,25,7", 2, 2, 11, 2, True),
     "karlo": (KARLO_DIR, "2,2,2", 1, 0, 1, 1, False),
 }
-# --train: name -> (decoder,prior batch, warmup, reps)
-TRAIN_CONFIGS = {"tiny": ("4,4", 2, 9), "embedded": ("32,128", 1, 5)}
-TRAIN_ROWS = [("decoder_train_step", "decoder train step (batch {0})"),
+# --train: name -> (decoder,prior batch, CLIP folder, CLIP batch, warmup, reps). CLIP: tiny is the
+# transformers-test-sized CLIPModel fixture, embedded the shipped encoders (configs/shapes/embedded.toml
+# [clip.model]: width 128, 3 layers, 4 heads, 32 px images in 4 px patches) at the recipe's batch.
+TRAIN_CONFIGS = {
+    "tiny": ("4,4", os.path.join(ROOT, "fixtures", "data", "clip", "full"), 8, 3, 31),
+    "embedded": ("32,128", os.path.join(ROOT, "models", "shapes"), 128, 1, 5),
+}
+TRAIN_ROWS = [("decoder", "decoder train step (batch {0})"), ("prior", "prior train step (batch {1})"),
+              ("clip", "CLIP train step (batch {2})")]
+ROWS = [("decoder_train_step", "decoder train step (batch {0})"),
               ("prior_train_step", "prior train step (batch {1})")]
 ROWS = [("prior_step", "prior step (guided, 2 rows)"), ("decoder_step", "decoder step (guided, 2 rows)"),
         ("super_res_first_step", "super_res_first step"), ("super_res_last_step", "super_res_last step"),
@@ -75,13 +84,17 @@ def run_sides(name, ours_cmd, theirs_cmd, rounds):
 
 
 def train_table(a):
-    import torch, diffusers  # noqa: E401
+    import torch, diffusers, transformers  # noqa: E401
     subprocess.run(["cargo", "build", "--profile", a.profile, "-q", "-p", "unclip-benches", "--bin",
                     "train_side_by_side"], cwd=ROOT, check=True)
     ours_bin = os.path.join(ROOT, "target", PROFILE_DIR[a.profile], "train_side_by_side")
-    header = (f"training step; diffusers {diffusers.__version__}, torch {torch.__version__}, CPU f32, "
-              f"{a.threads} thread(s) each, {a.rounds} interleaved round(s), ours built with --profile {a.profile}")
-    lines = [header, "", "| config | what | ours | PyTorch | ours / PyTorch |", "|---|---|---|---|---|"]
+    header = (f"training step; diffusers {diffusers.__version__}, transformers {transformers.__version__}, "
+              f"torch {torch.__version__}, CPU f32, {a.threads} thread(s) each, {a.rounds} interleaved round(s), "
+              f"ours built with --profile {a.profile}; wall: median step, best round; CPU: median CPU time of "
+              f"the process per step, best round")
+    lines = [header, "",
+             "| config | what | ours wall | PyTorch wall | ratio wall | ours CPU | PyTorch CPU | ratio CPU |",
+             "|---|---|---|---|---|---|---|---|"]
     raw = {}
     for name in a.configs.split(","):
         if name not in TRAIN_CONFIGS:
@@ -91,18 +104,22 @@ def train_table(a):
         if not os.path.isfile(os.path.join(folder, "model_index.json")):
             print(f"skipping {name}: no pipeline folder at {folder}", file=sys.stderr)
             continue
-        batch, warmup, reps = TRAIN_CONFIGS[name]
+        batch, clip, clip_batch, warmup, reps = TRAIN_CONFIGS[name]
         args = ["--model", folder, "--threads", str(a.threads), "--batch", batch, "--warmup", str(warmup),
-                "--reps", str(reps)]
+                "--reps", str(reps), "--clip", clip, "--clip-batch", str(clip_batch)]
         results = run_sides(name, [ours_bin] + args + ["--json"],
                             [PY, os.path.join(ROOT, "scripts", "bench", "theirs_train.py")] + args, a.rounds)
         raw[name] = results
-        best = {side: {k: min(x[k] for x in v) for k in v[0]} for side, v in results.items()}
+        best = {side: {k: min(x[k] for x in v) for k in v[0] if isinstance(v[0][k], float)}
+                for side, v in results.items()}
+        labels = batch.split(",") + [str(clip_batch)]
         for key, label in TRAIN_ROWS:
-            o, t = best["ours"][key], best["theirs"][key]
-            lines.append(f"| {name} | {label.format(*batch.split(','))} | {fmt_s(o)} | {fmt_s(t)} | {o / t:.2f} |")
+            o, t = best["ours"][f"{key}_train_step"], best["theirs"][f"{key}_train_step"]
+            oc, tc = best["ours"][f"{key}_train_step_cpu"], best["theirs"][f"{key}_train_step_cpu"]
+            lines.append(f"| {name} | {label.format(*labels)} | {fmt_s(o)} | {fmt_s(t)} | {o / t:.2f} "
+                         f"| {fmt_s(oc)} | {fmt_s(tc)} | {oc / tc:.2f} |")
         o, t = (max(x["peak_rss_bytes"] for x in results[s]) / 2**20 for s in ("ours", "theirs"))
-        lines.append(f"| {name} | peak RSS (whole process) | {o:.0f} MiB | {t:.0f} MiB | {o / t:.2f} |")
+        lines.append(f"| {name} | peak RSS (whole process) | {o:.0f} MiB | {t:.0f} MiB | {o / t:.2f} | | | |")
     table = "\n".join(lines)
     print(table)
     os.makedirs(os.path.join(ROOT, "target", "bench"), exist_ok=True)

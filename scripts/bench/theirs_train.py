@@ -1,8 +1,10 @@
 """The PyTorch side of the training benchmark: one training step of the decoder and of the prior
-of a diffusers-layout unCLIP folder, written as a plain PyTorch loop over diffusers' models
-(UNet2DConditionModel + UnCLIPTextProjModel, PriorTransformer), timing exactly what
-benches/train_side_by_side.rs times for ours: the same folder and weights (f32, CPU), threads,
-batch, loss and update, printing one JSON line.
+of a diffusers-layout unCLIP folder, and of a two-tower CLIP, written as a plain PyTorch loop over
+diffusers' models (UNet2DConditionModel + UnCLIPTextProjModel, PriorTransformer) and transformers'
+CLIPModel, timing exactly what benches/train_side_by_side.rs times for ours: the same folders and
+weights (f32, CPU), threads, batch, loss and update, printing one JSON line. Each timing is the
+median wall-clock time of the steps, with the median CPU time of the process beside it
+(time.process_time); --phases times forward, backward, clipping + AdamW and EMA apart (CPU time).
 
 A step: the loss on a random batch of the stage's shapes (made before the clock starts), zero the
 gradients, backward, clip the gradient norm to 1, torch.optim.AdamW (lr 1e-4, weight decay 0.01
@@ -13,7 +15,10 @@ noising at uniform timesteps of the squaredcos_cap_v2 schedule, the UNet (with t
 appended for a decoder with `coordinate_channels`), MSE of the prediction (epsilon or v, as the
 folder's decoder scheduler says) plus the learned-variance VLB term (weight 0.001 x T, improved
 DDPM). Prior loss (as unclip_prior::train): normalized embedding noised, the text of 10% of rows
-replaced by the empty prompt's, x0 MSE.
+replaced by the empty prompt's, x0 MSE. CLIP loss (as the CLIP stage): CLIPModel's scaled cosine
+logits of random full-length captions (ids below the end-of-text id, which closes each one) against
+random pixels, symmetric cross-entropy with the pairs on the diagonal; after the update the
+temperature is clamped to [0, ln 100].
 """
 import argparse
 import json
@@ -30,22 +35,45 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, PriorTransformer, UNet2DConditionModel
 from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
 from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file
+from transformers import CLIPConfig, CLIPModel
 
 from theirs import coordinate_maps
 
 LR, WEIGHT_DECAY, GRAD_CLIP, EMA_DECAY = 1e-4, 0.01, 1.0, 0.999
+LOGIT_SCALE_INIT, MAX_LOGIT_SCALE = 2.6592, math.log(100)
 T = 1000
 
 
-def timed(warmup, reps, f):
+class Laps:
+    """The clock of one step: with phases on, the CPU time of each part."""
+
+    def __init__(self, on):
+        self.on, self.parts = on, []
+        self.last = time.process_time() if on else 0.0
+
+    def lap(self, name):
+        if self.on:
+            now = time.process_time()
+            self.parts.append((name, now - self.last))
+            self.last = now
+
+
+def timed(warmup, reps, phases, f):
+    """Medians over `reps` steps after `warmup`: wall clock, CPU time, parts' CPU times."""
     for _ in range(warmup):
-        f()
-    v = []
+        f(Laps(False))
+    wall, cpu, parts = [], [], []
     for _ in range(reps):
-        t0 = time.perf_counter()
-        f()
-        v.append(time.perf_counter() - t0)
-    return statistics.median_low(v)
+        laps = Laps(phases)
+        t0, c0 = time.perf_counter(), time.process_time()
+        f(laps)
+        cpu.append(time.process_time() - c0)
+        wall.append(time.perf_counter() - t0)
+        parts.append(laps.parts)
+    names = [n for n, _ in parts[0]]
+    med = {n: statistics.median_low([p[i][1] for p in parts]) for i, n in enumerate(names)}
+    return statistics.median_low(wall), statistics.median_low(cpu), med
 
 
 def no_decay(name):
@@ -65,16 +93,22 @@ def optimizer(named):
     return params, torch.optim.AdamW(groups, lr=LR), ema
 
 
-def update(loss, params, opt, ema):
+def update(loss, params, opt, ema, laps):
+    laps.lap("forward")
     opt.zero_grad()
     value = loss.item()
     if not math.isfinite(value):
         return
     loss.backward()
+    laps.lap("backward")
     norm = torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
-    if torch.isfinite(norm):
+    finite = torch.isfinite(norm)
+    if finite:
         opt.step()
+    laps.lap("optimizer")
+    if finite:
         ema.step(params)
+    laps.lap("ema")
 
 
 def vb_bits(out, pred_type, x0, x_t, t, ac):
@@ -115,7 +149,7 @@ def vb_bits(out, pred_type, x0, x_t, t, ac):
     return torch.where(t == 0, nll, kl).to(out.dtype)
 
 
-def decoder_step(d, b, warmup, reps):
+def decoder_step(d, b, warmup, reps, phases):
     unet = UNet2DConditionModel.from_pretrained(os.path.join(d, "decoder")).train()
     tp = UnCLIPTextProjModel.from_pretrained(os.path.join(d, "text_proj")).train()
     raw = UNet2DConditionModel.load_config(os.path.join(d, "decoder"))
@@ -137,7 +171,7 @@ def decoder_step(d, b, warmup, reps):
             [("text_proj." + n, p) for n, p in tp.named_parameters()]
     params, opt, ema = optimizer(named)
 
-    def step():
+    def step(laps):
         drop_text = torch.rand(b) < 0.5
         p = torch.where(drop_text[:, None], e_prompt, prompt)
         h = torch.where(drop_text[:, None, None], e_hidden, hidden)
@@ -155,12 +189,12 @@ def decoder_step(d, b, warmup, reps):
         out = unet(inp, t, encoder_hidden_states=hs, class_labels=add, attention_mask=dmask).sample
         mse = F.mse_loss(out[:, :c], target)
         vb = vb_bits(out, pred_type, images, x_t, t, ac).mean()
-        update(mse + vb * (0.001 * T), params, opt, ema)
+        update(mse + vb * (0.001 * T), params, opt, ema, laps)
 
-    return timed(warmup, reps, step)
+    return timed(warmup, reps, phases, step)
 
 
-def prior_step(d, b, warmup, reps):
+def prior_step(d, b, warmup, reps, phases):
     prior = PriorTransformer.from_pretrained(os.path.join(d, "prior")).train()
     cfg = prior.config
     e, n = cfg.embedding_dim, cfg.num_embeddings
@@ -171,7 +205,7 @@ def prior_step(d, b, warmup, reps):
     u_text, u_hidden, u_mask = torch.randn(1, proj), torch.randn(1, n, e), torch.ones(1, n, dtype=torch.bool)
     params, opt, ema = optimizer(list(prior.named_parameters()))
 
-    def step():
+    def step(laps):
         x0 = (image - prior.clip_mean) / prior.clip_std
         t = torch.randint(0, T, (b,))
         x_t = sched.add_noise(x0, torch.randn_like(x0), t)
@@ -181,9 +215,50 @@ def prior_step(d, b, warmup, reps):
         m = torch.where(drop[:, None], u_mask, mask)
         pred = prior(x_t, timestep=t, proj_embedding=te, encoder_hidden_states=h,
                      attention_mask=m).predicted_image_embedding
-        update(F.mse_loss(pred, x0), params, opt, ema)
+        update(F.mse_loss(pred, x0), params, opt, ema, laps)
 
-    return timed(warmup, reps, step)
+    return timed(warmup, reps, phases, step)
+
+
+def clip_model(d):
+    """Both towers: a CLIPModel folder, or a pipeline folder's text_encoder and image_encoder joined
+    as the CLIP stage joins them (the temperature at its initial value)."""
+    if os.path.isfile(os.path.join(d, "config.json")):
+        return CLIPModel.from_pretrained(d)
+    dirs = [os.path.join(d, "text_encoder"), os.path.join(d, "image_encoder")]
+    text, vision = (json.load(open(os.path.join(x, "config.json"))) for x in dirs)
+    cfg = CLIPConfig(text_config=text, vision_config=vision, projection_dim=text["projection_dim"],
+                     logit_scale_init_value=LOGIT_SCALE_INIT)
+    model = CLIPModel(cfg)
+    state = {}
+    for x in dirs:
+        state.update(load_file(os.path.join(x, "model.safetensors")))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    bad = [k for k in missing if k != "logit_scale" and not k.endswith("position_ids")] + list(unexpected)
+    if bad:
+        sys.exit(f"{d}: the encoders' weights do not fit CLIPModel: {bad}")
+    return model
+
+
+def clip_step(d, b, warmup, reps, phases):
+    model = clip_model(d).train()
+    tc, vc = model.config.text_config, model.config.vision_config
+    length = tc.max_position_embeddings
+    eos = tc.eos_token_id if tc.eos_token_id != 2 else tc.vocab_size - 1
+    ids = torch.randint(0, eos, (b, length))
+    ids[:, -1] = eos
+    pixels = torch.randn(b, 3, vc.image_size, vc.image_size)
+    targets = torch.arange(b)
+    params, opt, ema = optimizer(list(model.named_parameters()))
+
+    def step(laps):
+        logits = model(input_ids=ids, pixel_values=pixels).logits_per_text
+        loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+        update(loss, params, opt, ema, laps)
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+    return timed(warmup, reps, phases, step)
 
 
 def main():
@@ -191,16 +266,26 @@ def main():
     ap.add_argument("--model", required=True)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch", default="4,4", help="decoder,prior")
+    ap.add_argument("--clip", default=None, help="a CLIPModel folder, or a pipeline folder with both encoders")
+    ap.add_argument("--clip-batch", type=int, default=8)
+    ap.add_argument("--phases", action="store_true")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--reps", type=int, default=5)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     bd, bp = (int(x) for x in a.batch.split(","))
-    res = {"decoder_train_step": decoder_step(a.model, bd, a.warmup, a.reps),
-           "prior_train_step": prior_step(a.model, bp, a.warmup, a.reps),
-           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-           "threads": torch.get_num_threads()}
+    rows = [("decoder", decoder_step(a.model, bd, a.warmup, a.reps, a.phases)),
+            ("prior", prior_step(a.model, bp, a.warmup, a.reps, a.phases))]
+    if a.clip:
+        rows.append(("clip", clip_step(a.clip, a.clip_batch, a.warmup, a.reps, a.phases)))
+    res = {}
+    for name, (wall, cpu, parts) in rows:
+        res[f"{name}_train_step"], res[f"{name}_train_step_cpu"] = wall, cpu
+        if a.phases:
+            res[f"{name}_phases_cpu"] = parts
+    res["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    res["threads"] = torch.get_num_threads()
     print(json.dumps(res))
 
 

@@ -116,7 +116,7 @@ impl Ema {
     }
 
     /// Moves the shadow toward the current weights of `vs` (the model the EMA was made from):
-    /// `shadow -= (1 - decay) * (shadow - weight)`.
+    /// `shadow += (1 - decay) * (weight - shadow)`, one `lerp_` kernel per variable.
     pub fn update(&mut self, vs: &VarStore) -> Result<()> {
         let vars = vs.variables();
         self.check_same_vars(&vars, "the model")?;
@@ -125,8 +125,11 @@ impl Ema {
             for (name, s, avg) in &mut self.shadow {
                 let w = &vars[name.as_str()];
                 if *avg {
-                    let delta = s.f_sub(w)?.f_mul_scalar(one_minus)?;
-                    let _ = s.f_sub_(&delta)?;
+                    if w.kind() == s.kind() {
+                        let _ = s.f_lerp_(w, one_minus)?;
+                    } else {
+                        let _ = s.f_lerp_(&w.f_to_kind(s.kind())?, one_minus)?;
+                    }
                 } else {
                     s.f_copy_(w)?;
                 }
