@@ -47,7 +47,7 @@ fn held_out_prompts_give_images_closest_to_their_own_prompt() {
     let out = model
         .text_to_image(&request(&model, prompts.clone(), 0), &mut unclip::no_progress)
         .unwrap();
-    assert_eq!(out.images.size(), [8, 3, 64, 64]);
+    assert_eq!(out.images.size(), [8, 3, 256, 256]);
     let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
     let text = model.clip_text_embeddings(&refs).unwrap();
     let image = model.clip_image_embeddings(&out.images).unwrap();

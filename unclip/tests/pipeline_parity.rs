@@ -77,6 +77,7 @@ impl Recorded {
             Stage::Prior => "prior",
             Stage::Decoder => "decoder",
             Stage::SuperRes => "super_res",
+            Stage::SuperRes2 => "super_res_2",
             Stage::Inversion => "inversion",
         };
         self.outs.entry(name).or_default().push(s.model_output.to_device(Device::Cpu));
