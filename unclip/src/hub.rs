@@ -108,6 +108,7 @@ pub fn resolve_in(name: &Path, cache: Option<&Path>) -> Result<PathBuf> {
 /// `HF_ENDPOINT` (default: the Hugging Face hub), with `HF_TOKEN` when set.
 #[cfg(feature = "hub")]
 mod download {
+    use crate::loading::{SUPER_RES_2, SUPER_RES_2_SCHEDULER};
     use std::path::{Path, PathBuf};
 
     /// Files a component may have besides the ones the loader requires: read when present.
@@ -148,9 +149,11 @@ mod download {
                 files.push(format!("{comp}/{f}"));
             }
         }
-        if index.get("image_encoder").is_some() {
-            for f in crate::loading::required_files("image_encoder") {
-                files.push(format!("image_encoder/{f}"));
+        // Optional components the index lists: the image encoder, the second upsampler.
+        let optional = ["image_encoder", SUPER_RES_2, SUPER_RES_2_SCHEDULER];
+        for comp in optional.into_iter().filter(|c| index.get(*c).is_some()) {
+            for f in crate::loading::required_files(comp) {
+                files.push(format!("{comp}/{f}"));
             }
         }
         for f in &files {
