@@ -309,8 +309,9 @@ pub fn install_dir(
         let mut listed = entries(&staging)?;
         listed.remove(INSTALL_MANIFEST);
         let manifest = serde_json::json!({
+            // No source path: it is a temporary folder on the machine that installed, and the
+            // manifest is committed with model folders.
             "installed_by": "unclip-rs fsutil::install_dir",
-            "source": src_r.display().to_string(),
             "entries": listed,
         });
         crate::config::write_json(&staging.join(INSTALL_MANIFEST), &manifest)
