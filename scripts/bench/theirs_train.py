@@ -149,7 +149,7 @@ def vb_bits(out, pred_type, x0, x_t, t, ac):
     return torch.where(t == 0, nll, kl).to(out.dtype)
 
 
-def decoder_step(d, b, warmup, reps, phases):
+def decoder_step(d, b, warmup, reps, phases, channels_last=False):
     unet = UNet2DConditionModel.from_pretrained(os.path.join(d, "decoder")).train()
     tp = UnCLIPTextProjModel.from_pretrained(os.path.join(d, "text_proj")).train()
     raw = UNet2DConditionModel.load_config(os.path.join(d, "decoder"))
@@ -167,6 +167,10 @@ def decoder_step(d, b, warmup, reps, phases):
     image_emb, prompt, hidden = torch.randn(b, dim), torch.randn(b, dim), torch.randn(b, length, dim)
     mask = torch.ones(b, length, dtype=torch.bool)
     e_prompt, e_hidden, e_mask = torch.randn(1, dim), torch.randn(1, length, dim), torch.ones(1, length, dtype=torch.bool)
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+        maps = maps.contiguous(memory_format=torch.channels_last) if coords else None
     named = [("decoder." + n, p) for n, p in unet.named_parameters()] + \
             [("text_proj." + n, p) for n, p in tp.named_parameters()]
     params, opt, ema = optimizer(named)
@@ -269,13 +273,18 @@ def main():
     ap.add_argument("--clip", default=None, help="a CLIPModel folder, or a pipeline folder with both encoders")
     ap.add_argument("--clip-batch", type=int, default=8)
     ap.add_argument("--phases", action="store_true")
+    # Alternatives for the decoder's convolutions, to see whether PyTorch has a faster path than its
+    # default one (README, "Training benchmark"): NHWC activations and weights, or im2col + GEMM.
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--no-mkldnn", action="store_true")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--reps", type=int, default=5)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    torch.backends.mkldnn.enabled = not a.no_mkldnn
     torch.manual_seed(0)
     bd, bp = (int(x) for x in a.batch.split(","))
-    rows = [("decoder", decoder_step(a.model, bd, a.warmup, a.reps, a.phases)),
+    rows = [("decoder", decoder_step(a.model, bd, a.warmup, a.reps, a.phases, a.channels_last)),
             ("prior", prior_step(a.model, bp, a.warmup, a.reps, a.phases))]
     if a.clip:
         rows.append(("clip", clip_step(a.clip, a.clip_batch, a.warmup, a.reps, a.phases)))
