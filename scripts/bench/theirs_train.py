@@ -170,7 +170,8 @@ def decoder_step(d, b, warmup, reps, phases, channels_last=False):
     if channels_last:
         unet.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
-        maps = maps.contiguous(memory_format=torch.channels_last) if coords else None
+        if maps is not None:
+            maps = maps.contiguous(memory_format=torch.channels_last)
     named = [("decoder." + n, p) for n, p in unet.named_parameters()] + \
             [("text_proj." + n, p) for n, p in tp.named_parameters()]
     params, opt, ema = optimizer(named)
@@ -273,8 +274,9 @@ def main():
     ap.add_argument("--clip", default=None, help="a CLIPModel folder, or a pipeline folder with both encoders")
     ap.add_argument("--clip-batch", type=int, default=8)
     ap.add_argument("--phases", action="store_true")
-    # Alternatives for the decoder's convolutions, to see whether PyTorch has a faster path than its
-    # default one (README, "Training benchmark"): NHWC activations and weights, or im2col + GEMM.
+    # Alternatives for the convolutions, to see whether PyTorch has a faster path than its default
+    # one (README, "Training benchmark"): NHWC activations and weights (the decoder), or im2col +
+    # GEMM instead of oneDNN (every row).
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--no-mkldnn", action="store_true")
     ap.add_argument("--warmup", type=int, default=1)

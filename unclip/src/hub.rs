@@ -108,7 +108,6 @@ pub fn resolve_in(name: &Path, cache: Option<&Path>) -> Result<PathBuf> {
 /// `HF_ENDPOINT` (default: the Hugging Face hub), with `HF_TOKEN` when set.
 #[cfg(feature = "hub")]
 mod download {
-    use crate::loading::{SUPER_RES_2, SUPER_RES_2_SCHEDULER};
     use std::path::{Path, PathBuf};
 
     /// Files a component may have besides the ones the loader requires: read when present.
@@ -143,15 +142,13 @@ mod download {
         if let Err(why) = get("tokenizer/vocab.json").and_then(|_| get("tokenizer/merges.txt")) {
             get("tokenizer/tokenizer.json").map_err(|e| format!("{why}; {e}"))?;
         }
-        let mut files: Vec<String> = Vec::new();
-        for &comp in crate::loading::required_components(class) {
-            for f in crate::loading::required_files(comp) {
-                files.push(format!("{comp}/{f}"));
-            }
+        // What the loader checks, and the image encoder when the index lists it.
+        let mut comps = crate::loading::listed_components(class, &index);
+        if index.get("image_encoder").is_some() && !comps.contains(&"image_encoder") {
+            comps.push("image_encoder");
         }
-        // Optional components the index lists: the image encoder, the second upsampler.
-        let optional = ["image_encoder", SUPER_RES_2, SUPER_RES_2_SCHEDULER];
-        for comp in optional.into_iter().filter(|c| index.get(*c).is_some()) {
+        let mut files: Vec<String> = Vec::new();
+        for comp in comps {
             for f in crate::loading::required_files(comp) {
                 files.push(format!("{comp}/{f}"));
             }

@@ -151,6 +151,14 @@ pub(crate) fn required_components(class: &str) -> &'static [&'static str] {
     }
 }
 
+/// The components a folder of `class` must have in full: the class's own, and the optional second
+/// upsampler and its sampler when `index` lists them (the loader and the hub download agree on it).
+pub(crate) fn listed_components(class: &str, index: &Value) -> Vec<&'static str> {
+    let cascade: &[&str] =
+        if index.get(SUPER_RES_2).is_some() { &[SUPER_RES_2, SUPER_RES_2_SCHEDULER] } else { &[] };
+    required_components(class).iter().chain(cascade).copied().collect()
+}
+
 /// Reads `model_index.json` and checks that every component folder and file is there; the error
 /// lists everything missing at once.
 pub fn inspect(dir: &Path) -> Result<(String, Value)> {
@@ -178,10 +186,7 @@ pub fn inspect(dir: &Path) -> Result<(String, Value)> {
         });
     }
     let mut problems = Vec::new();
-    // The second upsampler is optional; listed, it needs its folder and its sampler.
-    let cascade: &[&str] =
-        if index.get(SUPER_RES_2).is_some() { &[SUPER_RES_2, SUPER_RES_2_SCHEDULER] } else { &[] };
-    for &comp in required_components(&class).iter().chain(cascade) {
+    for comp in listed_components(&class, &index) {
         if index.get(comp).is_none() {
             problems.push(format!("model_index.json does not list {comp}"));
         }
