@@ -286,6 +286,56 @@ pub enum LowResCorruption {
     Noise {
         std: f64,
     },
+    /// Gaussian blur whose sigma is drawn per image, uniform in `min..=max` (kernel radius
+    /// `ceil(2 max)`): teaches the upsampler to sharpen a decoder output that is softer than
+    /// the 0.6 blur of [`Self::Blur`].
+    BlurRange {
+        min: f64,
+        max: f64,
+    },
+}
+
+/// The most a [`LowResCorruption::BlurRange`] may blur (kernel radius 8).
+pub const MAX_BLUR_SIGMA: f64 = 4.0;
+
+/// Per-image Gaussian blur of `x` (B, C, H, W): image `i` is blurred with `sigmas[i]` by a
+/// separable kernel of the given radius, borders reflected.
+pub fn gaussian_blur_per_image(x: &Tensor, sigmas: &[f64], radius: i64) -> Result<Tensor> {
+    let size = x.size();
+    if size.len() != 4 || size[0] != sigmas.len() as i64 {
+        return Err(Error::Input(format!(
+            "blur input must be (B, C, H, W) with B = {} sigmas, got {size:?}",
+            sigmas.len()
+        )));
+    }
+    if radius < 1 || size[2] <= radius || size[3] <= radius {
+        return Err(Error::Input(format!(
+            "blur radius {radius} needs images larger than it, got {size:?}"
+        )));
+    }
+    if let Some(s) = sigmas.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+        return Err(Error::Input(format!("blur sigma must be positive, got {s}")));
+    }
+    let (b, c) = (size[0], size[1]);
+    let k = 2 * radius + 1;
+    let mut taps = Vec::with_capacity((b * c * k) as usize);
+    for &sigma in sigmas {
+        let g: Vec<f64> =
+            (-radius..=radius).map(|d| (-(d * d) as f64 / (2.0 * sigma * sigma)).exp()).collect();
+        let sum: f64 = g.iter().sum();
+        for _ in 0..c {
+            taps.extend(g.iter().map(|v| (v / sum) as f32));
+        }
+    }
+    let taps = Tensor::from_slice(&taps).f_to_kind(x.kind())?.f_to_device(x.device())?;
+    let rows = taps.f_reshape([b * c, 1, k, 1])?;
+    let cols = taps.f_reshape([b * c, 1, 1, k])?;
+    // Images and channels become groups of one convolution.
+    let flat = x.f_reshape([1, b * c, size[2], size[3]])?;
+    let flat = flat.f_reflection_pad2d([radius, radius, radius, radius])?;
+    let flat = flat.f_conv2d(&rows, None::<&Tensor>, [1, 1], [0, 0], [1, 1], b * c)?;
+    let flat = flat.f_conv2d(&cols, None::<&Tensor>, [1, 1], [0, 0], [1, 1], b * c)?;
+    Ok(flat.f_reshape(size.as_slice())?)
 }
 
 /// A depthwise 3x3 Gaussian blur with reflected borders.
@@ -349,6 +399,14 @@ impl UpsamplerTrainer {
                 return Err(Error::Input(format!("noise std must be >= 0, got {std}")));
             }
         }
+        if let LowResCorruption::BlurRange { min, max } = corruption {
+            if !(min > 0.0 && min <= max && max <= MAX_BLUR_SIGMA) {
+                return Err(Error::Input(format!(
+                    "blur sigma range must satisfy 0 < min <= max <= {MAX_BLUR_SIGMA}, \
+                     got {min}..={max}"
+                )));
+            }
+        }
         let vlb = VlbLoss::new(&schedule);
         Ok(Self {
             schedule,
@@ -386,6 +444,17 @@ impl UpsamplerTrainer {
             LowResCorruption::Blur { sigma } => gaussian_blur3(&low, sigma)?,
             LowResCorruption::Noise { std } => {
                 low.f_add(&rng.randn(&low.size(), low.kind(), low.device()).f_mul_scalar(std)?)?
+            }
+            LowResCorruption::BlurRange { min, max } => {
+                const LEVELS: i64 = 1000;
+                let draws = rng.randint(LEVELS + 1, &[size[0]], Device::Cpu);
+                let sigmas = (0..size[0])
+                    .map(|i| {
+                        let u = draws.f_int64_value(&[i])? as f64 / LEVELS as f64;
+                        Ok(min + (max - min) * u)
+                    })
+                    .collect::<Result<Vec<f64>>>()?;
+                gaussian_blur_per_image(&low, &sigmas, (2.0 * max).ceil() as i64)?
             }
         };
         resize_bicubic_aa(&low, h, w)
@@ -533,6 +602,69 @@ mod tests {
             Timesteps::HighNoise { share: 0.5, from: -1 },
         ] {
             assert!(bad.sample(&schedule, 4, Device::Cpu, &mut rng).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn per_image_blur_uses_each_images_sigma_and_keeps_flat_images() {
+        // A white dot in the middle of two images; a flat gray third.
+        let mut x = Tensor::zeros([3, 2, 9, 9], (Kind::Float, Device::Cpu));
+        let _ = x.narrow(0, 0, 2).narrow(2, 4, 1).narrow(3, 4, 1).fill_(1.0);
+        let _ = x.narrow(0, 2, 1).fill_(0.5);
+        let out = gaussian_blur_per_image(&x, &[0.6, 1.4, 1.0], 3).unwrap();
+        assert_eq!(out.size(), x.size());
+        let peak = |i: i64| out.double_value(&[i, 1, 4, 4]);
+        // A wider blur spreads the dot further: a lower peak, the same total.
+        assert!(peak(0) > peak(1) + 0.1, "{} {}", peak(0), peak(1));
+        for i in 0..2 {
+            let total = out.get(i).get(0).sum(Kind::Double).double_value(&[]);
+            assert!((total - 1.0).abs() < 1e-5, "{total}");
+        }
+        let flat = (out.get(2) - 0.5).abs().max().double_value(&[]);
+        assert!(flat < 1e-6, "{flat}");
+        // The 1-D taps at sigma 0.6: the dot's centre is the square of the middle tap.
+        let g: Vec<f64> = (-3i32..=3).map(|d| (-(d * d) as f64 / 0.72).exp()).collect();
+        let mid = g[3] / g.iter().sum::<f64>();
+        assert!((peak(0) - mid * mid).abs() < 1e-5, "{} {}", peak(0), mid * mid);
+        for (sigmas, radius) in [(vec![0.6, 1.0], 3), (vec![0.6, 0.0, 1.0], 3), (vec![1.0; 3], 9)] {
+            assert!(gaussian_blur_per_image(&x, &sigmas, radius).is_err(), "{sigmas:?} {radius}");
+        }
+    }
+
+    #[test]
+    fn a_blur_range_draws_sigmas_within_it() {
+        let _lock = unclip_scheduler::global_rng_lock();
+        let high = Tensor::rand([8, 3, 32, 32], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
+        let (min, max) = (0.5, 2.0);
+        let trainer = |c| UpsamplerTrainer::new(NoiseSchedule::karlo(), 2, 8, c).unwrap();
+        let ranged = trainer(LowResCorruption::BlurRange { min, max })
+            .low_res_input(&high, &mut TorchNoise::new(5))
+            .unwrap();
+        // The same images blurred at each end of the range (the kernel radius of `max`).
+        let low = resize_bicubic_aa(&high, 16, 16).unwrap();
+        let at = |sigma: f64| {
+            let b = gaussian_blur_per_image(&low, &[sigma; 8], 4).unwrap();
+            resize_bicubic_aa(&b, 32, 32).unwrap()
+        };
+        let (softest, sharpest) = (at(max), at(min));
+        let energy = |t: &Tensor, i: i64| {
+            let d = t.get(i).diff(1, 2, None::<Tensor>, None::<Tensor>);
+            d.square().mean(Kind::Double).double_value(&[])
+        };
+        let mut seen = Vec::new();
+        for i in 0..8 {
+            let e = energy(&ranged, i);
+            assert!(e >= energy(&softest, i) * (1.0 - 1e-6), "image {i}");
+            assert!(e <= energy(&sharpest, i) * (1.0 + 1e-6), "image {i}");
+            seen.push(e / energy(&sharpest, i));
+        }
+        // Sigmas are drawn per image, not once per batch.
+        let spread = seen.iter().cloned().fold(f64::MIN, f64::max)
+            - seen.iter().cloned().fold(f64::MAX, f64::min);
+        assert!(spread > 0.05, "{seen:?}");
+        for (min, max) in [(0.0, 1.0), (1.0, 0.5), (0.5, MAX_BLUR_SIGMA + 1.0)] {
+            let bad = LowResCorruption::BlurRange { min, max };
+            assert!(UpsamplerTrainer::new(NoiseSchedule::karlo(), 2, 8, bad).is_err());
         }
     }
 }

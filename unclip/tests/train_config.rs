@@ -79,6 +79,24 @@ fn impossible_values_are_named() {
     }
 }
 
+/// `upsampler.blur_sigma_max` turns the fixed blur into a per-image range; the range must be
+/// ordered, start above zero and stay within the kernel the trainer builds.
+#[test]
+fn a_blur_range_is_checked() {
+    let with = format!(
+        "{MINIMAL}\n[upsampler]\nlow_resolution = 32\nresolution = 64\ncrop = 32\nblur_sigma = 0.6\n\
+         [upsampler.model]\nchannels = [32, 64]\n[upsampler.train]\nsteps = 1\nbatch_size = 1\nlr = 1e-4\n"
+    );
+    let cfg = RunConfig::parse(&with, &file(), &["upsampler.blur_sigma_max=1.4".into()]).unwrap();
+    assert_eq!(cfg.upsampler.as_ref().unwrap().blur_sigma_max, Some(1.4));
+    for set in ["upsampler.blur_sigma_max=0.5", "upsampler.blur_sigma_max=9"] {
+        let e = error(&with, &[set]);
+        assert!(e.contains("key `upsampler.blur_sigma_max`: "), "{set}: {e}");
+    }
+    let e = error(&with, &["upsampler.blur_sigma=0", "upsampler.blur_sigma_max=1"]);
+    assert!(e.contains("key `upsampler.blur_sigma_max`: "), "{e}");
+}
+
 /// `run.precision`: f32 by default; bf16 on the CPU; f16 only on CUDA, refused elsewhere with
 /// the key and what to use instead; other values named with the accepted ones.
 #[test]

@@ -418,6 +418,10 @@ pub struct UpsamplerStage {
     /// Gaussian blur of the low-resolution input (unCLIP's first upsampler; 0: none).
     #[serde(default)]
     pub blur_sigma: f64,
+    /// With it, each image's blur sigma is drawn uniformly from `blur_sigma..=blur_sigma_max`
+    /// (so the upsampler learns to sharpen decoder outputs softer than `blur_sigma`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blur_sigma_max: Option<f64>,
     #[serde(default)]
     pub prediction: Prediction,
     pub train: TrainSettings,
@@ -884,6 +888,15 @@ fn validate_upsampler(name: &str, u: &UpsamplerStage) -> Result<(), (String, Str
     }
     if !(0.0..=10.0).contains(&u.blur_sigma) {
         return err("blur_sigma", "from 0 to 10".into());
+    }
+    if let Some(max) = u.blur_sigma_max {
+        let limit = unclip_decoder::train::MAX_BLUR_SIGMA;
+        if !(u.blur_sigma > 0.0 && u.blur_sigma <= max && max <= limit) {
+            return err(
+                "blur_sigma_max",
+                format!("from {name}.blur_sigma (which must be above 0) to {limit}"),
+            );
+        }
     }
     Ok(())
 }

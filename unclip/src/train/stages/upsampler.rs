@@ -80,10 +80,10 @@ pub(crate) fn run(ctx: &Ctx, name: &'static str) -> Result<StageSteps> {
         println!("{name}: started from {}", dir.display());
     }
     let pred = prediction(stage.prediction);
-    let corruption = if stage.blur_sigma > 0.0 {
-        LowResCorruption::Blur { sigma: stage.blur_sigma }
-    } else {
-        LowResCorruption::None
+    let corruption = match stage.blur_sigma_max {
+        Some(max) => LowResCorruption::BlurRange { min: stage.blur_sigma, max },
+        None if stage.blur_sigma > 0.0 => LowResCorruption::Blur { sigma: stage.blur_sigma },
+        None => LowResCorruption::None,
     };
     let scale = (stage.resolution / stage.low_resolution) as i64;
     let trainer = UpsamplerTrainer::new(NoiseSchedule::karlo(), scale, stage.crop, corruption)?
