@@ -44,7 +44,8 @@ struct Cli {
     /// Seed of the prompts (held-out generator) and of the sampling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Folder for the generated PNGs and prompts.txt (none when absent).
+    /// Folder for the generated PNGs, prompts.txt and grades.tsv (each image's failed checks and
+    /// the objects found; none when absent).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Decoder-only evaluation: condition the decoder on our CLIP's embedding of each prompt's
@@ -61,7 +62,8 @@ struct Cli {
     decoder_scheduler: Option<PathBuf>,
     /// Grade the PNGs an earlier run saved with `--out` in this folder (`eval-N.png`; the same
     /// prompt counts and seed) instead of generating: regrades a run, or a leading subset of it
-    /// (the first N single-object prompts are the same images whatever the other counts).
+    /// (the first N single-object prompts are the same images whatever the other counts); writes
+    /// the graded prompts' grades.tsv there.
     #[arg(long, conflicts_with_all = ["oracle_embeddings", "upsampler_only", "out"])]
     grade: Option<PathBuf>,
     /// libtorch CPU threads.
@@ -220,6 +222,40 @@ fn print_position_errors(all: &[Case], reports: &[CheckReport]) {
     );
 }
 
+/// One line per image: what the checker found wrong and what it saw (`grades.tsv`, to look up
+/// the images behind a table's figures).
+fn grades_tsv(all: &[Case], reports: &[CheckReport]) -> String {
+    let mut out = String::from("image\tkind\tprompt\twrong\tdetected (color shape size fill)\n");
+    for (i, (case, r)) in all.iter().zip(reports).enumerate() {
+        let checks = [
+            ("background", r.background),
+            ("count", r.count),
+            ("color", r.color),
+            ("shape", r.shape),
+            ("size", r.size),
+            ("position", r.position),
+            ("relation", r.relation),
+            ("binding", r.binding),
+            ("negation", r.negation),
+        ];
+        let wrong: Vec<&str> =
+            checks.iter().filter(|(_, ok)| *ok == Some(false)).map(|(name, _)| *name).collect();
+        let seen: Vec<String> = r
+            .detected
+            .iter()
+            .map(|d| format!("{} {} {:?} {:.2}", d.color.name(), d.shape.name(), d.size, d.fill))
+            .collect();
+        out += &format!(
+            "eval-{i}\t{}\t{}\t{}\t{}\n",
+            r.kind.name(),
+            case.prompt,
+            wrong.join(","),
+            seen.join("; ")
+        );
+    }
+    out
+}
+
 /// The most prompts of one kind an evaluation takes (a larger count is a typo).
 const MAX_CASES: usize = 100_000;
 
@@ -330,6 +366,10 @@ fn main() -> anyhow::Result<()> {
 
     let reports: Vec<CheckReport> =
         all.iter().zip(&rgb).map(|(case, img)| check(img, &case.spec)).collect();
+    if let Some(dir) = cli.out.as_ref().or(cli.grade.as_ref()) {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("grades.tsv"), grades_tsv(&all, &reports))?;
+    }
     let mut table = EvalTable::new();
     for r in &reports {
         table.add(r);
@@ -399,7 +439,7 @@ fn main() -> anyhow::Result<()> {
         let list: String =
             prompts.iter().enumerate().map(|(i, p)| format!("eval-{i}: {p}\n")).collect();
         std::fs::write(dir.join("prompts.txt"), list)?;
-        println!("\nimages and prompts.txt in {}", dir.display());
+        println!("\nimages, prompts.txt and grades.tsv in {}", dir.display());
     }
     println!("({:.1} min)", started.elapsed().as_secs_f64() / 60.0);
     Ok(())
