@@ -69,6 +69,7 @@ fn impossible_values_are_named() {
         ("decoder.train.ema_decay=1.5", "decoder.train.ema_decay"),
         ("decoder.resolution=2", "decoder.resolution"),
         ("decoder.text_dropout=nan", "decoder.text_dropout"),
+        ("decoder.edge_weight=-1", "decoder.edge_weight"),
         ("run.threads=0", "run.threads"),
         ("run.device=abacus", "run.device"),
         ("decoder.train.accumulate=0", "decoder.train.accumulate"),

@@ -382,7 +382,14 @@ pub struct DecoderStage {
     pub high_noise: f64,
     #[serde(default = "default_high_from")]
     pub high_noise_from: i64,
+    /// Extra weight of the MSE on the image's color edges (0: plain MSE): a small decoder
+    /// otherwise spends its loss on flat backgrounds and draws small shapes as round blobs.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub edge_weight: f64,
     pub train: TrainSettings,
+}
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }
 fn default_half() -> f64 {
     0.5
@@ -687,6 +694,9 @@ impl RunConfig {
             }
             if !(0.0..=1.0).contains(&dc.high_noise) {
                 return err("decoder.high_noise", "a share in [0, 1]");
+            }
+            if !(dc.edge_weight.is_finite() && (0.0..=100.0).contains(&dc.edge_weight)) {
+                return err("decoder.edge_weight", "from 0 to 100");
             }
             if !(0..1000).contains(&dc.high_noise_from) {
                 return err("decoder.high_noise_from", "a timestep in 0..1000");

@@ -188,7 +188,10 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
         Timesteps::Uniform
     };
     let pred = prediction(stage.prediction);
-    let mut trainer = DecoderTrainer::karlo().with_prediction(pred).with_timesteps(timesteps);
+    let mut trainer = DecoderTrainer::karlo()
+        .with_prediction(pred)
+        .with_timesteps(timesteps)
+        .with_edge_weight(stage.edge_weight)?;
     trainer.text_dropout = stage.text_dropout;
     let (model, unet_cfg, proj_cfg) = initial(ctx, stage, &cond)?;
     let t = &stage.train;
