@@ -675,7 +675,7 @@ mod tests {
     #[test]
     fn per_image_blur_uses_each_images_sigma_and_keeps_flat_images() {
         // A white dot in the middle of two images; a flat gray third.
-        let mut x = Tensor::zeros([3, 2, 9, 9], (Kind::Float, Device::Cpu));
+        let x = Tensor::zeros([3, 2, 9, 9], (Kind::Float, Device::Cpu));
         let _ = x.narrow(0, 0, 2).narrow(2, 4, 1).narrow(3, 4, 1).fill_(1.0);
         let _ = x.narrow(0, 2, 1).fill_(0.5);
         let out = gaussian_blur_per_image(&x, &[0.6, 1.4, 1.0], 3).unwrap();
@@ -743,7 +743,7 @@ mod tests {
         assert_eq!(w.size(), [1, 1, 16, 16]);
         assert!((w - 1.0).abs().max().double_value(&[]) < 1e-6);
         // A 6 px square: its outline weighs more than its inside and the background.
-        let mut x = Tensor::full([2, 3, 16, 16], -1.0, (Kind::Float, Device::Cpu));
+        let x = Tensor::full([2, 3, 16, 16], -1.0, (Kind::Float, Device::Cpu));
         let _ = x.narrow(0, 0, 1).narrow(2, 5, 6).narrow(3, 5, 6).fill_(1.0);
         let w = edge_weights(&x, 8.0).unwrap();
         let at = |y, x| w.double_value(&[0, 0, y, x]);
@@ -767,7 +767,7 @@ mod tests {
         let _lock = unclip_scheduler::global_rng_lock();
         let x0 = Tensor::rand([2, 3, 8, 8], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
         let ones = Tensor::ones([2, 1, 8, 8], (Kind::Float, Device::Cpu));
-        let mut twos = ones.copy() * 2.0;
+        let twos = ones.copy() * 2.0;
         let _ = twos.narrow(0, 1, 1).fill_(0.0);
         let run = |w: Option<&Tensor>| {
             let mut rng = TorchNoise::new(9);
