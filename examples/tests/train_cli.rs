@@ -495,3 +495,56 @@ fn the_256_px_upsampler_config_trains_and_extends_the_cascade() {
     assert_eq!(g.images.size(), vec![1, 3, 256, 256]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A decoder fine-tuned at 64 px, exported with `export.drop_first_upsampler` into a copy of the
+/// shipped folder, gives Karlo's cascade: the 64 -> 256 px upsampler as `super_res_first` and
+/// `super_res_last`, no `super_res_2`, 256 px images. A folder with no second upsampler to
+/// promote is refused, naming it.
+#[test]
+fn a_64_px_decoder_exports_into_karlos_cascade() {
+    let dir = unclip::core::fsutil::scratch_dir("train-cli-decoder-64").unwrap();
+    let shipped = root().join("models/shapes");
+    let config = s(&root().join("configs/shapes/decoder-finetune.toml"));
+    let sets = [
+        format!("run.out={:?}", s(&dir.join("run"))),
+        format!("run.conditioning={:?}", s(&shipped)),
+        format!("decoder.init={:?}", s(&shipped)),
+        "decoder.resolution=64".into(),
+        "data.items=16".into(),
+        "validation.items=2".into(),
+        "validation.grid=1".into(),
+        "validation.sample_steps=2".into(),
+        "decoder.train.steps=2".into(),
+        "decoder.train.batch_size=1".into(),
+        "export.drop_first_upsampler=true".into(),
+    ];
+    train_ok(&with_sets(&["--config", &config], &sets));
+    let copy = dir.join("shapes-copy");
+    let status = Command::new("cp").args(["-r", &s(&shipped), &s(&copy)]).status().unwrap();
+    assert!(status.success());
+    train_ok(&with_sets(&["export", "--config", &config, "--to", &s(&copy)], &sets));
+    let up = bytes(&shipped.join("super_res_2/diffusion_pytorch_model.safetensors"));
+    for c in ["super_res_first", "super_res_last"] {
+        assert_eq!(bytes(&copy.join(c).join("diffusion_pytorch_model.safetensors")), up, "{c}");
+    }
+    assert!(!copy.join("super_res_2").exists() && !copy.join("super_res_2_scheduler").exists());
+    let index = String::from_utf8(bytes(&copy.join("model_index.json"))).unwrap();
+    assert!(!index.contains("super_res_2") && index.contains("super_res_last"), "{index}");
+    let mut m =
+        Unclip::from_pretrained(&copy, &LoadOptions::new(Device::Cpu, Kind::Float)).unwrap();
+    assert!(m.upsampler.is_some() && m.upsampler_2.is_none());
+    let req = TextToImage {
+        seed: Some(0),
+        prior_steps: 2,
+        decoder_steps: 2,
+        super_res_steps: 2,
+        ..m.sampling.text_to_image("a red circle on a blue background")
+    };
+    let g = m.text_to_image(&req, &mut unclip::no_progress).unwrap();
+    assert_eq!(g.images.size(), vec![1, 3, 256, 256]);
+
+    // The copy has no super_res_2 left to promote.
+    let (ok, text) = train(&with_sets(&["export", "--config", &config, "--to", &s(&copy)], &sets));
+    assert!(!ok && text.contains("drop_first_upsampler") && text.contains("super_res_2"), "{text}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -444,12 +444,17 @@ pub struct ExportConfig {
     /// Store the weights in f16 (else f32).
     #[serde(default = "default_true")]
     pub half: bool,
+    /// The folder's second upsampler (`super_res_2`) becomes its only one (`super_res_first`
+    /// and `super_res_last`), the first is dropped: for a decoder retrained at the first
+    /// upsampler's output size (Karlo's cascade: a 64 px decoder, then 64 -> 256 px).
+    #[serde(default)]
+    pub drop_first_upsampler: bool,
 }
 
 /// A file without `[export]` gets the same defaults as an empty `[export]` (f16 weights).
 impl Default for ExportConfig {
     fn default() -> Self {
-        Self { decoder_guidance_scale: None, half: true }
+        Self { decoder_guidance_scale: None, half: true, drop_first_upsampler: false }
     }
 }
 

@@ -30,6 +30,8 @@ pub struct ExportOptions {
     pub half: bool,
     /// `sampling_config.json`'s decoder guidance (kept from the base folder when `None`).
     pub decoder_guidance_scale: Option<f64>,
+    /// Promote `super_res_2` to the only upsampler (see `ExportConfig::drop_first_upsampler`).
+    pub drop_first_upsampler: bool,
 }
 
 /// The components each stage writes into `<run>/<stage>/model/`.
@@ -197,11 +199,54 @@ fn build(
     };
     index.insert("_class_name".into(), json!(class));
     index.insert("_diffusers_version".into(), json!("0.42.1"));
+    if opts.drop_first_upsampler {
+        if from_run.contains(&"super_res_first") {
+            return Err(err(
+                "export.drop_first_upsampler drops the first upsampler, which this run trained"
+                    .into(),
+            ));
+        }
+        promote_second_upsampler(dest, &mut index)?;
+    }
     write_json(&dest.join("model_index.json"), &Value::Object(index))?;
     if let Some(g) = opts.decoder_guidance_scale {
         let s =
             crate::SamplingDefaults { decoder_guidance_scale: g, ..crate::SamplingDefaults::KARLO };
         s.write(dest)?;
+    }
+    Ok(())
+}
+
+/// Moves `super_res_2` (and its scheduler) of the folder being built into the first upsampler's
+/// place, `super_res_first` and `super_res_last` (Karlo's layout: the same UNet for both).
+fn promote_second_upsampler(dest: &Path, index: &mut serde_json::Map<String, Value>) -> Result<()> {
+    use crate::loading::{SUPER_RES_2, SUPER_RES_2_SCHEDULER};
+    for c in [SUPER_RES_2, SUPER_RES_2_SCHEDULER] {
+        if !index.contains_key(c) || !dest.join(c).is_dir() {
+            return Err(err(format!(
+                "export.drop_first_upsampler: neither the run nor the base folder has {c}/"
+            )));
+        }
+    }
+    for c in ["super_res_first", "super_res_last", "super_res_scheduler"] {
+        let p = dest.join(c);
+        if p.exists() {
+            std::fs::remove_dir_all(&p).map_err(|e| TrainError::io(&p, e))?;
+        }
+        index.remove(c);
+    }
+    let rename = |from: &str, to: &str| -> Result<()> {
+        std::fs::rename(dest.join(from), dest.join(to))
+            .map_err(|e| TrainError::io(&dest.join(from), e))
+    };
+    rename(SUPER_RES_2, "super_res_first")?;
+    rename(SUPER_RES_2_SCHEDULER, "super_res_scheduler")?;
+    fsutil::copy_tree(&dest.join("super_res_first"), &dest.join("super_res_last"))?;
+    for c in [SUPER_RES_2, SUPER_RES_2_SCHEDULER] {
+        index.remove(c);
+    }
+    for c in ["super_res_first", "super_res_last", "super_res_scheduler"] {
+        index.insert(c.into(), class_of(c));
     }
     Ok(())
 }
@@ -226,6 +271,7 @@ mod tests {
                     overwrite,
                     half: false,
                     decoder_guidance_scale: None,
+                    drop_first_upsampler: false,
                 };
                 let e = export(&run, &opts).unwrap_err().to_string();
                 assert!(e.contains(&bad.display().to_string()), "{e}");
