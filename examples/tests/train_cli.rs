@@ -522,6 +522,10 @@ fn a_64_px_decoder_exports_into_karlos_cascade() {
     let copy = dir.join("shapes-copy");
     let status = Command::new("cp").args(["-r", &s(&shipped), &s(&copy)]).status().unwrap();
     assert!(status.success());
+    // Without the option the 64 px decoder does not fit the folder's 32 px cascade.
+    let keep = [sets.to_vec(), vec!["export.drop_first_upsampler=false".into()]].concat();
+    let (ok, text) = train(&with_sets(&["export", "--config", &config, "--to", &s(&copy)], &keep));
+    assert!(!ok && text.contains("64 px") && text.contains("drop_first_upsampler"), "{text}");
     train_ok(&with_sets(&["export", "--config", &config, "--to", &s(&copy)], &sets));
     let up = bytes(&shipped.join("super_res_2/diffusion_pytorch_model.safetensors"));
     for c in ["super_res_first", "super_res_last"] {

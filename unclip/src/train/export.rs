@@ -208,11 +208,56 @@ fn build(
         }
         promote_second_upsampler(dest, &mut index)?;
     }
+    if let (Some(b), true) = (base, from_run.contains(&"decoder")) {
+        check_decoder_size(&dest.join("decoder"), b, opts.drop_first_upsampler)?;
+    }
     write_json(&dest.join("model_index.json"), &Value::Object(index))?;
     if let Some(g) = opts.decoder_guidance_scale {
         let s =
             crate::SamplingDefaults { decoder_guidance_scale: g, ..crate::SamplingDefaults::KARLO };
         s.write(dest)?;
+    }
+    Ok(())
+}
+
+/// `sample_size` of a component's `config.json` (`None` when the folder has no such component).
+fn sample_size(component: &Path) -> Result<Option<Value>> {
+    let f = component.join("config.json");
+    if !f.is_file() {
+        return Ok(None);
+    }
+    let v: Value = unclip_core::config::read_json(&f)?;
+    Ok(v.get("sample_size").cloned())
+}
+
+/// A decoder swapped into a folder must draw what the folder's first upsampler takes: the old
+/// decoder's size, or with `drop_first_upsampler` the dropped upsampler's output size (what the
+/// promoted one was made to take). A mismatch would be resized silently at sampling time.
+fn check_decoder_size(new_decoder: &Path, base: &Path, drop_first_upsampler: bool) -> Result<()> {
+    let (component, what) = if drop_first_upsampler {
+        ("super_res_first", "the output size of the first upsampler it drops")
+    } else {
+        ("decoder", "the size of the decoder it replaces")
+    };
+    let (Some(new), Some(want)) = (sample_size(new_decoder)?, sample_size(&base.join(component))?)
+    else {
+        return Ok(());
+    };
+    if new != want {
+        // The run's decoder may be meant to replace the first upsampler.
+        let hint = if !drop_first_upsampler
+            && sample_size(&base.join("super_res_first"))?.as_ref() == Some(&new)
+        {
+            ", or set export.drop_first_upsampler = true to drop the first upsampler"
+        } else {
+            ""
+        };
+        return Err(err(format!(
+            "the run's decoder draws {new} px but {} expects {want} px ({what}, in {}); train at \
+             decoder.resolution = {want}{hint}",
+            base.display(),
+            base.join(component).join("config.json").display(),
+        )));
     }
     Ok(())
 }
