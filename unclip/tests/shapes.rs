@@ -97,6 +97,25 @@ fn generated_scenes_are_valid_and_cover_every_kind() {
     assert!(all.iter().any(|s| matches!(s.prompt, Prompt::Negation(_)) && s.objects.is_empty()));
 }
 
+/// Kind weights set the mix: the default weights give the default scenes exactly, zero weights
+/// never draw their kind, and a heavier weight draws its kind more often (not exactly in
+/// proportion: a draw that breaks a scene rule is redrawn whole, kind included, and two-object
+/// scenes break more rules).
+#[test]
+fn kind_weights_set_the_mix() {
+    let plain = SceneGenerator::new(Split::Train, 4);
+    let same = SceneGenerator::new(Split::Train, 4).with_kind_weights(DEFAULT_KIND_WEIGHTS);
+    assert!((0..100).all(|i| plain.scene(i) == same.scene(i)));
+    let share = |w: [u32; 4]| {
+        let g = SceneGenerator::new(Split::Train, 4).with_kind_weights(w);
+        let kinds: Vec<PromptKind> = (0..400).map(|i| g.scene(i).prompt.kind()).collect();
+        assert!(kinds.iter().all(|k| matches!(k, PromptKind::Single | PromptKind::Binding)));
+        kinds.iter().filter(|k| **k == PromptKind::Binding).count()
+    };
+    let (even, heavy) = (share([1, 0, 1, 0]), share([1, 0, 3, 0]));
+    assert!(even > 80 && heavy > even + 60, "binding scenes of 400: {even} at 1:1, {heavy} at 1:3");
+}
+
 #[test]
 fn captions_round_trip_and_stay_short() {
     for s in scenes(Split::Train, 2, 800).iter().chain(&scenes(Split::HeldOut, 2, 200)) {

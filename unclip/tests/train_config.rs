@@ -80,6 +80,27 @@ fn impossible_values_are_named() {
     }
 }
 
+/// `data.kind_weights` sets the shapes generator's prompt-kind mix; it needs the shapes source,
+/// and four weights not all zero.
+#[test]
+fn kind_weights_are_checked() {
+    let shapes = MINIMAL.replace(
+        "source = \"webdataset\"\npath = \"data/shards\"",
+        "source = \"shapes\"\nitems = 100",
+    );
+    let cfg =
+        RunConfig::parse(&shapes, &file(), &["data.kind_weights=[20, 25, 40, 15]".into()]).unwrap();
+    assert_eq!(cfg.data.kind_weights, Some([20, 25, 40, 15]));
+    for set in ["data.kind_weights=[0, 0, 0, 0]", "data.kind_weights=[1, 2, 3, 4000]"] {
+        let e = error(&shapes, &[set]);
+        assert!(e.contains("key `data.kind_weights`: "), "{set}: {e}");
+    }
+    let e = error(MINIMAL, &["data.kind_weights=[1, 1, 1, 1]"]);
+    assert!(e.contains("key `data.kind_weights`: ") && e.contains("shapes"), "{e}");
+    let e = error(&shapes, &["data.kind_weights=[1, 1, 1]"]);
+    assert!(e.contains("data.kind_weights"), "{e}");
+}
+
 /// `upsampler.blur_sigma_max` turns the fixed blur into a per-image range; the range must be
 /// ordered, start above zero and stay within the kernel the trainer builds.
 #[test]

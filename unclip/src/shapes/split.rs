@@ -83,6 +83,13 @@ impl SceneGenerator {
         self
     }
 
+    /// Prompt kinds drawn in proportion to `weights` (single, relation, binding, negation; see
+    /// [`DEFAULT_KIND_WEIGHTS`]); all zero keeps the default mix.
+    pub fn with_kind_weights(mut self, weights: [u32; 4]) -> SceneGenerator {
+        self.weights = if weights.iter().all(|&w| w == 0) { DEFAULT_KIND_WEIGHTS } else { weights };
+        self
+    }
+
     /// Scene number `index`.
     pub fn scene(&self, index: u64) -> Scene {
         // Decorrelate neighbouring (seed, index) pairs before seeding.

@@ -133,6 +133,11 @@ pub struct DataConfig {
     /// The run fails when more than this fraction of items is undecodable.
     #[serde(default = "default_bad")]
     pub max_bad_fraction: f64,
+    /// `shapes`: how often each prompt kind is drawn, as weights for single, relation, binding
+    /// and negation scenes (default `[40, 25, 20, 15]`), e.g. more two-object scenes. A draw that
+    /// breaks a scene rule is redrawn, so two-object kinds come out somewhat below their share.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind_weights: Option<[u32; 4]>,
 }
 fn default_workers() -> usize {
     2
@@ -586,6 +591,17 @@ impl RunConfig {
         }
         if !(0.0..=1.0).contains(&d.max_bad_fraction) {
             return err("data.max_bad_fraction", "a fraction in [0, 1]");
+        }
+        if let Some(w) = d.kind_weights {
+            if d.source != SourceKind::Shapes {
+                return err("data.kind_weights", "only with source = \"shapes\"");
+            }
+            if w.iter().all(|&x| x == 0) || w.iter().any(|&x| x > 1000) {
+                return err(
+                    "data.kind_weights",
+                    "four weights from 0 to 1000 (single, relation, binding, negation), not all 0",
+                );
+            }
         }
         if self.stages().is_empty() {
             return err(

@@ -3,6 +3,7 @@
 use super::config::{CropKind, DataConfig, SourceKind};
 use super::{Result, TrainError};
 use crate::data::{self, Crop, DataError, Dataset, Item, Loader, LoaderConfig, Transform};
+use crate::shapes::{self, SceneGenerator};
 use std::sync::Arc;
 
 /// Items `start..start + len` of another dataset.
@@ -55,7 +56,11 @@ pub(crate) fn open(cfg: &DataConfig, seed: u64, side: u32, holdout: usize) -> Re
     let full: Arc<dyn Dataset> = match cfg.source {
         SourceKind::Shapes => {
             let n = cfg.items.unwrap_or(0);
-            Arc::new(data::Shapes::train(seed, n, side)?)
+            let mut scenes = SceneGenerator::new(shapes::Split::Train, seed);
+            if let Some(w) = cfg.kind_weights {
+                scenes = scenes.with_kind_weights(w);
+            }
+            Arc::new(data::Shapes::new(scenes, n, side)?)
         }
         SourceKind::ImageFolder => Arc::new(data::ImageFolder::open(path(cfg)?)?),
         SourceKind::Webdataset => {
@@ -154,4 +159,27 @@ pub(crate) fn loader_sharded(
 /// A stable per-stage seed offset, so stages do not share batch orders.
 pub(crate) fn salt(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shapes::{PromptKind, parse_caption};
+
+    /// `data.kind_weights` reaches the generated dataset: only binding scenes when only binding
+    /// has weight.
+    #[test]
+    fn kind_weights_reach_the_shapes_source() {
+        let text = "[run]\nout = \"runs/x\"\nconditioning = \"models/shapes\"\n[data]\nsource = \"shapes\"\nitems = 40\n\
+                    kind_weights = [0, 0, 1, 0]\n[decoder]\nresolution = 16\n[decoder.model]\nchannels = [16, 32]\n\
+                    [decoder.train]\nsteps = 1\nbatch_size = 1\nlr = 1e-4\n";
+        let cfg =
+            super::super::RunConfig::parse(text, std::path::Path::new("run.toml"), &[]).unwrap();
+        let split = open(&cfg.data, 0, 16, 0).unwrap();
+        for i in 0..split.train.len() {
+            let caption = split.train.item(i).unwrap().caption;
+            let kind = parse_caption(&caption).map(|s| s.kind());
+            assert_eq!(kind, Some(PromptKind::Binding), "{caption}");
+        }
+    }
 }
