@@ -32,6 +32,21 @@ fn s(p: &Path) -> String {
     p.display().to_string()
 }
 
+/// Loads a model folder and samples one image of `prompt` with 2 steps per stage.
+fn sample_few_steps(folder: &Path, prompt: &str) -> (Unclip, Tensor) {
+    let mut m =
+        Unclip::from_pretrained(folder, &LoadOptions::new(Device::Cpu, Kind::Float)).unwrap();
+    let req = TextToImage {
+        seed: Some(0),
+        prior_steps: 2,
+        decoder_steps: 2,
+        super_res_steps: 2,
+        ..m.sampling.text_to_image(prompt)
+    };
+    let images = m.text_to_image(&req, &mut unclip::no_progress).unwrap().images;
+    (m, images)
+}
+
 /// A prior and a decoder trained a few steps on the committed webdataset with the shapes model's
 /// frozen CLIP: a run stopped after 3 steps and rerun ends bit for bit where an uninterrupted
 /// run does (the prior with gradient accumulation: 2 micro-batches of 2 per step); the export swaps both into a copy of the model folder, which loads and samples.
@@ -124,19 +139,10 @@ validate_every = 2
     let prior_out = model.join("prior/diffusion_pytorch_model.safetensors");
     let shipped = root().join("models/shapes/prior/diffusion_pytorch_model.safetensors");
     assert_ne!(bytes(&prior_out), bytes(&shipped));
-    let mut m =
-        Unclip::from_pretrained(&model, &LoadOptions::new(Device::Cpu, Kind::Float)).unwrap();
-    let req = TextToImage {
-        seed: Some(0),
-        prior_steps: 2,
-        decoder_steps: 2,
-        super_res_steps: 2,
-        ..m.sampling.text_to_image("a red circle on a white background")
-    };
-    let out = m.text_to_image(&req, &mut unclip::no_progress).unwrap();
+    let (_, images) = sample_few_steps(&model, "a red circle on a white background");
     // The shipped folder's upsamplers came along: 32 -> 64 -> 256 px.
-    assert_eq!(out.images.size(), vec![1, 3, 256, 256]);
-    assert!(bool::try_from(out.images.isfinite().all()).unwrap());
+    assert_eq!(images.size(), vec![1, 3, 256, 256]);
+    assert!(bool::try_from(images.isfinite().all()).unwrap());
 
     // Exporting again swaps into the previous install; so does an export after one killed
     // between its two renames (the previous folder, set aside, is put back first), and after
@@ -481,18 +487,9 @@ fn the_256_px_upsampler_config_trains_and_extends_the_cascade() {
         .unwrap();
     assert!(status.success());
     train_ok(&with_sets(&["export", "--config", &config, "--to", &s(&copy)], &sets));
-    let mut m =
-        Unclip::from_pretrained(&copy, &LoadOptions::new(Device::Cpu, Kind::Float)).unwrap();
+    let (m, images) = sample_few_steps(&copy, "a red circle on a blue background");
     assert!(m.upsampler_2.is_some());
-    let req = TextToImage {
-        seed: Some(0),
-        prior_steps: 2,
-        decoder_steps: 2,
-        super_res_steps: 2,
-        ..m.sampling.text_to_image("a red circle on a blue background")
-    };
-    let g = m.text_to_image(&req, &mut unclip::no_progress).unwrap();
-    assert_eq!(g.images.size(), vec![1, 3, 256, 256]);
+    assert_eq!(images.size(), vec![1, 3, 256, 256]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -534,18 +531,9 @@ fn a_64_px_decoder_exports_into_karlos_cascade() {
     assert!(!copy.join("super_res_2").exists() && !copy.join("super_res_2_scheduler").exists());
     let index = String::from_utf8(bytes(&copy.join("model_index.json"))).unwrap();
     assert!(!index.contains("super_res_2") && index.contains("super_res_last"), "{index}");
-    let mut m =
-        Unclip::from_pretrained(&copy, &LoadOptions::new(Device::Cpu, Kind::Float)).unwrap();
+    let (m, images) = sample_few_steps(&copy, "a red circle on a blue background");
     assert!(m.upsampler.is_some() && m.upsampler_2.is_none());
-    let req = TextToImage {
-        seed: Some(0),
-        prior_steps: 2,
-        decoder_steps: 2,
-        super_res_steps: 2,
-        ..m.sampling.text_to_image("a red circle on a blue background")
-    };
-    let g = m.text_to_image(&req, &mut unclip::no_progress).unwrap();
-    assert_eq!(g.images.size(), vec![1, 3, 256, 256]);
+    assert_eq!(images.size(), vec![1, 3, 256, 256]);
 
     // The copy has no super_res_2 left to promote.
     let (ok, text) = train(&with_sets(&["export", "--config", &config, "--to", &s(&copy)], &sets));

@@ -74,13 +74,8 @@ impl SceneGenerator {
     }
 
     /// Only prompts of these kinds, equally often (all kinds if empty).
-    pub fn with_kinds(mut self, kinds: &[PromptKind]) -> SceneGenerator {
-        self.weights = if kinds.is_empty() {
-            DEFAULT_KIND_WEIGHTS
-        } else {
-            PromptKind::ALL.map(|k| u32::from(kinds.contains(&k)))
-        };
-        self
+    pub fn with_kinds(self, kinds: &[PromptKind]) -> SceneGenerator {
+        self.with_kind_weights(PromptKind::ALL.map(|k| u32::from(kinds.contains(&k))))
     }
 
     /// Prompt kinds drawn in proportion to `weights` (single, relation, binding, negation; see

@@ -278,7 +278,7 @@ fn promote_second_upsampler(dest: &Path, index: &mut serde_json::Map<String, Val
         if p.exists() {
             std::fs::remove_dir_all(&p).map_err(|e| TrainError::io(&p, e))?;
         }
-        index.remove(c);
+        index.insert(c.into(), class_of(c));
     }
     let rename = |from: &str, to: &str| -> Result<()> {
         std::fs::rename(dest.join(from), dest.join(to))
@@ -287,12 +287,8 @@ fn promote_second_upsampler(dest: &Path, index: &mut serde_json::Map<String, Val
     rename(SUPER_RES_2, "super_res_first")?;
     rename(SUPER_RES_2_SCHEDULER, "super_res_scheduler")?;
     fsutil::copy_tree(&dest.join("super_res_first"), &dest.join("super_res_last"))?;
-    for c in [SUPER_RES_2, SUPER_RES_2_SCHEDULER] {
-        index.remove(c);
-    }
-    for c in ["super_res_first", "super_res_last", "super_res_scheduler"] {
-        index.insert(c.into(), class_of(c));
-    }
+    index.remove(SUPER_RES_2);
+    index.remove(SUPER_RES_2_SCHEDULER);
     Ok(())
 }
 

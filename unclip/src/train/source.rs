@@ -56,10 +56,8 @@ pub(crate) fn open(cfg: &DataConfig, seed: u64, side: u32, holdout: usize) -> Re
     let full: Arc<dyn Dataset> = match cfg.source {
         SourceKind::Shapes => {
             let n = cfg.items.unwrap_or(0);
-            let mut scenes = SceneGenerator::new(shapes::Split::Train, seed);
-            if let Some(w) = cfg.kind_weights {
-                scenes = scenes.with_kind_weights(w);
-            }
+            let scenes = SceneGenerator::new(shapes::Split::Train, seed)
+                .with_kind_weights(cfg.kind_weights.unwrap_or(shapes::DEFAULT_KIND_WEIGHTS));
             Arc::new(data::Shapes::new(scenes, n, side)?)
         }
         SourceKind::ImageFolder => Arc::new(data::ImageFolder::open(path(cfg)?)?),
