@@ -23,7 +23,15 @@ fi
 have=$(.venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || true)
 if [[ "$have" != "$TORCH_VERSION" ]]; then
   echo "setup-libtorch: installing torch==$TORCH_VERSION into .venv (about 5 GB, a few minutes)"
-  .venv/bin/pip install --quiet "torch==$TORCH_VERSION"
+  # pip's wheel cache would hold a second copy of the ~3 GB of wheels, and its unpacking goes to
+  # TMPDIR, which may be a small tmpfs: keep both out of the way so that ~8 GB free is enough.
+  free_kb=$(df -Pk . | awk 'NR == 2 { print $4 }')
+  if [[ -n "$free_kb" && "$free_kb" -lt $((8 * 1024 * 1024)) ]]; then
+    echo "setup-libtorch: warning: only $((free_kb / 1024)) MB free here; torch needs about 8 GB while installing" >&2
+  fi
+  mkdir -p .venv/tmp
+  TMPDIR="$PWD/.venv/tmp" .venv/bin/pip install --quiet --no-cache-dir "torch==$TORCH_VERSION"
+  rm -rf .venv/tmp
 fi
 torch_dir=$(.venv/bin/python -c 'import os, torch; print(os.path.dirname(torch.__file__))')
 # unclip-dist's NCCL backend compiles against CUDA's headers: the wheel's nvidia packages carry the
@@ -33,7 +41,7 @@ if [[ -f "$torch_dir/lib/libtorch_cuda.so" && -f "$cuda_inc/cuda_runtime_api.h" 
       && ! ( -f "$cuda_inc/crt/host_config.h" && -e "$cuda_inc/nv/target" ) ]]; then
   cuda=$(.venv/bin/python -c 'import importlib.metadata as m; print(".".join(m.version("nvidia-cuda-runtime").split(".")[:2]))')
   echo "setup-libtorch: installing CUDA $cuda's crt and cccl headers (for unclip-dist's NCCL backend)"
-  .venv/bin/pip install --quiet --no-deps "nvidia-cuda-crt==$cuda.*" "nvidia-cuda-cccl==$cuda.*"
+  .venv/bin/pip install --quiet --no-cache-dir --no-deps "nvidia-cuda-crt==$cuda.*" "nvidia-cuda-cccl==$cuda.*"
 fi
 if [[ "$(readlink .venv/libtorch 2>/dev/null || true)" != "$torch_dir" ]]; then
   ln -sfn "$torch_dir" .venv/libtorch
