@@ -1,0 +1,147 @@
+"""At which noise level the decoder of a diffusers-layout unCLIP folder (default: the embedded
+model) loses or makes the corners of a small square, measured with the reference implementation
+(diffusers 0.42.1, transformers 5.24.0: the pins of fixtures/requirements.txt).
+
+The embedded model draws small squares and small circles as the same blob. This asks the decoder
+for the x0 it implies from a noised true render at timestep t, for "a small red <shape> in the
+bottom right on a blue background" conditioned on that caption and on the CLIP image embedding of
+its true render, and prints how red the square's corners are in that x0 (the pixels a square
+covers and its inscribed disc does not, weighted by how much of each pixel they cover; 1 = red
+as the object, 0 = background):
+
+- "square kept": x_t is the noised square, the condition says square. Low values at low t mean
+  the decoder rounds corners it can still see (a precision problem).
+- "circle -> square": x_t is the noised circle, the condition says square. Where this stays low,
+  the shape is already fixed by x_t and the condition no longer makes corners.
+- "circle kept": the reference for a blob (the disc's own anti-aliased edge gives a few tenths).
+
+Averaged over 4 noise draws. With --weights EMA.safetensors a `train` checkpoint is measured, as
+in decoder_position.py.
+
+usage: .venv/bin/python scripts/diagnose/decoder_shape.py [--model models/shapes] [--size small|large]
+"""
+import argparse
+import json
+import os
+
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+
+from common import F32, ROOT, coordinate_maps, load_clip
+from diffusers import UNet2DConditionModel, UnCLIPScheduler
+from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+
+BACKGROUND, RED = (30, 60, 225), (225, 30, 30)
+EXTENT = {"small": 0.18, "large": 0.28}  # the side of a square, as in unclip's shapes::Size
+CENTER = (0.8, 0.8)
+SUPERSAMPLE = 8
+
+
+def render(shape, extent, side):
+    """A supersampled render box-filtered down, as unclip's shapes renderer anti-aliases."""
+    big = side * SUPERSAMPLE
+    im = Image.new("RGB", (big, big), BACKGROUND)
+    h, (x, y) = extent / 2 * big, (CENTER[0] * big, CENTER[1] * big)
+    box = (x - h, y - h, x + h, y + h)
+    draw = ImageDraw.Draw(im)
+    (draw.rectangle if shape == "square" else draw.ellipse)(box, fill=RED)
+    return im.resize((side, side), Image.BOX)
+
+
+def corner_weights(extent, side):
+    """How much of each pixel the square covers and its inscribed disc does not (supersampled)."""
+    big = side * SUPERSAMPLE
+    c = (torch.arange(big) + 0.5) / big
+    ys, xs = torch.meshgrid(c, c, indexing="ij")
+    dx, dy = (xs - CENTER[0]).abs(), (ys - CENTER[1]).abs()
+    inside = (dx < extent / 2) & (dy < extent / 2) & ((dx * dx + dy * dy).sqrt() > extent / 2)
+    return torch.nn.functional.avg_pool2d(inside.float()[None, None], SUPERSAMPLE)[0, 0]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=os.path.join(ROOT, "models", "shapes"))
+    ap.add_argument("--weights", default=None)
+    ap.add_argument("--size", default="small", choices=sorted(EXTENT))
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    torch.set_grad_enabled(False)
+    j = lambda n: os.path.join(a.model, n)  # noqa: E731
+    tok, te, vis, proc = load_clip(a.model)
+    tp = UnCLIPTextProjModel.from_pretrained(j("text_proj"), **F32).eval()
+    with open(j("decoder/config.json")) as f:
+        config = json.load(f)
+    coords = config.pop("coordinate_channels", 0)
+    if a.weights:
+        sd = load_file(a.weights)
+        sample_channels = config["in_channels"] - coords
+        config["in_channels"] = sd["decoder.conv_in.weight"].shape[1]
+        coords = config["in_channels"] - sample_channels
+        part = lambda p: {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}  # noqa: E731
+        unet = UNet2DConditionModel.from_config(config).eval()
+        unet.load_state_dict(part("decoder."))
+        tp.load_state_dict(part("text_proj."))
+    else:
+        unet = UNet2DConditionModel.from_pretrained(j("decoder"), **F32).eval()
+    sched = UnCLIPScheduler.from_pretrained(j("decoder_scheduler"))
+    ac, prediction = sched.alphas_cumprod, sched.config.prediction_type
+    side = unet.config.sample_size
+    maps = coordinate_maps(side)
+    extent = EXTENT[a.size]
+    red = (torch.tensor(RED).float() / 127.5 - 1)[:, None, None]
+    bg = (torch.tensor(BACKGROUND).float() / 127.5 - 1)[:, None, None]
+    corners = corner_weights(extent, side)
+    renders = {s: render(s, extent, side) for s in ("square", "circle")}
+    # The CLIP image embedding is taken at CLIP's input size, from a render at that size.
+    clip_renders = {s: render(s, extent, 224) for s in ("square", "circle")}
+
+    def tensor(im):
+        return torch.tensor(list(im.getdata()), dtype=torch.float32).view(side, side, 3).permute(2, 0, 1)[None] / 127.5 - 1
+
+    def conditioning(shape):
+        ids = tok([f"a {a.size} red {shape} in the bottom right on a blue background"], padding="max_length",
+                  max_length=tok.model_max_length, return_tensors="pt")
+        text = te(ids.input_ids, attention_mask=ids.attention_mask)
+        emb = vis(**proc([clip_renders[shape]], return_tensors="pt")).image_embeds
+        hs, add = tp(image_embeddings=emb, prompt_embeds=text.text_embeds,
+                     text_encoder_hidden_states=text.last_hidden_state, do_classifier_free_guidance=False)
+        mask = torch.nn.functional.pad(ids.attention_mask.bool(), (tp.clip_extra_context_tokens, 0), value=True)
+        return dict(encoder_hidden_states=hs, class_labels=add, attention_mask=mask)
+
+    def redness(x0):
+        d = red - bg
+        return (((x0[0] - bg) * d).sum(0) / (d * d).sum()).clamp(0, 1)
+
+    conds = {s: conditioning(s) for s in ("square", "circle")}
+    truth = {s: float((redness(tensor(renders[s])) * corners).sum() / corners.sum()) for s in renders}
+    cases = [("square kept", "square", "square"), ("circle -> square", "circle", "square"),
+             ("circle kept", "circle", "circle")]
+    print(f"decoder {a.weights or j('decoder')} ({prediction}, {side} px), {a.size} objects "
+          f"({extent * side:.1f} px): redness of the square's corners in the implied x0")
+    print(f"true renders: square {truth['square']:.2f}, circle {truth['circle']:.2f}")
+    print(f"{'t':>4}  " + "  ".join(f"{name:>16}" for name, _, _ in cases))
+    for t in [25, 100, 200, 300, 400, 500, 600, 700, 850]:
+        at = ac[t]
+        row = []
+        for _, start, cond in cases:
+            x = tensor(renders[start])
+            score = 0.0
+            for seed in range(4):
+                noise = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(seed))
+                x_t = at.sqrt() * x + (1 - at).sqrt() * noise
+                inp = torch.cat([x_t, maps], 1) if coords else x_t
+                out = unet(inp, t, **conds[cond]).sample[:, :3]
+                if prediction == "v_prediction":
+                    x0 = at.sqrt() * x_t - (1 - at).sqrt() * out
+                elif prediction == "sample":
+                    x0 = out
+                else:
+                    x0 = (x_t - (1 - at).sqrt() * out) / at.sqrt()
+                score += float((redness(x0) * corners).sum() / corners.sum()) / 4
+            row.append(f"{score:.2f}")
+        print(f"{t:>4}  " + "  ".join(f"{v:>16}" for v in row))
+
+
+if __name__ == "__main__":
+    main()
