@@ -4,7 +4,7 @@ model) loses or makes the corners of a small square, measured with the reference
 
 The embedded model draws small squares and small circles as the same blob. This asks the decoder
 for the x0 it implies from a noised true render at timestep t, for "a small red <shape> in the
-bottom right on a blue background" conditioned on that caption and on the CLIP image embedding of
+bottom right on a blue background" (or --color green) conditioned on that caption and on the CLIP image embedding of
 its true render, and prints how red the square's corners are in that x0 (the pixels a square
 covers and its inscribed disc does not, weighted by how much of each pixel they cover; 1 = red
 as the object, 0 = background):
@@ -18,7 +18,7 @@ as the object, 0 = background):
 Averaged over 4 noise draws. With --weights EMA.safetensors a `train` checkpoint is measured, as
 in decoder_position.py.
 
-usage: .venv/bin/python scripts/diagnose/decoder_shape.py [--model models/shapes] [--size small|large]
+usage: .venv/bin/python scripts/diagnose/decoder_shape.py [--model models/shapes] [--size small|large] [--color red|green]
 """
 import argparse
 import json
@@ -32,7 +32,10 @@ from common import F32, ROOT, coordinate_maps, load_clip
 from diffusers import UNet2DConditionModel, UnCLIPScheduler
 from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
 
-BACKGROUND, RED = (30, 60, 225), (225, 30, 30)
+BACKGROUND = (30, 60, 225)
+# unclip's shapes palette; red squares are a held-out combination (never in training), green ones not.
+COLORS = {"red": (225, 30, 30), "green": (30, 170, 50)}
+RED = COLORS["red"]
 EXTENT = {"small": 0.18, "large": 0.28}  # the side of a square, as in unclip's shapes::Size
 CENTER = (0.8, 0.8)
 SUPERSAMPLE = 8
@@ -64,7 +67,10 @@ def main():
     ap.add_argument("--model", default=os.path.join(ROOT, "models", "shapes"))
     ap.add_argument("--weights", default=None)
     ap.add_argument("--size", default="small", choices=sorted(EXTENT))
+    ap.add_argument("--color", default="red", choices=sorted(COLORS))
     a = ap.parse_args()
+    global RED
+    RED = COLORS[a.color]
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
     j = lambda n: os.path.join(a.model, n)  # noqa: E731
@@ -100,7 +106,7 @@ def main():
         return torch.tensor(list(im.getdata()), dtype=torch.float32).view(side, side, 3).permute(2, 0, 1)[None] / 127.5 - 1
 
     def conditioning(shape):
-        ids = tok([f"a {a.size} red {shape} in the bottom right on a blue background"], padding="max_length",
+        ids = tok([f"a {a.size} {a.color} {shape} in the bottom right on a blue background"], padding="max_length",
                   max_length=tok.model_max_length, return_tensors="pt")
         text = te(ids.input_ids, attention_mask=ids.attention_mask)
         emb = vis(**proc([clip_renders[shape]], return_tensors="pt")).image_embeds
@@ -118,7 +124,7 @@ def main():
     cases = [("square kept", "square", "square"), ("circle -> square", "circle", "square"),
              ("circle kept", "circle", "circle")]
     print(f"decoder {a.weights or j('decoder')} ({prediction}, {side} px), {a.size} objects "
-          f"({extent * side:.1f} px): redness of the square's corners in the implied x0")
+          f"({extent * side:.1f} px): how {a.color} the square's corners are in the implied x0")
     print(f"true renders: square {truth['square']:.2f}, circle {truth['circle']:.2f}")
     print(f"{'t':>4}  " + "  ".join(f"{name:>16}" for name, _, _ in cases))
     for t in [25, 100, 200, 300, 400, 500, 600, 700, 850]:
