@@ -1,5 +1,6 @@
 """What the diagnostics share: loading a diffusers-layout unCLIP folder's CLIP parts with the
 reference packages, and the coordinate maps of decoders with `coordinate_channels`."""
+import json
 import os
 
 import torch
@@ -25,3 +26,54 @@ def coordinate_maps(side):
     c = (torch.arange(side) + 0.5) / side * 2 - 1
     return torch.cat([c.view(1, 1, 1, side).expand(1, 1, side, side),
                       c.view(1, 1, side, 1).expand(1, 1, side, side)], 1)
+
+
+def load_decoder(model_dir, weights=None):
+    """The folder's text projection and decoder UNet (f32, eval), or those of a `train` checkpoint
+    (`decoder.*` and `text_proj.*` names) in the folder's decoder config; also the number of
+    coordinate channels the decoder takes (a checkpoint whose conv_in takes more channels than
+    the folder's sample has coordinate inputs)."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+    from safetensors.torch import load_file
+
+    j = lambda n: os.path.join(model_dir, n)  # noqa: E731
+    tp = UnCLIPTextProjModel.from_pretrained(j("text_proj"), **F32).eval()
+    with open(j("decoder/config.json")) as f:
+        config = json.load(f)
+    coords = config.pop("coordinate_channels", 0)
+    if weights:
+        sd = load_file(weights)
+        sample_channels = config["in_channels"] - coords
+        config["in_channels"] = sd["decoder.conv_in.weight"].shape[1]
+        coords = config["in_channels"] - sample_channels
+        part = lambda p: {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}  # noqa: E731
+        unet = UNet2DConditionModel.from_config(config).eval()
+        unet.load_state_dict(part("decoder."))
+        tp.load_state_dict(part("text_proj."))
+    else:
+        unet = UNet2DConditionModel.from_pretrained(j("decoder"), **F32).eval()
+    return tp, unet, coords
+
+
+def decoder_conditioning(clip, tp, caption, image):
+    """The decoder's keyword arguments for one caption and the CLIP image embedding of `image`
+    (a PIL image), without classifier-free guidance."""
+    tok, te, vis, proc = clip
+    ids = tok([caption], padding="max_length", max_length=tok.model_max_length, return_tensors="pt")
+    text = te(ids.input_ids, attention_mask=ids.attention_mask)
+    emb = vis(**proc([image], return_tensors="pt")).image_embeds
+    hs, add = tp(image_embeddings=emb, prompt_embeds=text.text_embeds,
+                 text_encoder_hidden_states=text.last_hidden_state, do_classifier_free_guidance=False)
+    mask = torch.nn.functional.pad(ids.attention_mask.bool(), (tp.clip_extra_context_tokens, 0), value=True)
+    return dict(encoder_hidden_states=hs, class_labels=add, attention_mask=mask)
+
+
+def implied_x0(prediction, out, x_t, alpha_cumprod):
+    """The x0 a decoder output implies at a timestep with this alpha-bar, per prediction type."""
+    at = alpha_cumprod
+    if prediction == "v_prediction":
+        return at.sqrt() * x_t - (1 - at).sqrt() * out
+    if prediction == "sample":
+        return out
+    return (x_t - (1 - at).sqrt() * out) / at.sqrt()

@@ -18,16 +18,13 @@ has coordinate inputs.
 usage: .venv/bin/python scripts/diagnose/decoder_position.py [--model models/shapes]
 """
 import argparse
-import json
 import os
 
 import torch
 from PIL import Image, ImageDraw
-from safetensors.torch import load_file
 
-from common import F32, ROOT, coordinate_maps, load_clip
-from diffusers import UNet2DConditionModel, UnCLIPScheduler
-from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+from common import ROOT, coordinate_maps, decoder_conditioning, implied_x0, load_clip, load_decoder
+from diffusers import UnCLIPScheduler
 
 BACKGROUND, RED = (30, 60, 225), (225, 30, 30)
 PLACES = {"in the top left": (0.2, 0.2), "in the bottom right": (0.8, 0.8),
@@ -49,22 +46,8 @@ def main():
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
     j = lambda n: os.path.join(a.model, n)  # noqa: E731
-    tok, te, vis, proc = load_clip(a.model)
-    tp = UnCLIPTextProjModel.from_pretrained(j("text_proj"), **F32).eval()
-    with open(j("decoder/config.json")) as f:
-        config = json.load(f)
-    coords = config.pop("coordinate_channels", 0)
-    if a.weights:
-        sd = load_file(a.weights)
-        sample_channels = config["in_channels"] - coords
-        config["in_channels"] = sd["decoder.conv_in.weight"].shape[1]
-        coords = config["in_channels"] - sample_channels
-        part = lambda p: {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}  # noqa: E731
-        unet = UNet2DConditionModel.from_config(config).eval()
-        unet.load_state_dict(part("decoder."))
-        tp.load_state_dict(part("text_proj."))
-    else:
-        unet = UNet2DConditionModel.from_pretrained(j("decoder"), **F32).eval()
+    clip = load_clip(a.model)
+    tp, unet, coords = load_decoder(a.model, a.weights)
     ac = UnCLIPScheduler.from_pretrained(j("decoder_scheduler")).alphas_cumprod
     side = unet.config.sample_size
     maps = coordinate_maps(side)
@@ -73,14 +56,8 @@ def main():
     ys, xs = torch.meshgrid(torch.arange(side).float() + 0.5, torch.arange(side).float() + 0.5, indexing="ij")
 
     def conditioning(place):
-        ids = tok([f"a large red circle {place} on a blue background"], padding="max_length",
-                  max_length=tok.model_max_length, return_tensors="pt")
-        text = te(ids.input_ids, attention_mask=ids.attention_mask)
-        emb = vis(**proc([render(PLACES[place])], return_tensors="pt")).image_embeds
-        hs, add = tp(image_embeddings=emb, prompt_embeds=text.text_embeds,
-                     text_encoder_hidden_states=text.last_hidden_state, do_classifier_free_guidance=False)
-        mask = torch.nn.functional.pad(ids.attention_mask.bool(), (tp.clip_extra_context_tokens, 0), value=True)
-        return dict(encoder_hidden_states=hs, class_labels=add, attention_mask=mask)
+        return decoder_conditioning(clip, tp, f"a large red circle {place} on a blue background",
+                                    render(PLACES[place]))
 
     def centroid(x0):
         """Red-weighted mean position: each pixel weighs how far it is from blue toward red."""
@@ -102,12 +79,7 @@ def main():
                 x_t = (1 - at).sqrt() * torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(seed))
                 inp = torch.cat([x_t, maps], 1) if coords else x_t
                 out = unet(inp, t, **conds[place]).sample[:, :3]
-                if prediction == "v_prediction":
-                    x0 = at.sqrt() * x_t - (1 - at).sqrt() * out
-                elif prediction == "sample":
-                    x0 = out
-                else:
-                    x0 = (x_t - (1 - at).sqrt() * out) / at.sqrt()
+                x0 = implied_x0(prediction, out, x_t, at)
                 x, y = centroid(x0)
                 cx, cy = cx + x / 3, cy + y / 3
             row.append(f"({cx:.2f}, {cy:.2f})")

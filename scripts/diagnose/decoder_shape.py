@@ -21,16 +21,13 @@ in decoder_position.py.
 usage: .venv/bin/python scripts/diagnose/decoder_shape.py [--model models/shapes] [--size small|large] [--color red|green]
 """
 import argparse
-import json
 import os
 
 import torch
 from PIL import Image, ImageDraw
-from safetensors.torch import load_file
 
-from common import F32, ROOT, coordinate_maps, load_clip
-from diffusers import UNet2DConditionModel, UnCLIPScheduler
-from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+from common import ROOT, coordinate_maps, decoder_conditioning, implied_x0, load_clip, load_decoder
+from diffusers import UnCLIPScheduler
 
 BACKGROUND = (30, 60, 225)
 # unclip's shapes palette; red squares are a held-out combination (never in training), green ones not.
@@ -74,22 +71,8 @@ def main():
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
     j = lambda n: os.path.join(a.model, n)  # noqa: E731
-    tok, te, vis, proc = load_clip(a.model)
-    tp = UnCLIPTextProjModel.from_pretrained(j("text_proj"), **F32).eval()
-    with open(j("decoder/config.json")) as f:
-        config = json.load(f)
-    coords = config.pop("coordinate_channels", 0)
-    if a.weights:
-        sd = load_file(a.weights)
-        sample_channels = config["in_channels"] - coords
-        config["in_channels"] = sd["decoder.conv_in.weight"].shape[1]
-        coords = config["in_channels"] - sample_channels
-        part = lambda p: {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}  # noqa: E731
-        unet = UNet2DConditionModel.from_config(config).eval()
-        unet.load_state_dict(part("decoder."))
-        tp.load_state_dict(part("text_proj."))
-    else:
-        unet = UNet2DConditionModel.from_pretrained(j("decoder"), **F32).eval()
+    clip = load_clip(a.model)
+    tp, unet, coords = load_decoder(a.model, a.weights)
     sched = UnCLIPScheduler.from_pretrained(j("decoder_scheduler"))
     ac, prediction = sched.alphas_cumprod, sched.config.prediction_type
     side = unet.config.sample_size
@@ -106,14 +89,8 @@ def main():
         return torch.tensor(list(im.getdata()), dtype=torch.float32).view(side, side, 3).permute(2, 0, 1)[None] / 127.5 - 1
 
     def conditioning(shape):
-        ids = tok([f"a {a.size} {a.color} {shape} in the bottom right on a blue background"], padding="max_length",
-                  max_length=tok.model_max_length, return_tensors="pt")
-        text = te(ids.input_ids, attention_mask=ids.attention_mask)
-        emb = vis(**proc([clip_renders[shape]], return_tensors="pt")).image_embeds
-        hs, add = tp(image_embeddings=emb, prompt_embeds=text.text_embeds,
-                     text_encoder_hidden_states=text.last_hidden_state, do_classifier_free_guidance=False)
-        mask = torch.nn.functional.pad(ids.attention_mask.bool(), (tp.clip_extra_context_tokens, 0), value=True)
-        return dict(encoder_hidden_states=hs, class_labels=add, attention_mask=mask)
+        return decoder_conditioning(clip, tp, f"a {a.size} {a.color} {shape} in the bottom right on a blue background",
+                                    clip_renders[shape])
 
     def redness(x0):
         d = red - bg
@@ -138,12 +115,7 @@ def main():
                 x_t = at.sqrt() * x + (1 - at).sqrt() * noise
                 inp = torch.cat([x_t, maps], 1) if coords else x_t
                 out = unet(inp, t, **conds[cond]).sample[:, :3]
-                if prediction == "v_prediction":
-                    x0 = at.sqrt() * x_t - (1 - at).sqrt() * out
-                elif prediction == "sample":
-                    x0 = out
-                else:
-                    x0 = (x_t - (1 - at).sqrt() * out) / at.sqrt()
+                x0 = implied_x0(prediction, out, x_t, at)
                 score += float((redness(x0) * corners).sum() / corners.sum()) / 4
             row.append(f"{score:.2f}")
         print(f"{t:>4}  " + "  ".join(f"{v:>16}" for v in row))
