@@ -56,15 +56,17 @@ def load_decoder(model_dir, weights=None):
     return tp, unet, coords
 
 
-def decoder_conditioning(clip, tp, caption, image):
+def decoder_conditioning(clip, tp, caption, image, guided=False):
     """The decoder's keyword arguments for one caption and the CLIP image embedding of `image`
-    (a PIL image), without classifier-free guidance."""
+    (a PIL image); with `guided`, a batch of two for classifier-free guidance, the unconditional
+    half (empty caption, the learned image embedding) first, as diffusers' UnCLIPPipeline does."""
     tok, te, vis, proc = clip
-    ids = tok([caption], padding="max_length", max_length=tok.model_max_length, return_tensors="pt")
+    captions = ["", caption] if guided else [caption]
+    ids = tok(captions, padding="max_length", max_length=tok.model_max_length, return_tensors="pt")
     text = te(ids.input_ids, attention_mask=ids.attention_mask)
     emb = vis(**proc([image], return_tensors="pt")).image_embeds
     hs, add = tp(image_embeddings=emb, prompt_embeds=text.text_embeds,
-                 text_encoder_hidden_states=text.last_hidden_state, do_classifier_free_guidance=False)
+                 text_encoder_hidden_states=text.last_hidden_state, do_classifier_free_guidance=guided)
     mask = torch.nn.functional.pad(ids.attention_mask.bool(), (tp.clip_extra_context_tokens, 0), value=True)
     return dict(encoder_hidden_states=hs, class_labels=add, attention_mask=mask)
 

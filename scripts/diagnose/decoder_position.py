@@ -48,7 +48,8 @@ def main():
     j = lambda n: os.path.join(a.model, n)  # noqa: E731
     clip = load_clip(a.model)
     tp, unet, coords = load_decoder(a.model, a.weights)
-    ac = UnCLIPScheduler.from_pretrained(j("decoder_scheduler")).alphas_cumprod
+    sched = UnCLIPScheduler.from_pretrained(j("decoder_scheduler"))
+    ac, prediction = sched.alphas_cumprod, sched.config.prediction_type
     side = unet.config.sample_size
     maps = coordinate_maps(side)
     red = (torch.tensor(RED).float() / 127.5 - 1)[:, None, None]
@@ -66,7 +67,6 @@ def main():
         return float((w * xs).sum() / w.sum() / side), float((w * ys).sum() / w.sum() / side)
 
     conds = {p: conditioning(p) for p in PLACES}
-    prediction = UnCLIPScheduler.from_pretrained(j("decoder_scheduler")).config.prediction_type
     print(f"decoder {a.weights or j('decoder')} ({prediction}, coordinate channels: {coords}): "
           "centroid (x, y) of the red in the implied x0 from pure noise")
     print(f"{'t':>4}  " + "  ".join(f"{p:>22}" for p in PLACES))

@@ -15,14 +15,18 @@ as the object, 0 = background):
   the shape is already fixed by x_t and the condition no longer makes corners.
 - "circle kept": the reference for a blob (the disc's own anti-aliased edge gives a few tenths).
 
-Averaged over 4 noise draws. With --weights EMA.safetensors a `train` checkpoint is measured, as
-in decoder_position.py.
+Averaged over 4 noise draws. Then, with --samples N, the same score on N decoder-only samples from
+pure noise per shape (25 steps, guidance 3, diffusers' UnCLIPScheduler with its learned variance,
+conditioned on the caption and the render's CLIP embedding): whether the corners survive sampling.
+With --weights EMA.safetensors a `train` checkpoint is measured, as in decoder_position.py.
 
-usage: .venv/bin/python scripts/diagnose/decoder_shape.py [--model models/shapes] [--size small|large] [--color red|green]
+usage: .venv/bin/python scripts/diagnose/decoder_shape.py [--model models/shapes] [--size small|large]
+       [--color red|green] [--samples 8]
 """
 import argparse
 import os
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
@@ -32,20 +36,19 @@ from diffusers import UnCLIPScheduler
 BACKGROUND = (30, 60, 225)
 # unclip's shapes palette; red squares are a held-out combination (never in training), green ones not.
 COLORS = {"red": (225, 30, 30), "green": (30, 170, 50)}
-RED = COLORS["red"]
 EXTENT = {"small": 0.18, "large": 0.28}  # the side of a square, as in unclip's shapes::Size
 CENTER = (0.8, 0.8)
 SUPERSAMPLE = 8
 
 
-def render(shape, extent, side):
+def render(shape, color, extent, side):
     """A supersampled render box-filtered down, as unclip's shapes renderer anti-aliases."""
     big = side * SUPERSAMPLE
     im = Image.new("RGB", (big, big), BACKGROUND)
     h, (x, y) = extent / 2 * big, (CENTER[0] * big, CENTER[1] * big)
     box = (x - h, y - h, x + h, y + h)
     draw = ImageDraw.Draw(im)
-    (draw.rectangle if shape == "square" else draw.ellipse)(box, fill=RED)
+    (draw.rectangle if shape == "square" else draw.ellipse)(box, fill=color)
     return im.resize((side, side), Image.BOX)
 
 
@@ -65,9 +68,9 @@ def main():
     ap.add_argument("--weights", default=None)
     ap.add_argument("--size", default="small", choices=sorted(EXTENT))
     ap.add_argument("--color", default="red", choices=sorted(COLORS))
+    ap.add_argument("--samples", type=int, default=0)
     a = ap.parse_args()
-    global RED
-    RED = COLORS[a.color]
+    color = COLORS[a.color]
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
     j = lambda n: os.path.join(a.model, n)  # noqa: E731
@@ -78,26 +81,26 @@ def main():
     side = unet.config.sample_size
     maps = coordinate_maps(side)
     extent = EXTENT[a.size]
-    red = (torch.tensor(RED).float() / 127.5 - 1)[:, None, None]
+    fg = (torch.tensor(color).float() / 127.5 - 1)[:, None, None]
     bg = (torch.tensor(BACKGROUND).float() / 127.5 - 1)[:, None, None]
     corners = corner_weights(extent, side)
-    renders = {s: render(s, extent, side) for s in ("square", "circle")}
-    # The CLIP image embedding is taken at CLIP's input size, from a render at that size.
-    clip_renders = {s: render(s, extent, 224) for s in ("square", "circle")}
+    shapes = ("square", "circle")
+    # Renders as (1, 3, side, side) in [-1, 1]; the CLIP image embedding is taken at CLIP's input
+    # size, from a render at that size.
+    renders = {s: torch.from_numpy(np.asarray(render(s, color, extent, side), dtype=np.float32))
+               .permute(2, 0, 1)[None] / 127.5 - 1 for s in shapes}
+    clip_renders = {s: render(s, color, extent, 224) for s in shapes}
+    captions = {s: f"a {a.size} {a.color} {s} in the bottom right on a blue background" for s in shapes}
 
-    def tensor(im):
-        return torch.tensor(list(im.getdata()), dtype=torch.float32).view(side, side, 3).permute(2, 0, 1)[None] / 127.5 - 1
+    def corner_score(x0):
+        """Mean over the corner area of how far each pixel is from the background toward the
+        object's color (0..1), per image of the batch."""
+        d = fg - bg
+        w = (((x0 - bg) * d).sum(1) / (d * d).sum()).clamp(0, 1)
+        return (w * corners).sum((1, 2)) / corners.sum()
 
-    def conditioning(shape):
-        return decoder_conditioning(clip, tp, f"a {a.size} {a.color} {shape} in the bottom right on a blue background",
-                                    clip_renders[shape])
-
-    def redness(x0):
-        d = red - bg
-        return (((x0[0] - bg) * d).sum(0) / (d * d).sum()).clamp(0, 1)
-
-    conds = {s: conditioning(s) for s in ("square", "circle")}
-    truth = {s: float((redness(tensor(renders[s])) * corners).sum() / corners.sum()) for s in renders}
+    conds = {s: decoder_conditioning(clip, tp, captions[s], clip_renders[s]) for s in shapes}
+    truth = {s: float(corner_score(renders[s])) for s in shapes}
     cases = [("square kept", "square", "square"), ("circle -> square", "circle", "square"),
              ("circle kept", "circle", "circle")]
     print(f"decoder {a.weights or j('decoder')} ({prediction}, {side} px), {a.size} objects "
@@ -108,7 +111,7 @@ def main():
         at = ac[t]
         row = []
         for _, start, cond in cases:
-            x = tensor(renders[start])
+            x = renders[start]
             score = 0.0
             for seed in range(4):
                 noise = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(seed))
@@ -116,9 +119,42 @@ def main():
                 inp = torch.cat([x_t, maps], 1) if coords else x_t
                 out = unet(inp, t, **conds[cond]).sample[:, :3]
                 x0 = implied_x0(prediction, out, x_t, at)
-                score += float((redness(x0) * corners).sum() / corners.sum()) / 4
+                score += float(corner_score(x0)) / 4
             row.append(f"{score:.2f}")
         print(f"{t:>4}  " + "  ".join(f"{v:>16}" for v in row))
+    for s in shapes if a.samples else ():
+        cond = decoder_conditioning(clip, tp, captions[s], clip_renders[s], guided=True)
+        x0 = sample(unet, cond, maps if coords else None, a.model, a.samples)
+        scores = corner_score(x0)
+        print(f"{a.samples} samples of \"{captions[s]}\": corners {float(scores.mean()):.2f} "
+              f"({' '.join(f'{float(v):.2f}' for v in scores)})")
+
+
+def sample(unet, cond, maps, model_dir, n, steps=25, guidance=3.0, seed=0):
+    """n decoder samples from pure noise, stepped by diffusers' UnCLIPScheduler (learned variance).
+    That scheduler takes epsilon, so a v-prediction output is turned into the epsilon it implies,
+    and the step runs in f64 (at t = 999 the x0 divides by sqrt(alpha-bar) ~ 1e-4)."""
+    sched = UnCLIPScheduler.from_pretrained(os.path.join(model_dir, "decoder_scheduler"))
+    v_prediction = sched.config.prediction_type == "v_prediction"
+    sched = UnCLIPScheduler.from_config({**sched.config, "prediction_type": "epsilon"})
+    sched.set_timesteps(steps)
+    cond = {k: v.repeat_interleave(n, 0) for k, v in cond.items()}  # (uncond x n, cond x n)
+    g = torch.Generator().manual_seed(seed)
+    side = unet.config.sample_size
+    x = torch.randn(n, 3, side, side, generator=g)
+    ts = sched.timesteps
+    for i, t in enumerate(ts):
+        inp = torch.cat([x, maps.expand(n, -1, -1, -1)], 1) if maps is not None else x
+        out = unet(torch.cat([inp, inp]), t, **cond).sample
+        uncond, text = out[:n], out[n:]
+        pred = uncond[:, :3] + guidance * (text[:, :3] - uncond[:, :3])
+        if v_prediction:
+            at = sched.alphas_cumprod[t].double()
+            pred = at.sqrt() * pred.double() + (1 - at).sqrt() * x.double()
+        model_output = torch.cat([pred.double(), text[:, 3:].double()], 1)
+        prev = ts[i + 1] if i + 1 < len(ts) else None
+        x = sched.step(model_output, t, x.double(), prev_timestep=prev, generator=g).prev_sample.float()
+    return x
 
 
 if __name__ == "__main__":
