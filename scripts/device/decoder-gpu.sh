@@ -17,11 +17,11 @@ export LD_LIBRARY_PATH=$TL:${LD_LIBRARY_PATH:-}
 B=gpu/train; chmod +x $B  # scripts/device/build-train.sh made it
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 if ! $B --help >/dev/null 2>&1; then ldd $B | grep -i 'not found'; $B --help 2>&1 | head -5; exit 1; fi
-C32="--config configs/shapes/decoder-finetune.toml --set run.device=cuda --set run.threads=2 --set data.workers=6 \
- --set data.items=5000000 --set decoder.train.batch_size=256 --set decoder.train.validate_every=0 --set run.seed=7"
-C64="--config configs/shapes/decoder-finetune.toml --set run.device=cuda --set run.threads=2 --set data.workers=6 \
- --set data.items=5000000 --set decoder.resolution=64 --set decoder.train.batch_size=64 --set decoder.train.lr=3e-4 \
- --set decoder.train.validate_every=0 --set run.seed=8 --set export.drop_first_upsampler=true"
+G="--config configs/shapes/decoder-finetune.toml --set run.device=cuda --set run.threads=2 --set data.workers=6 \
+ --set data.items=5000000 --set decoder.train.validate_every=0"
+C32="$G --set decoder.train.batch_size=256 --set run.seed=7"
+C64="$G --set decoder.resolution=64 --set decoder.train.batch_size=64 --set decoder.train.lr=3e-4 --set run.seed=8 \
+ --set export.drop_first_upsampler=true"
 t0=$(date +%s)
 $B $C32 --set run.out=/tmp/s32 --set decoder.train.steps=100000 --stop-after 40 > /tmp/s32.log 2>&1 &
 $B $C64 --set run.out=/tmp/s64 --set decoder.train.steps=100000 --stop-after 40 > /tmp/s64.log 2>&1 &

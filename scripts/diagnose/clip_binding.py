@@ -20,26 +20,17 @@ import torch
 from PIL import Image, ImageDraw
 
 from clip_position import COLORS, SHAPES
-from common import ROOT, load_clip
+from common import ROOT, draw_shape, image_embeds, load_clip, text_embeds
 
-BACKGROUNDS = ["gray", "white"]
-EXTRA = {"gray": (128, 128, 128)}
-
-
-def draw(d, shape, fg, x, y, r):
-    if shape == "circle":
-        d.ellipse((x - r, y - r, x + r, y + r), fill=COLORS[fg])
-    elif shape == "square":
-        d.rectangle((x - r, y - r, x + r, y + r), fill=COLORS[fg])
-    else:
-        d.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=COLORS[fg])
+BACKGROUNDS = {"gray": (128, 128, 128), "white": COLORS["white"]}
 
 
 def render(objects, bg, side=64):
-    im = Image.new("RGB", (side, side), COLORS.get(bg, EXTRA.get(bg)))
+    """The two objects side by side, the first on the left."""
+    im = Image.new("RGB", (side, side), BACKGROUNDS[bg])
     d = ImageDraw.Draw(im)
     for k, (shape, fg) in enumerate(objects):
-        draw(d, shape, fg, (0.28 + 0.44 * k) * side, 0.5 * side, 0.13 * side)
+        draw_shape(d, shape, COLORS[fg], (0.28 + 0.44 * k) * side, 0.5 * side, 0.13 * side)
     return im
 
 
@@ -54,26 +45,17 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
-    tok, te, vis, proc = load_clip(a.model)
-    norm = lambda e: e / e.norm(dim=-1, keepdim=True)  # noqa: E731
-
-    def text(captions):
-        ids = tok(captions, padding="max_length", max_length=tok.model_max_length, return_tensors="pt")
-        return norm(te(ids.input_ids, attention_mask=ids.attention_mask).text_embeds)
-
-    def image(images):
-        return norm(vis(**proc(images, return_tensors="pt")).image_embeds)
-
+    clip = load_clip(a.model)
     scenes = []
     for bg in BACKGROUNDS:
         colors = [c for c in COLORS if c != bg]
         for s1, s2 in itertools.permutations(SHAPES, 2):
             for c1, c2 in itertools.combinations(colors, 2):
                 scenes.append(([(s1, c1), (s2, c2)], [(s1, c2), (s2, c1)], bg))
-    t = text([caption(o, bg) for o, _, bg in scenes])
-    t_swap = text([caption(s, bg) for _, s, bg in scenes])
-    i = image([render(o, bg) for o, _, bg in scenes])
-    i_swap = image([render(s, bg) for _, s, bg in scenes])
+    t = text_embeds(clip, [caption(o, bg) for o, _, bg in scenes])
+    t_swap = text_embeds(clip, [caption(s, bg) for _, s, bg in scenes])
+    i = image_embeds(clip, [render(o, bg) for o, _, bg in scenes])
+    i_swap = image_embeds(clip, [render(s, bg) for _, s, bg in scenes])
     right = ((i * t).sum(1) > (i * t_swap).sum(1)).float().mean()
     shifted = lambda e: torch.roll(e, 1, 0)  # noqa: E731  (an unrelated scene for each)
     print(f"zero-shot binding ({len(scenes)} renders, own caption vs colors exchanged): {100 * right:.1f}%")

@@ -19,7 +19,7 @@ import os
 import torch
 from PIL import Image, ImageDraw
 
-from common import ROOT, load_clip
+from common import ROOT, draw_shape, image_embeds, load_clip, text_embeds
 
 PLACES = [["in the top left", "at the top", "in the top right"],
           ["on the left", "in the center", "on the right"],
@@ -33,14 +33,7 @@ SHAPES = ["circle", "square", "triangle"]
 
 def render(shape, fg, bg, row, col, side=64):
     im = Image.new("RGB", (side, side), COLORS[bg])
-    x, y, r = (col + 0.5) / 3 * side, (row + 0.5) / 3 * side, 0.11 * side
-    d = ImageDraw.Draw(im)
-    if shape == "circle":
-        d.ellipse((x - r, y - r, x + r, y + r), fill=COLORS[fg])
-    elif shape == "square":
-        d.rectangle((x - r, y - r, x + r, y + r), fill=COLORS[fg])
-    else:
-        d.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=COLORS[fg])
+    draw_shape(ImageDraw.Draw(im), shape, COLORS[fg], (col + 0.5) / 3 * side, (row + 0.5) / 3 * side, 0.11 * side)
     return im
 
 
@@ -50,17 +43,14 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
-    tok, te, vis, proc = load_clip(a.model)
-    norm = lambda e: e / e.norm(dim=-1, keepdim=True)  # noqa: E731
+    clip = load_clip(a.model)
     cells = list(itertools.product(range(3), range(3)))
     hits = h_mirror = v_mirror = other = 0
     text_mirror, text_other, img_mirror, img_other = [], [], [], []
     for shape, (fg, bg) in itertools.product(SHAPES, PAIRS):
         captions = [f"a {fg} {shape} {PLACES[r][c]} on a {bg} background" for r, c in cells]
-        ids = tok(captions, padding="max_length", max_length=tok.model_max_length, return_tensors="pt")
-        t = norm(te(ids.input_ids, attention_mask=ids.attention_mask).text_embeds)
-        images = [render(shape, fg, bg, r, c) for r, c in cells]
-        i = norm(vis(**proc(images, return_tensors="pt")).image_embeds)
+        t = text_embeds(clip, captions)
+        i = image_embeds(clip, [render(shape, fg, bg, r, c) for r, c in cells])
         guess = (i @ t.T).argmax(1)
         for k, (r, c) in enumerate(cells):
             gr, gc = divmod(int(guess[k]), 3)

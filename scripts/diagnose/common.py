@@ -1,5 +1,6 @@
 """What the diagnostics share: loading a diffusers-layout unCLIP folder's CLIP parts with the
-reference packages, and the coordinate maps of decoders with `coordinate_channels`."""
+reference packages, unit-norm CLIP embeddings, drawing the shapes, and the coordinate maps of
+decoders with `coordinate_channels`."""
 import json
 import os
 
@@ -18,6 +19,31 @@ def load_clip(model_dir):
             CLIPTextModelWithProjection.from_pretrained(j("text_encoder"), **F32).eval(),
             CLIPVisionModelWithProjection.from_pretrained(j("image_encoder"), **F32).eval(),
             CLIPImageProcessor.from_pretrained(j("feature_extractor")))
+
+
+def text_embeds(clip, captions):
+    """Unit-norm CLIP text embeddings of `captions`, as the prior reads them."""
+    tok, te, _, _ = clip
+    ids = tok(captions, padding="max_length", max_length=tok.model_max_length, return_tensors="pt")
+    e = te(ids.input_ids, attention_mask=ids.attention_mask).text_embeds
+    return e / e.norm(dim=-1, keepdim=True)
+
+
+def image_embeds(clip, images):
+    """Unit-norm CLIP image embeddings of PIL `images`."""
+    _, _, vis, proc = clip
+    e = vis(**proc(images, return_tensors="pt")).image_embeds
+    return e / e.norm(dim=-1, keepdim=True)
+
+
+def draw_shape(d, shape, fill, x, y, r):
+    """A circle, square or triangle of half-size `r` centred at (x, y) on a PIL ImageDraw."""
+    if shape == "circle":
+        d.ellipse((x - r, y - r, x + r, y + r), fill=fill)
+    elif shape == "square":
+        d.rectangle((x - r, y - r, x + r, y + r), fill=fill)
+    else:
+        d.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
 
 
 def coordinate_maps(side):
