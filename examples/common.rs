@@ -116,6 +116,10 @@ pub struct SamplingArgs {
     pub decoder_guidance: Option<f64>,
     #[arg(long)]
     pub super_res_steps: Option<usize>,
+    /// Decoder best-of-N: decoder images drawn per image, the one closest to the prompt in
+    /// CLIP space is upsampled (text-to-image only; needs an image encoder).
+    #[arg(long)]
+    pub decoder_candidates: Option<usize>,
 }
 
 impl SamplingArgs {
@@ -128,6 +132,7 @@ impl SamplingArgs {
             decoder_steps: self.decoder_steps.unwrap_or(d.decoder_steps),
             decoder_guidance_scale: self.decoder_guidance.unwrap_or(d.decoder_guidance_scale),
             super_res_steps: self.super_res_steps.unwrap_or(d.super_res_steps),
+            decoder_candidates: self.decoder_candidates.unwrap_or(d.decoder_candidates),
         }
     }
 }

@@ -280,12 +280,13 @@ fn main() -> anyhow::Result<()> {
         println!("upsampler only: ground-truth renders at the decoder's size, no prior or decoder");
     }
     println!(
-        "sampling: {}/{}/{} steps, prior guidance {}, decoder guidance {}",
+        "sampling: {}/{}/{} steps, prior guidance {}, decoder guidance {}, decoder candidates {}",
         sampling.prior_steps,
         sampling.decoder_steps,
         sampling.super_res_steps,
         sampling.prior_guidance_scale,
-        sampling.decoder_guidance_scale
+        sampling.decoder_guidance_scale,
+        sampling.decoder_candidates
     );
     // The output size: the last stage's.
     let (_, side, _) = match (&model.upsampler_2, &model.upsampler) {

@@ -300,6 +300,7 @@ impl Unclip {
             image_embeddings: embeds,
             source_index: (0..n as usize).collect(),
             candidates: None,
+            decoder_candidates: None,
             warnings: Vec::new(),
         })
     }

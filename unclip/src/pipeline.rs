@@ -69,6 +69,10 @@ pub struct TextToImage {
     pub prior_candidates: usize,
     pub decoder_steps: usize,
     pub decoder_guidance_scale: f64,
+    /// Best-of-N at the decoder: draw this many decoder images per image and upsample only the
+    /// one whose CLIP image embedding is closest to the prompt's text embedding (1: off). Cheap
+    /// where the decoder is small and the upsamplers dominate; needs an image encoder.
+    pub decoder_candidates: usize,
     pub super_res_steps: usize,
     /// Seeds libtorch's generator (same seed, same images); `None` continues its current state.
     pub seed: Option<u64>,
@@ -86,6 +90,7 @@ impl Default for TextToImage {
             prior_candidates: 1,
             decoder_steps: k.decoder_steps,
             decoder_guidance_scale: k.decoder_guidance_scale,
+            decoder_candidates: k.decoder_candidates,
             super_res_steps: k.super_res_steps,
             seed: None,
         }
@@ -187,7 +192,7 @@ impl DecodeOptions {
     }
 }
 
-/// Best-of-N details of a text-to-image run.
+/// Best-of-N details of one stage of a text-to-image run.
 #[derive(Debug)]
 pub struct Candidates {
     /// (N, B, D): every sampled image embedding.
@@ -209,7 +214,11 @@ pub struct Generation {
     pub image_embeddings: Tensor,
     /// For each image, the index of its prompt (or input image).
     pub source_index: Vec<usize>,
+    /// Prior best-of-N (`prior_candidates` > 1): embeddings are CLIP image embeddings.
     pub candidates: Option<Candidates>,
+    /// Decoder best-of-N (`decoder_candidates` > 1): embeddings are the CLIP image embeddings
+    /// of the decoder's images.
+    pub decoder_candidates: Option<Candidates>,
     /// Things the user should know (e.g. truncated prompts).
     pub warnings: Vec<String>,
 }
@@ -307,6 +316,27 @@ pub(crate) fn noise_for(seed: Option<u64>) -> TorchNoise {
 
 /// Each tensor's rows repeated `n` times in place (row i -> rows i*n .. i*n+n), as
 /// `repeat_interleave` in diffusers' `num_images_per_prompt`.
+/// The text conditioning of `k` candidates per image, block after block (row j*B + i is
+/// candidate j of image i), with guidance's unconditional half first as in `text`.
+fn candidate_text(
+    cond: &TextConditioning,
+    text: &TextConditioning,
+    guided: bool,
+    k: i64,
+) -> Result<TextConditioning> {
+    if !guided {
+        return Ok(cond.repeat(k)?);
+    }
+    let b = cond.batch();
+    let half = |t: &Tensor| t.f_narrow(0, 0, b);
+    let un = TextConditioning::new(
+        half(&text.text_embeds)?,
+        half(&text.hidden_states)?,
+        half(&text.mask)?,
+    )?;
+    Ok(un.repeat(k)?.cat(&cond.repeat(k)?)?)
+}
+
 pub(crate) fn interleave(text: &TextConditioning, n: i64) -> Result<TextConditioning> {
     let r = |t: &Tensor| t.f_repeat_interleave_self_int(n, 0, None);
     Ok(TextConditioning::new(r(&text.text_embeds)?, r(&text.hidden_states)?, r(&text.mask)?)?)
@@ -386,11 +416,24 @@ impl Unclip {
         }
         self.check_fits(images)?;
         check_count("prior_candidates", req.prior_candidates)?;
-        check_product(&[
-            ("prompts", req.prompts.len()),
-            ("num_images_per_prompt", req.num_images_per_prompt),
+        check_count("decoder_candidates", req.decoder_candidates)?;
+        for k in [
             ("prior_candidates", req.prior_candidates),
-        ])?;
+            ("decoder_candidates", req.decoder_candidates),
+        ] {
+            check_product(&[
+                ("prompts", req.prompts.len()),
+                ("num_images_per_prompt", req.num_images_per_prompt),
+                k,
+            ])?;
+        }
+        if req.decoder_candidates > 1 && self.image_encoder.is_none() {
+            return Err(Error::Pipeline(
+                "decoder_candidates > 1 ranks the decoder's images in CLIP space and needs an \
+                 image encoder (Unclip::load_image_encoder)"
+                    .into(),
+            ));
+        }
         check_steps("prior_steps", req.prior_steps)?;
         check_guidance("prior_guidance_scale", req.prior_guidance_scale)?;
         let dec = DecodeOptions {
@@ -417,8 +460,28 @@ impl Unclip {
 
         let (image_embeddings, candidates) =
             self.sample_prior(&cond, &text, guided, req, &mut noise, progress)?;
-        let (image_small, images) =
-            self.decode_with(&image_embeddings, &text, guided, &dec, &mut noise, progress, None)?;
+        let k = req.decoder_candidates as i64;
+        let (image_small, decoder_candidates) = if k > 1 {
+            let rows = image_embeddings.f_repeat([k, 1])?;
+            let text = candidate_text(&cond, &text, guided, k)?;
+            let all = self.decoder_loop(&rows, &text, guided, &dec, &mut noise, progress, None)?;
+            let (best, c) = self.best_decoded(&all, &cond.text_embeds, k)?;
+            (best, Some(c))
+        } else {
+            (
+                self.decoder_loop(
+                    &image_embeddings,
+                    &text,
+                    guided,
+                    &dec,
+                    &mut noise,
+                    progress,
+                    None,
+                )?,
+                None,
+            )
+        };
+        let images = self.upsample_all(&image_small, dec.super_res_steps, &mut noise, progress)?;
         let source_index =
             (0..prompts.len()).flat_map(|i| std::iter::repeat_n(i, n as usize)).collect();
         Ok(Generation {
@@ -427,6 +490,7 @@ impl Unclip {
             image_embeddings,
             source_index,
             candidates,
+            decoder_candidates,
             warnings: enc.warnings,
         })
     }
@@ -538,22 +602,7 @@ impl Unclip {
         let prior = self.prior.as_deref().ok_or_else(|| Error::Pipeline("no prior".into()))?;
         let k = req.prior_candidates as i64;
         let b = cond.batch();
-        // Candidates block after block: row j*B + i is candidate j of image i.
-        let text = if k > 1 {
-            if guided {
-                let half = |t: &Tensor, from: i64| t.f_narrow(0, from, b);
-                let un = TextConditioning::new(
-                    half(&text.text_embeds, 0)?,
-                    half(&text.hidden_states, 0)?,
-                    half(&text.mask, 0)?,
-                )?;
-                un.repeat(k)?.cat(&cond.repeat(k)?)?
-            } else {
-                cond.repeat(k)?
-            }
-        } else {
-            text.clone()
-        };
+        let text = if k > 1 { candidate_text(cond, text, guided, k)? } else { text.clone() };
         let rows = k * b;
         self.prior_scheduler.set_timesteps(req.prior_steps)?;
         let sigma = self.prior_scheduler.init_noise_sigma();
@@ -623,6 +672,25 @@ impl Unclip {
         progress: &mut dyn FnMut(&StepInfo),
         start: Option<(Tensor, &mut dyn Scheduler)>,
     ) -> Result<(Tensor, Tensor)> {
+        let small =
+            self.decoder_loop(image_embeddings, text, guided, opts, noise, progress, start)?;
+        let images = self.upsample_all(&small, opts.super_res_steps, noise, progress)?;
+        Ok((small, images))
+    }
+
+    /// The decoder's loop alone, from noise or from `start`'s latents and sampler: images
+    /// (B, 3, h, w) in [-1, 1], before super-resolution.
+    #[allow(clippy::too_many_arguments)]
+    fn decoder_loop(
+        &mut self,
+        image_embeddings: &Tensor,
+        text: &TextConditioning,
+        guided: bool,
+        opts: &DecodeOptions,
+        noise: &mut dyn NoiseSource,
+        progress: &mut dyn FnMut(&StepInfo),
+        start: Option<(Tensor, &mut dyn Scheduler)>,
+    ) -> Result<Tensor> {
         let b = check_embeddings(image_embeddings)?;
         self.check_fits(b as u128)?;
         let (c, h, w) = self.decoder.sample_shape()?;
@@ -658,13 +726,40 @@ impl Unclip {
             }
         };
         drop(step);
-        let small = small.f_clamp(-1.0, 1.0)?;
-        let last = if self.upsampler.is_some() {
-            self.upsample_with(&small, opts.super_res_steps, noise, progress)?
-        } else {
-            small.shallow_clone()
-        };
-        Ok((small, to_unit_range(&last)?))
+        Ok(small.f_clamp(-1.0, 1.0)?)
+    }
+
+    /// Decoder images (K*B, 3, h, w) in [-1, 1], candidate j of image i in row j*B + i, ranked
+    /// by CLIP: the best per image (B, 3, h, w), and all candidates' CLIP embeddings and scores.
+    fn best_decoded(
+        &self,
+        all: &Tensor,
+        text_embeds: &Tensor,
+        k: i64,
+    ) -> Result<(Tensor, Candidates)> {
+        let b = all.size()[0] / k;
+        let clip = self.clip_image_embeddings(&to_unit_range(all)?)?;
+        let embeddings = clip.f_view([k, b, -1])?;
+        let (chosen, scores) = unclip_prior::sampling::select_best(&embeddings, text_embeds)?;
+        let rows =
+            chosen.f_mul_scalar(b)?.f_add(&Tensor::f_arange(b, (Kind::Int64, Device::Cpu))?)?;
+        let best = all.f_index_select(0, &rows.f_to_device(all.device())?)?;
+        Ok((best, Candidates { embeddings, scores, chosen }))
+    }
+
+    /// The super-resolution stages, if any, on decoder images in [-1, 1]; float images in
+    /// [0, 1] on the CPU.
+    fn upsample_all(
+        &mut self,
+        small: &Tensor,
+        steps: usize,
+        noise: &mut dyn NoiseSource,
+        progress: &mut dyn FnMut(&StepInfo),
+    ) -> Result<Tensor> {
+        if self.upsampler.is_none() {
+            return to_unit_range(small);
+        }
+        to_unit_range(&self.upsample_with(small, steps, noise, progress)?)
     }
 
     /// Super-resolution alone: the upsampler's loop on low-resolution images (B, 3, h, w) in

@@ -69,6 +69,7 @@ impl Unclip {
             image_embeddings: pick(&g.image_embeddings)?,
             source_index: order.iter().map(|&i| g.source_index[i]).collect(),
             candidates: g.candidates,
+            decoder_candidates: g.decoder_candidates,
             warnings: g.warnings,
         };
         Ok(Ranked { generation, scores: order.iter().map(|&i| sims[i]).collect() })

@@ -21,6 +21,8 @@ pub struct SamplingDefaults {
     pub prior_guidance_scale: f64,
     pub decoder_steps: usize,
     pub decoder_guidance_scale: f64,
+    /// Decoder best-of-N ([`TextToImage::decoder_candidates`]); 1 (off) unless a folder says.
+    pub decoder_candidates: usize,
     pub super_res_steps: usize,
 }
 
@@ -37,6 +39,7 @@ impl SamplingDefaults {
         prior_guidance_scale: 4.0,
         decoder_steps: 25,
         decoder_guidance_scale: 8.0,
+        decoder_candidates: 1,
         super_res_steps: 7,
     };
 
@@ -45,6 +48,7 @@ impl SamplingDefaults {
         check_steps("decoder_steps", self.decoder_steps)?;
         check_steps("super_res_steps", self.super_res_steps)?;
         check_guidance("prior_guidance_scale", self.prior_guidance_scale)?;
+        crate::pipeline::check_count("decoder_candidates", self.decoder_candidates)?;
         check_guidance("decoder_guidance_scale", self.decoder_guidance_scale)
     }
 
@@ -75,6 +79,7 @@ impl SamplingDefaults {
             prior_guidance_scale: self.prior_guidance_scale,
             decoder_steps: self.decoder_steps,
             decoder_guidance_scale: self.decoder_guidance_scale,
+            decoder_candidates: self.decoder_candidates,
             super_res_steps: self.super_res_steps,
             ..TextToImage::new(prompt)
         }
@@ -116,9 +121,12 @@ mod tests {
     #[test]
     fn bad_values_and_unknown_keys_are_errors() {
         let d = scratch("bad");
-        for text in
-            [r#"{"decoder_steps": 0}"#, r#"{"prior_guidance_scale": -1}"#, r#"{"guidance": 3}"#]
-        {
+        for text in [
+            r#"{"decoder_steps": 0}"#,
+            r#"{"prior_guidance_scale": -1}"#,
+            r#"{"guidance": 3}"#,
+            r#"{"decoder_candidates": 0}"#,
+        ] {
             std::fs::write(d.join(SAMPLING_CONFIG), text).unwrap();
             assert!(SamplingDefaults::read(&d).is_err(), "{text}");
         }

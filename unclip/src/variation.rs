@@ -132,6 +132,7 @@ impl Unclip {
                 .flat_map(|i| std::iter::repeat_n(i, n as usize))
                 .collect(),
             candidates: None,
+            decoder_candidates: None,
             warnings: Vec::new(),
         })
     }

@@ -240,6 +240,34 @@ fn best_of_n_keeps_the_candidate_closest_to_the_text() {
 }
 
 #[test]
+fn decoder_best_of_n_upsamples_the_decoder_image_closest_to_the_text() {
+    let _g = lock();
+    let mut m = with_image_encoder();
+    let req = TextToImage {
+        decoder_candidates: 3,
+        prompts: vec!["horse".into(), "a red house".into()],
+        ..small("")
+    };
+    let out = m.text_to_image(&req, &mut no_progress).unwrap();
+    assert_eq!(out.images.size()[0], 2);
+    assert!(out.candidates.is_none());
+    let c = out.decoder_candidates.as_ref().unwrap();
+    assert_eq!(c.scores.size(), [3, 2]);
+    assert!(c.scores.argmax(0, false).equal(&c.chosen));
+    // The decoder image kept (and upsampled) is the candidate that was scored best.
+    let unit = (&out.image_small * 0.5 + 0.5).clamp(0.0, 1.0);
+    let kept = m.image_encoder.as_ref().unwrap().embed_tensor(&unit).unwrap();
+    for i in 0..2 {
+        let k = c.chosen.int64_value(&[i]);
+        assert!(max_abs_diff(&kept.get(i), &c.embeddings.get(k).get(i)) < 1e-5);
+    }
+    let err = t2i().text_to_image(&req, &mut no_progress).unwrap_err();
+    assert!(err.to_string().contains("decoder_candidates"), "{err}");
+    let zero = TextToImage { decoder_candidates: 0, ..req };
+    assert!(m.text_to_image(&zero, &mut no_progress).is_err());
+}
+
+#[test]
 fn reranking_orders_by_clip_similarity() {
     let _g = lock();
     let mut m = with_image_encoder();
