@@ -12,15 +12,13 @@ orders) and colors drawn from clip_position.py's six. It prints:
 
 usage: .venv/bin/python scripts/diagnose/clip_binding.py [--model models/shapes]
 """
-import argparse
 import itertools
-import os
 
 import torch
 from PIL import Image, ImageDraw
 
 from clip_position import COLORS, SHAPES
-from common import ROOT, draw_shape, image_embeds, load_clip, text_embeds
+from common import clip_for_script, draw_shape, image_embeds, text_embeds
 
 BACKGROUNDS = {"gray": (128, 128, 128), "white": COLORS["white"]}
 
@@ -40,12 +38,7 @@ def caption(objects, bg):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=os.path.join(ROOT, "models", "shapes"))
-    a = ap.parse_args()
-    torch.set_num_threads(1)
-    torch.set_grad_enabled(False)
-    clip = load_clip(a.model)
+    _, clip = clip_for_script(__doc__)
     scenes = []
     for bg in BACKGROUNDS:
         colors = [c for c in COLORS if c != bg]

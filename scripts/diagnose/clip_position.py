@@ -12,14 +12,11 @@ One object (3 shapes x 6 color pairs) is drawn in each cell of the 3x3 grid. It 
 
 usage: .venv/bin/python scripts/diagnose/clip_position.py [--model models/shapes]
 """
-import argparse
 import itertools
-import os
 
-import torch
 from PIL import Image, ImageDraw
 
-from common import ROOT, draw_shape, image_embeds, load_clip, text_embeds
+from common import clip_for_script, draw_shape, image_embeds, text_embeds
 
 PLACES = [["in the top left", "at the top", "in the top right"],
           ["on the left", "in the center", "on the right"],
@@ -38,12 +35,7 @@ def render(shape, fg, bg, row, col, side=64):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=os.path.join(ROOT, "models", "shapes"))
-    a = ap.parse_args()
-    torch.set_num_threads(1)
-    torch.set_grad_enabled(False)
-    clip = load_clip(a.model)
+    a, clip = clip_for_script(__doc__)
     cells = list(itertools.product(range(3), range(3)))
     hits = h_mirror = v_mirror = other = 0
     text_mirror, text_other, img_mirror, img_other = [], [], [], []

@@ -1,6 +1,7 @@
 """What the diagnostics share: loading a diffusers-layout unCLIP folder's CLIP parts with the
 reference packages, unit-norm CLIP embeddings, drawing the shapes, and the coordinate maps of
 decoders with `coordinate_channels`."""
+import argparse
 import json
 import os
 
@@ -19,6 +20,17 @@ def load_clip(model_dir):
             CLIPTextModelWithProjection.from_pretrained(j("text_encoder"), **F32).eval(),
             CLIPVisionModelWithProjection.from_pretrained(j("image_encoder"), **F32).eval(),
             CLIPImageProcessor.from_pretrained(j("feature_extractor")))
+
+
+def clip_for_script(doc):
+    """A diagnostic's command line (`--model`, the shipped folder by default) and that folder's
+    CLIP, on one thread without gradients, as every CLIP diagnostic starts."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=os.path.join(ROOT, "models", "shapes"))
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    torch.set_grad_enabled(False)
+    return a, load_clip(a.model)
 
 
 def text_embeds(clip, captions):
