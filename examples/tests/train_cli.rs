@@ -411,6 +411,12 @@ fn the_shapes_configs_run_every_stage() {
     let status = Command::new("cp").args(["-r", &s(&shipped), &s(&copy)]).status().unwrap();
     assert!(status.success());
     train_ok(&with_sets(&["export", "--config", &s(&ft), "--to", &s(&copy)], &ft_sets));
+    // The config's decoder guidance is written; the folder's other settings (its prior
+    // guidance, 2 where Karlo's is 4) are kept.
+    assert_eq!(
+        unclip::SamplingDefaults::read(&copy).unwrap(),
+        unclip::SamplingDefaults::read(&shipped).unwrap()
+    );
     let before = bytes(&shipped.join("prior/diffusion_pytorch_model.safetensors"));
     assert_eq!(
         bytes(&copy.join("prior/diffusion_pytorch_model.safetensors")),

@@ -28,7 +28,8 @@ pub struct ExportOptions {
     pub overwrite: bool,
     /// Store weights in f16.
     pub half: bool,
-    /// `sampling_config.json`'s decoder guidance (kept from the base folder when `None`).
+    /// `sampling_config.json`'s decoder guidance (kept from the base folder when `None`; the
+    /// file's other settings are the base folder's either way).
     pub decoder_guidance_scale: Option<f64>,
     /// Promote `super_res_2` to the only upsampler (see `ExportConfig::drop_first_upsampler`).
     pub drop_first_upsampler: bool,
@@ -213,9 +214,10 @@ fn build(
     }
     write_json(&dest.join("model_index.json"), &Value::Object(index))?;
     if let Some(g) = opts.decoder_guidance_scale {
-        let s =
-            crate::SamplingDefaults { decoder_guidance_scale: g, ..crate::SamplingDefaults::KARLO };
-        s.write(dest)?;
+        // The other settings stay the base folder's (copied above), else Karlo's: a decoder
+        // swapped into a folder must not reset the prior guidance that folder was tuned for.
+        let kept = crate::SamplingDefaults::read(dest)?;
+        crate::SamplingDefaults { decoder_guidance_scale: g, ..kept }.write(dest)?;
     }
     Ok(())
 }
