@@ -202,10 +202,19 @@ fn print_shape_confusion(all: &[Case], reports: &[CheckReport]) {
 
 /// Single-object prompts that state a place: where the largest object found lies when it is not
 /// in the stated cell (its left-right mirror, its top-bottom mirror, elsewhere, or nothing found).
+/// Then exactly one object, with and without a place in the prompt (extra copies come from
+/// prompts without one, README round 9).
 fn print_position_errors(all: &[Case], reports: &[CheckReport]) {
     let mut counts = [0usize; 5];
+    // [without, with a place]: (one object, images).
+    let mut one = [(0usize, 0usize); 2];
     for (case, r) in all.iter().zip(reports) {
         let [obj] = case.spec.objects.as_slice() else { continue };
+        if r.kind == PromptKind::Single {
+            let e = &mut one[usize::from(obj.cell.is_some())];
+            e.0 += usize::from(r.count == Some(true));
+            e.1 += 1;
+        }
         let (Some(cell), PromptKind::Single) = (obj.cell, r.kind) else { continue };
         let k = match r.detected.first().map(|d| d.cell) {
             Some(c) if c == cell => 0,
@@ -223,6 +232,11 @@ fn print_position_errors(all: &[Case], reports: &[CheckReport]) {
         "place of the largest object on single-object images that state one: right {}, \
          left-right mirror {}, top-bottom mirror {}, elsewhere {}, none found {}\n",
         counts[0], counts[1], counts[2], counts[3], counts[4]
+    );
+    println!(
+        "exactly one object on single-object images: {} of {} that state a place, {} of {} that \
+         do not\n",
+        one[1].0, one[1].1, one[0].0, one[0].1
     );
 }
 
