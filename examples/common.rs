@@ -101,7 +101,7 @@ impl ModelArgs {
 
 /// Steps and guidance flags; each one left out takes the model folder's recommended value
 /// (`sampling_config.json`, else Karlo's: 25/25/7 steps, guidance 4 and 8).
-#[derive(Debug, Clone, Default, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct SamplingArgs {
     /// Prior steps (text-to-image only).
     #[arg(long)]
@@ -120,6 +120,10 @@ pub struct SamplingArgs {
     /// CLIP space is upsampled (text-to-image only; needs an image encoder).
     #[arg(long)]
     pub decoder_candidates: Option<usize>,
+    /// Prior best-of-N: prior samples per image, the one closest to the prompt in CLIP space is
+    /// decoded (text-to-image only).
+    #[arg(long, default_value_t = 1)]
+    pub candidates: usize,
 }
 
 impl SamplingArgs {

@@ -41,10 +41,6 @@ struct Cli {
     batch: usize,
     #[command(flatten)]
     sampling: SamplingArgs,
-    /// Prior best-of-N: prior samples per image, the one closest to the prompt in CLIP space is
-    /// decoded (text-to-image only).
-    #[arg(long, default_value_t = 1)]
-    candidates: usize,
     /// Seed of the prompts (held-out generator) and of the sampling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -305,7 +301,7 @@ fn main() -> anyhow::Result<()> {
         sampling.super_res_steps,
         sampling.prior_guidance_scale,
         sampling.decoder_guidance_scale,
-        cli.candidates,
+        cli.sampling.candidates,
         sampling.decoder_candidates
     );
     // The output size: the last stage's.
@@ -370,7 +366,7 @@ fn main() -> anyhow::Result<()> {
             let req = TextToImage {
                 prompts: chunk.iter().map(|c| c.prompt.clone()).collect(),
                 seed,
-                prior_candidates: cli.candidates,
+                prior_candidates: cli.sampling.candidates,
                 ..sampling.text_to_image("")
             };
             model.text_to_image(&req, &mut unclip::no_progress)?.images

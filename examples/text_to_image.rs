@@ -26,9 +26,6 @@ struct Cli {
     batch_size: Option<u64>,
     #[command(flatten)]
     sampling: SamplingArgs,
-    /// Best-of-N: prior candidates per image, the one closest to the prompt is kept.
-    #[arg(long, default_value_t = 1)]
-    candidates: usize,
     /// Generate this many per prompt and keep them ordered by CLIP similarity (needs an image
     /// encoder, see --image-encoder).
     #[arg(long)]
@@ -48,7 +45,7 @@ fn main() -> anyhow::Result<()> {
         prompts: cli.prompt.clone(),
         negative_prompt: cli.negative_prompt.clone(),
         num_images_per_prompt: cli.num_images,
-        prior_candidates: cli.candidates,
+        prior_candidates: cli.sampling.candidates,
         seed: Some(cli.model.seed),
         ..cli.sampling.resolve(&model).text_to_image("")
     };
