@@ -395,15 +395,7 @@ impl Unclip {
         req: &TextToImage,
         progress: &mut dyn FnMut(&StepInfo),
     ) -> Result<Generation> {
-        if req.prompts.is_empty() {
-            return Err(Error::Input("no prompts given".into()));
-        }
-        if let Some(i) = req.prompts.iter().position(|p| p.trim().is_empty()) {
-            return Err(Error::Input(format!(
-                "prompt {i} is empty (the empty prompt is the unconditional one; use image \
-                 variations or pass a description)"
-            )));
-        }
+        check_prompts(req)?;
         let images = request_images(req)?;
         if let Err(Error::Input(count)) =
             check_count("num_images_per_prompt", req.num_images_per_prompt)
@@ -443,23 +435,9 @@ impl Unclip {
             seed: None,
         };
         dec.validate()?;
-        if self.prior.is_none() {
-            return Err(Error::Pipeline(
-                "this model has no prior (an image-variation checkpoint): text-to-image needs one"
-                    .into(),
-            ));
-        }
         let mut noise = noise_for(req.seed);
-        let prompts: Vec<&str> = req.prompts.iter().map(String::as_str).collect();
-        let enc = self.text_encoder.encode(&prompts)?;
-        let n = req.num_images_per_prompt as i64;
-        let cond = interleave(&enc.conditioning, n)?;
-        // One guidance flag for both stages, as UnCLIPPipeline.
-        let guided = req.prior_guidance_scale > 1.0 || req.decoder_guidance_scale > 1.0;
-        let text = self.guidance_text(&cond, &req.negative_prompt, guided)?;
-
-        let (image_embeddings, candidates) =
-            self.sample_prior(&cond, &text, guided, req, &mut noise, progress)?;
+        let PriorDraw { cond, text, guided, image_embeddings, candidates, warnings } =
+            self.draw_prior(req, &mut noise, progress)?;
         let k = req.decoder_candidates as i64;
         let (image_small, decoder_candidates) = if k > 1 {
             let rows = image_embeddings.f_repeat([k, 1])?;
@@ -482,8 +460,9 @@ impl Unclip {
             )
         };
         let images = self.upsample_all(&image_small, dec.super_res_steps, &mut noise, progress)?;
-        let source_index =
-            (0..prompts.len()).flat_map(|i| std::iter::repeat_n(i, n as usize)).collect();
+        let source_index = (0..req.prompts.len())
+            .flat_map(|i| std::iter::repeat_n(i, req.num_images_per_prompt))
+            .collect();
         Ok(Generation {
             images,
             image_small,
@@ -491,8 +470,54 @@ impl Unclip {
             source_index,
             candidates,
             decoder_candidates,
-            warnings: enc.warnings,
+            warnings,
         })
+    }
+
+    /// The prior's image embeddings (prompts x `num_images_per_prompt`, D) for a text-to-image
+    /// request, without decoding: the draws [`Unclip::text_to_image`] starts with for the same
+    /// request and seed (its `image_embeddings`), so a prior can be measured on its own, as
+    /// diffusers' separate prior pipelines allow. The decoder fields of `req` only set whether
+    /// guidance runs (one flag for both stages, as in `text_to_image`).
+    pub fn prior_image_embeddings(&mut self, req: &TextToImage) -> Result<Tensor> {
+        check_prompts(req)?;
+        request_images(req)?;
+        check_count("num_images_per_prompt", req.num_images_per_prompt)?;
+        check_count("prior_candidates", req.prior_candidates)?;
+        check_product(&[
+            ("prompts", req.prompts.len()),
+            ("num_images_per_prompt", req.num_images_per_prompt),
+            ("prior_candidates", req.prior_candidates),
+        ])?;
+        check_steps("prior_steps", req.prior_steps)?;
+        check_guidance("prior_guidance_scale", req.prior_guidance_scale)?;
+        check_guidance("decoder_guidance_scale", req.decoder_guidance_scale)?;
+        let mut noise = noise_for(req.seed);
+        Ok(self.draw_prior(req, &mut noise, &mut no_progress)?.image_embeddings)
+    }
+
+    /// Encodes the prompts and samples the prior: the first half of text-to-image.
+    fn draw_prior(
+        &mut self,
+        req: &TextToImage,
+        noise: &mut dyn NoiseSource,
+        progress: &mut dyn FnMut(&StepInfo),
+    ) -> Result<PriorDraw> {
+        if self.prior.is_none() {
+            return Err(Error::Pipeline(
+                "this model has no prior (an image-variation checkpoint): text-to-image needs one"
+                    .into(),
+            ));
+        }
+        let prompts: Vec<&str> = req.prompts.iter().map(String::as_str).collect();
+        let enc = self.text_encoder.encode(&prompts)?;
+        let cond = interleave(&enc.conditioning, req.num_images_per_prompt as i64)?;
+        // One guidance flag for both stages, as UnCLIPPipeline.
+        let guided = req.prior_guidance_scale > 1.0 || req.decoder_guidance_scale > 1.0;
+        let text = self.guidance_text(&cond, &req.negative_prompt, guided)?;
+        let (image_embeddings, candidates) =
+            self.sample_prior(&cond, &text, guided, req, noise, progress)?;
+        Ok(PriorDraw { cond, text, guided, image_embeddings, candidates, warnings: enc.warnings })
     }
 
     /// Text to image in chunks of at most `batch_size` images, each handed to `on_chunk` (with
@@ -822,6 +847,30 @@ impl Unclip {
 }
 
 /// How many images a request makes (prompts x images per prompt), refused when it overflows.
+/// A text-to-image request's prompt checks: at least one, none empty.
+fn check_prompts(req: &TextToImage) -> Result<()> {
+    if req.prompts.is_empty() {
+        return Err(Error::Input("no prompts given".into()));
+    }
+    if let Some(i) = req.prompts.iter().position(|p| p.trim().is_empty()) {
+        return Err(Error::Input(format!(
+            "prompt {i} is empty (the empty prompt is the unconditional one; use image \
+             variations or pass a description)"
+        )));
+    }
+    Ok(())
+}
+
+/// What [`Unclip::draw_prior`] hands the decoder stage.
+struct PriorDraw {
+    cond: TextConditioning,
+    text: TextConditioning,
+    guided: bool,
+    image_embeddings: Tensor,
+    candidates: Option<Candidates>,
+    warnings: Vec<String>,
+}
+
 fn request_images(req: &TextToImage) -> Result<u128> {
     (req.prompts.len() as u128)
         .checked_mul(req.num_images_per_prompt as u128)

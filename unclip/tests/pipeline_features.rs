@@ -220,6 +220,43 @@ fn whole_pipeline_runs_in_bf16_on_the_cpu() {
 }
 
 #[test]
+fn the_prior_alone_draws_what_text_to_image_decodes() {
+    let _g = lock();
+    let mut m = t2i();
+    for req in [
+        TextToImage {
+            prompts: vec!["horse".into(), "a red house".into()],
+            num_images_per_prompt: 2,
+            ..small("")
+        },
+        TextToImage { prior_candidates: 3, ..small("horse") },
+        TextToImage { prior_guidance_scale: 1.0, decoder_guidance_scale: 1.0, ..small("horse") },
+    ] {
+        let full = m.text_to_image(&req, &mut no_progress).unwrap();
+        let alone = m.prior_image_embeddings(&req).unwrap();
+        assert!(alone.equal(&full.image_embeddings), "{req:?}");
+    }
+    // Another seed, another draw; bad requests are errors, as for text_to_image.
+    let five = TextToImage { prior_steps: 5, ..small("horse") };
+    let a = m.prior_image_embeddings(&five).unwrap();
+    let b = m.prior_image_embeddings(&TextToImage { seed: Some(4), ..five.clone() }).unwrap();
+    // (The fixture's random prior barely depends on its noise: 7.5e-4 apart here.)
+    assert!(max_abs_diff(&a, &b) > 1e-5);
+    for (req, says) in [
+        (small(" "), "prompt 0 is empty"),
+        (TextToImage { prior_steps: 0, ..small("horse") }, "prior_steps"),
+        (TextToImage { prior_candidates: 0, ..small("horse") }, "prior_candidates"),
+        (TextToImage { prior_guidance_scale: f64::NAN, ..small("horse") }, "prior_guidance"),
+    ] {
+        let e = m.prior_image_embeddings(&req).unwrap_err().to_string();
+        assert!(e.contains(says), "{e}");
+    }
+    m.prior = None;
+    let e = m.prior_image_embeddings(&small("horse")).unwrap_err().to_string();
+    assert!(e.contains("no prior"), "{e}");
+}
+
+#[test]
 fn best_of_n_keeps_the_candidate_closest_to_the_text() {
     let _g = lock();
     let mut m = t2i();
