@@ -11,8 +11,8 @@ use clap::Parser;
 use std::path::PathBuf;
 use unclip::clip::normalize;
 use unclip::shapes::{
-    CheckReport, Color, EvalTable, PromptKind, SceneGenerator, Shape, Spec, Split, caption, check,
-    render,
+    Cell, CheckReport, Color, EvalTable, Object, PromptKind, Scene, SceneGenerator, Shape, Spec,
+    Split, caption, check, render,
 };
 use unclip::tch::{Kind, Tensor};
 use unclip::{DecodeOptions, LoadOptions, TextToImage, Unclip};
@@ -66,6 +66,14 @@ struct Cli {
     /// the graded prompts' grades.tsv there.
     #[arg(long, conflicts_with_all = ["oracle_embeddings", "upsampler_only", "out"])]
     grade: Option<PathBuf>,
+    /// Prior-only evaluation of the single-object prompts, no decoder: draws the prior's image
+    /// embeddings (the draws a generating run with the same flags decodes) and compares each with
+    /// our CLIP's embeddings of its scene drawn at each of the nine places. Is the nearest place
+    /// the prompted one? Is the draw nearer the mean of two places than any one place (the
+    /// decoder draws such an embedding as two copies)? With `--out`, writes prior.tsv there.
+    /// With `--oracle-embeddings`, the same for the ground-truth renders' embeddings (the scale).
+    #[arg(long, conflicts_with_all = ["upsampler_only", "grade"])]
+    prior_only: bool,
     /// libtorch CPU threads.
     #[arg(long, default_value_t = 2, allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(unclip_examples::THREADS_RANGE))]
     threads: i32,
@@ -76,6 +84,7 @@ struct Cli {
 /// A held-out prompt, the facts it states, and the ground-truth render of its scene at the
 /// output size and at the decoder's.
 struct Case {
+    scene: Scene,
     prompt: String,
     spec: Spec,
     render: Tensor,
@@ -95,6 +104,7 @@ fn cases(
         .map(|i| {
             let scene = generator.scene(i);
             Ok(Case {
+                scene: scene.clone(),
                 prompt: caption(&scene),
                 spec: scene.spec(),
                 render: to_tensor(render(&scene, side))?,
@@ -167,6 +177,138 @@ impl ClipProbe<'_> {
         let n = n.max(1) as f64;
         Ok(hits.map(|h| h as f64 / n))
     }
+}
+
+/// `--prior-only`: where the prior's draws for single-object prompts lie among the nine places
+/// their scene can take (see the flag). `req` is the sampling; prompts and seeds are filled in
+/// per batch as in a generating run, so the draws are that run's.
+fn prior_report(
+    model: &mut Unclip,
+    all: &[Case],
+    cli: &Cli,
+    req: &TextToImage,
+    side: u32,
+) -> anyhow::Result<()> {
+    let mut drawn = Vec::new();
+    for (b, chunk) in all.chunks(cli.batch).enumerate() {
+        if cli.oracle_embeddings {
+            let renders: Vec<Tensor> = chunk.iter().map(|c| c.render.shallow_clone()).collect();
+            drawn.push(model.clip_image_embeddings(&Tensor::f_cat(&renders, 0)?)?);
+            continue;
+        }
+        let req = TextToImage {
+            prompts: chunk.iter().map(|c| c.prompt.clone()).collect(),
+            seed: Some(cli.seed.wrapping_add(b as u64)),
+            ..req.clone()
+        };
+        drawn.push(model.prior_image_embeddings(&req)?);
+    }
+    let raw = Tensor::f_cat(&drawn, 0)?.f_to_kind(Kind::Float)?;
+    let norms =
+        Vec::<f64>::try_from(&raw.f_norm_scalaropt_dim(2, [1], false)?.f_to_kind(Kind::Double)?)?;
+    let drawn = normalize(&raw)?;
+    let probe = ClipProbe { model };
+    let to_tensor = |img| unclip::output::image_to_tensor(&image::DynamicImage::ImageRgb8(img));
+    // Per group (single with a place, single without, negation): prompts, nearest place right,
+    // cosine sum, between two places, sum of (pair cosine - cosine).
+    let mut tally = [(0usize, 0usize, 0f64, 0usize, 0f64); 3];
+    let mut tsv = String::from(
+        "image\tprompt\tplace stated\tnearest place\tcosine\tnearest pair\tpair cosine\t\
+         between two places\tnorm\tcosines by place (row by row)\n",
+    );
+    for (i, case) in all.iter().enumerate() {
+        let (Some(spec), [object]) = (case.spec.objects.first(), case.scene.objects.as_slice())
+        else {
+            continue;
+        };
+        let places: Vec<Cell> = Cell::all().collect();
+        let renders = places
+            .iter()
+            .map(|&cell| {
+                let mut scene = case.scene.clone();
+                scene.objects[0] = Object::new(object.shape, object.color, object.size, cell);
+                to_tensor(render(&scene, side))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let places_emb = probe.images(&Tensor::f_cat(&renders, 0)?)?;
+        let row = drawn.f_get(i as i64)?;
+        let cos = Vec::<f64>::try_from(&places_emb.f_mv(&row)?.f_to_kind(Kind::Double)?)?;
+        let mut order: Vec<usize> = (0..cos.len()).collect();
+        order.sort_by(|&a, &b| cos[b].total_cmp(&cos[a]));
+        let first = order[0];
+        // The nearest mean of two places (normalized), over all 36 pairs.
+        let mut pair = (0, 0, f64::MIN);
+        for a in 0..places.len() {
+            for b in a + 1..places.len() {
+                let mean = places_emb.f_get(a as i64)?.f_add(&places_emb.f_get(b as i64)?)?;
+                let mean = normalize(&mean.f_unsqueeze(0)?)?.f_squeeze_dim(0)?;
+                let c = mean.f_dot(&row)?.f_double_value(&[])?;
+                if c > pair.2 {
+                    pair = (a, b, c);
+                }
+            }
+        }
+        let between = pair.2 > cos[first];
+        let g = match case.spec.kind() {
+            PromptKind::Single => usize::from(spec.cell.is_none()),
+            _ => 2,
+        };
+        tally[g].0 += 1;
+        tally[g].1 += usize::from(spec.cell == Some(places[first]));
+        tally[g].2 += cos[first];
+        tally[g].3 += usize::from(between);
+        tally[g].4 += pair.2 - cos[first];
+        let name = |c: Cell| format!("{},{}", c.col, c.row);
+        let all_cos: Vec<String> = cos.iter().map(|c| format!("{c:.4}")).collect();
+        tsv.push_str(&format!(
+            "eval-{i}\t{}\t{}\t{}\t{:.4}\t{} {}\t{:.4}\t{}\t{:.3}\t{}\n",
+            case.prompt,
+            if spec.cell.is_some() { "yes" } else { "no" },
+            name(places[first]),
+            cos[first],
+            name(places[pair.0]),
+            name(places[pair.1]),
+            pair.2,
+            if between { "yes" } else { "no" },
+            norms[i],
+            all_cos.join(" ")
+        ));
+    }
+    println!(
+        "\nprior draws for one-object prompts against our CLIP's embeddings of each scene at the \
+         nine places (between two places: nearer the mean of two places than any one; pair - \
+         nearest: mean of that cosine minus the nearest place's):"
+    );
+    println!(
+        "{:<18}{:>7}{:>22}{:>19}{:>20}{:>16}",
+        "prompts",
+        "number",
+        "nearest place right",
+        "cosine to nearest",
+        "between two places",
+        "pair - nearest"
+    );
+    for (name, (n, right, cos, between, margin), placed) in [
+        ("single, placed", tally[0], true),
+        ("single, no place", tally[1], false),
+        ("negation", tally[2], false),
+    ] {
+        let pct = |k: usize| 100.0 * k as f64 / n.max(1) as f64;
+        let right = if placed { format!("{right} ({:.1}%)", pct(right)) } else { "-".into() };
+        let mean = |x: f64| x / n.max(1) as f64;
+        println!(
+            "{name:<18}{n:>7}{right:>22}{:>19.3}{:>20}{:>+16.4}",
+            mean(cos),
+            format!("{between} ({:.1}%)", pct(between)),
+            mean(margin)
+        );
+    }
+    if let Some(dir) = &cli.out {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("prior.tsv"), tsv)?;
+        println!("per prompt: {}", dir.join("prior.tsv").display());
+    }
+    Ok(())
 }
 
 /// Single-object prompts: the prompted shape against the shape the checker reads on the largest
@@ -334,6 +476,13 @@ fn main() -> anyhow::Result<()> {
     anyhow::ensure!(!all.is_empty(), "no prompts to evaluate");
 
     let started = std::time::Instant::now();
+    if cli.prior_only {
+        let req =
+            TextToImage { prior_candidates: cli.sampling.candidates, ..sampling.text_to_image("") };
+        prior_report(&mut model, &all, &cli, &req, side as u32)?;
+        println!("({:.1} min)", started.elapsed().as_secs_f64() / 60.0);
+        return Ok(());
+    }
     let mut generated = Vec::new();
     if let Some(dir) = &cli.grade {
         for i in 0..all.len() {
