@@ -426,8 +426,6 @@ impl Unclip {
                     .into(),
             ));
         }
-        check_steps("prior_steps", req.prior_steps)?;
-        check_guidance("prior_guidance_scale", req.prior_guidance_scale)?;
         let dec = DecodeOptions {
             decoder_steps: req.decoder_steps,
             decoder_guidance_scale: req.decoder_guidance_scale,
@@ -489,8 +487,6 @@ impl Unclip {
             ("num_images_per_prompt", req.num_images_per_prompt),
             ("prior_candidates", req.prior_candidates),
         ])?;
-        check_steps("prior_steps", req.prior_steps)?;
-        check_guidance("prior_guidance_scale", req.prior_guidance_scale)?;
         check_guidance("decoder_guidance_scale", req.decoder_guidance_scale)?;
         let mut noise = noise_for(req.seed);
         Ok(self.draw_prior(req, &mut noise, &mut no_progress)?.image_embeddings)
@@ -503,6 +499,8 @@ impl Unclip {
         noise: &mut dyn NoiseSource,
         progress: &mut dyn FnMut(&StepInfo),
     ) -> Result<PriorDraw> {
+        check_steps("prior_steps", req.prior_steps)?;
+        check_guidance("prior_guidance_scale", req.prior_guidance_scale)?;
         if self.prior.is_none() {
             return Err(Error::Pipeline(
                 "this model has no prior (an image-variation checkpoint): text-to-image needs one"
@@ -846,7 +844,6 @@ impl Unclip {
     }
 }
 
-/// How many images a request makes (prompts x images per prompt), refused when it overflows.
 /// A text-to-image request's prompt checks: at least one, none empty.
 fn check_prompts(req: &TextToImage) -> Result<()> {
     if req.prompts.is_empty() {
@@ -871,6 +868,7 @@ struct PriorDraw {
     warnings: Vec<String>,
 }
 
+/// How many images a request makes (prompts x images per prompt), refused when it overflows.
 fn request_images(req: &TextToImage) -> Result<u128> {
     (req.prompts.len() as u128)
         .checked_mul(req.num_images_per_prompt as u128)
