@@ -179,6 +179,15 @@ impl ClipProbe<'_> {
     }
 }
 
+/// Batch `b` of a run: its prompts, seeded with `seed + b` (the same draws whatever is measured).
+fn batch_request(req: &TextToImage, chunk: &[Case], seed: u64, b: usize) -> TextToImage {
+    TextToImage {
+        prompts: chunk.iter().map(|c| c.prompt.clone()).collect(),
+        seed: Some(seed.wrapping_add(b as u64)),
+        ..req.clone()
+    }
+}
+
 /// `--prior-only`: where the prior's draws for single-object prompts lie among the nine places
 /// their scene can take (see the flag). `req` is the sampling; prompts and seeds are filled in
 /// per batch as in a generating run, so the draws are that run's.
@@ -196,12 +205,7 @@ fn prior_report(
             drawn.push(model.clip_image_embeddings(&Tensor::f_cat(&renders, 0)?)?);
             continue;
         }
-        let req = TextToImage {
-            prompts: chunk.iter().map(|c| c.prompt.clone()).collect(),
-            seed: Some(cli.seed.wrapping_add(b as u64)),
-            ..req.clone()
-        };
-        drawn.push(model.prior_image_embeddings(&req)?);
+        drawn.push(model.prior_image_embeddings(&batch_request(req, chunk, cli.seed, b))?);
     }
     let raw = Tensor::f_cat(&drawn, 0)?.f_to_kind(Kind::Float)?;
     let norms =
@@ -233,16 +237,16 @@ fn prior_report(
         let places_emb = probe.images(&Tensor::f_cat(&renders, 0)?)?;
         let row = drawn.f_get(i as i64)?;
         let cos = Vec::<f64>::try_from(&places_emb.f_mv(&row)?.f_to_kind(Kind::Double)?)?;
-        let mut order: Vec<usize> = (0..cos.len()).collect();
-        order.sort_by(|&a, &b| cos[b].total_cmp(&cos[a]));
-        let first = order[0];
-        // The nearest mean of two places (normalized), over all 36 pairs.
+        let gram = places_emb.f_mm(&places_emb.f_tr()?)?.f_to_kind(Kind::Double)?;
+        let gram = Vec::<f64>::try_from(&gram.f_flatten(0, 1)?)?;
+        let first = (0..cos.len()).max_by(|&a, &b| cos[a].total_cmp(&cos[b])).unwrap_or(0);
+        // The nearest normalized mean of two places, over all 36 pairs: for unit rows a and b,
+        // cos(row, a + b) = (cos a + cos b) / |a + b| and |a + b|^2 = 2 + 2 a.b.
+        let n = places.len();
         let mut pair = (0, 0, f64::MIN);
-        for a in 0..places.len() {
-            for b in a + 1..places.len() {
-                let mean = places_emb.f_get(a as i64)?.f_add(&places_emb.f_get(b as i64)?)?;
-                let mean = normalize(&mean.f_unsqueeze(0)?)?.f_squeeze_dim(0)?;
-                let c = mean.f_dot(&row)?.f_double_value(&[])?;
+        for a in 0..n {
+            for b in a + 1..n {
+                let c = (cos[a] + cos[b]) / (2.0 + 2.0 * gram[a * n + b]).sqrt();
                 if c > pair.2 {
                     pair = (a, b, c);
                 }
@@ -513,12 +517,12 @@ fn main() -> anyhow::Result<()> {
             model.decode(&embeddings, &prompts, &opts, &mut unclip::no_progress)?.1
         } else {
             let req = TextToImage {
-                prompts: chunk.iter().map(|c| c.prompt.clone()).collect(),
-                seed,
                 prior_candidates: cli.sampling.candidates,
                 ..sampling.text_to_image("")
             };
-            model.text_to_image(&req, &mut unclip::no_progress)?.images
+            model
+                .text_to_image(&batch_request(&req, chunk, cli.seed, b), &mut unclip::no_progress)?
+                .images
         };
         generated.push(out.f_to_kind(Kind::Float)?);
         eprintln!(
