@@ -11,8 +11,8 @@ use clap::Parser;
 use std::path::PathBuf;
 use unclip::clip::normalize;
 use unclip::shapes::{
-    Cell, CheckReport, Color, EvalTable, Object, PromptKind, Scene, SceneGenerator, Shape, Spec,
-    Split, caption, check, render,
+    Cell, CheckReport, Color, EvalTable, Object, Prompt, PromptKind, Relation, Scene,
+    SceneGenerator, Shape, Spec, Split, caption, check, render,
 };
 use unclip::tch::{Kind, Tensor};
 use unclip::{DecodeOptions, LoadOptions, TextToImage, Unclip};
@@ -66,14 +66,20 @@ struct Cli {
     /// the graded prompts' grades.tsv there.
     #[arg(long, conflicts_with_all = ["oracle_embeddings", "upsampler_only", "out"])]
     grade: Option<PathBuf>,
-    /// Prior-only evaluation of the single-object prompts, no decoder: draws the prior's image
+    /// Prior-only evaluation of the one-object and relation prompts, no decoder: draws the prior's image
     /// embeddings (the draws a generating run with the same flags decodes) and compares each with
     /// our CLIP's embeddings of its scene drawn at each of the nine places. Is the nearest place
     /// the prompted one? Is the draw nearer the mean of two places than any one place (the
-    /// decoder draws such an embedding as two copies)? With `--out`, writes prior.tsv there.
+    /// decoder draws such an embedding as two copies)? Relation prompts: is the draw nearer the
+    /// scene as stated than with its two objects' places exchanged? With `--out`, writes
+    /// prior.tsv (and relation.tsv) there.
     /// With `--oracle-embeddings`, the same for the ground-truth renders' embeddings (the scale).
     #[arg(long, conflicts_with_all = ["upsampler_only", "grade"])]
     prior_only: bool,
+    /// Draw the prompts from the training split instead of the held-out one (tells what the
+    /// model learned on its training combinations from what it carries over to new ones).
+    #[arg(long)]
+    train_split: bool,
     /// libtorch CPU threads.
     #[arg(long, default_value_t = 2, allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(unclip_examples::THREADS_RANGE))]
     threads: i32,
@@ -92,13 +98,14 @@ struct Case {
 }
 
 fn cases(
+    split: Split,
     seed: u64,
     kind: PromptKind,
     n: usize,
     side: u32,
     small_side: u32,
 ) -> anyhow::Result<Vec<Case>> {
-    let generator = SceneGenerator::new(Split::HeldOut, seed).with_kinds(&[kind]);
+    let generator = SceneGenerator::new(split, seed).with_kinds(&[kind]);
     let to_tensor = |img| unclip::output::image_to_tensor(&image::DynamicImage::ImageRgb8(img));
     (0..n as u64)
         .map(|i| {
@@ -307,12 +314,102 @@ fn prior_report(
             mean(margin)
         );
     }
+    let relation_tsv = relation_report(&probe, all, &drawn, side)?;
     if let Some(dir) = &cli.out {
         std::fs::create_dir_all(dir)?;
         std::fs::write(dir.join("prior.tsv"), tsv)?;
         println!("per prompt: {}", dir.join("prior.tsv").display());
+        if let Some(tsv) = relation_tsv {
+            std::fs::write(dir.join("relation.tsv"), tsv)?;
+            println!("per relation prompt: {}", dir.join("relation.tsv").display());
+        }
     }
     Ok(())
+}
+
+/// The scene with its two objects' places exchanged and its relation reversed: what a relation
+/// prompt looks like drawn the wrong way round, captioned truly ("A right of B" for "A left of
+/// B").
+fn places_swapped(scene: &Scene) -> Option<Scene> {
+    let mut s = scene.clone();
+    let [a, b] = s.objects.as_mut_slice() else { return None };
+    std::mem::swap(&mut a.cell, &mut b.cell);
+    std::mem::swap(&mut a.center, &mut b.center);
+    if let Prompt::Relation(r) = s.prompt {
+        s.prompt = Prompt::Relation(match r {
+            Relation::LeftOf => Relation::RightOf,
+            Relation::RightOf => Relation::LeftOf,
+            Relation::Above => Relation::Below,
+            Relation::Below => Relation::Above,
+        });
+    }
+    Some(s)
+}
+
+/// `--prior-only` on relation prompts: is each draw nearer our CLIP's embedding of the scene as
+/// stated than of the same scene with the two objects' places exchanged? Beside it, the same
+/// question asked of the prompt's text embedding (our CLIP's zero-shot reading of the relation,
+/// which the prior's draws cannot beat). Returns relation.tsv's text; `None` without relation
+/// prompts.
+fn relation_report(
+    probe: &ClipProbe<'_>,
+    all: &[Case],
+    drawn: &Tensor,
+    side: u32,
+) -> anyhow::Result<Option<String>> {
+    let to_tensor = |img| unclip::output::image_to_tensor(&image::DynamicImage::ImageRgb8(img));
+    let (mut n, mut nearer, mut margin, mut text_right, mut text_margin) = (0, 0, 0f64, 0, 0f64);
+    let mut text_cos = 0f64;
+    let mut tsv = String::from(
+        "image\tprompt\tcosine stated\tcosine swapped\tnearer stated\ttext cosine stated\t\
+         text cosine swapped\n",
+    );
+    for (i, case) in all.iter().enumerate() {
+        if case.spec.kind() != PromptKind::Relation {
+            continue;
+        }
+        let Some(swapped) = places_swapped(&case.scene) else { continue };
+        let both = Tensor::f_cat(
+            &[to_tensor(render(&case.scene, side))?, to_tensor(render(&swapped, side))?],
+            0,
+        )?;
+        let emb = probe.images(&both)?;
+        let pair = |v: &Tensor| -> anyhow::Result<(f64, f64)> {
+            let c = Vec::<f64>::try_from(&emb.f_mv(v)?.f_to_kind(Kind::Double)?)?;
+            Ok((c[0], c[1]))
+        };
+        let (stated, other) = pair(&drawn.f_get(i as i64)?)?;
+        // The prompt and the swapped scene's own caption ("A right of B" for "A left of B").
+        let texts = probe.text(&[case.prompt.clone(), caption(&swapped)])?;
+        let (t_stated, t_other) = pair(&texts.f_get(0)?)?;
+        text_cos += texts.f_get(0)?.f_dot(&texts.f_get(1)?)?.f_double_value(&[])?;
+        n += 1;
+        nearer += usize::from(stated > other);
+        margin += stated - other;
+        text_right += usize::from(t_stated > t_other);
+        text_margin += t_stated - t_other;
+        tsv.push_str(&format!(
+            "eval-{i}\t{}\t{stated:.4}\t{other:.4}\t{}\t{t_stated:.4}\t{t_other:.4}\n",
+            case.prompt,
+            if stated > other { "yes" } else { "no" },
+        ));
+    }
+    if n == 0 {
+        return Ok(None);
+    }
+    let pct = |k: usize| 100.0 * k as f64 / n as f64;
+    println!(
+        "\nrelation prompts ({n}): the draw is nearer the scene as stated than with the two \
+         objects' places exchanged for {nearer} ({:.1}%), mean cosine margin {:+.4}; the \
+         prompt's text embedding is, for {text_right} ({:.1}%), margin {:+.4}; the prompt and \
+         the exchanged scene's caption embed at cosine {:.4}",
+        pct(nearer),
+        margin / n as f64,
+        pct(text_right),
+        text_margin / n as f64,
+        text_cos / n as f64
+    );
+    Ok(Some(tsv))
 }
 
 /// Single-object prompts: the prompted shape against the shape the checker reads on the largest
@@ -475,7 +572,8 @@ fn main() -> anyhow::Result<()> {
         (PromptKind::Relation, cli.relation),
         (PromptKind::Negation, cli.negation),
     ] {
-        all.extend(cases(cli.seed, kind, n, side as u32, small_side as u32)?);
+        let split = if cli.train_split { Split::Train } else { Split::HeldOut };
+        all.extend(cases(split, cli.seed, kind, n, side as u32, small_side as u32)?);
     }
     anyhow::ensure!(!all.is_empty(), "no prompts to evaluate");
 

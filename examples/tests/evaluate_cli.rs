@@ -1,6 +1,7 @@
 //! The `evaluate` example's prior-only mode on the shipped `models/shapes` (a few prompts, seconds):
-//! it writes one prior.tsv row per one-object prompt, and with `--oracle-embeddings` the
-//! ground-truth renders, which sit at their own place, are found nearest their stated place.
+//! it writes one prior.tsv row per one-object prompt and one relation.tsv row per relation
+//! prompt, and with `--oracle-embeddings` the ground-truth renders, which sit at their own place,
+//! are found nearest their stated place and nearer their own arrangement than its reversal.
 //!
 //! Run as part of `cargo test -p unclip-examples` (cargo builds the examples first).
 
@@ -13,7 +14,7 @@ fn evaluate(args: &[&str], out: &Path) -> String {
     let bin = exe.parent().unwrap().parent().unwrap().join("examples/evaluate");
     assert!(bin.is_file(), "{} not built (cargo test builds the examples)", bin.display());
     let model: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/shapes");
-    let counts = ["--single", "8", "--binding", "1", "--relation", "0", "--negation", "2"];
+    let counts = ["--single", "8", "--binding", "1", "--relation", "2", "--negation", "2"];
     let output = Command::new(&bin)
         .args(["--model", model.to_str().unwrap(), "--prior-only", "--threads", "1"])
         .args(counts)
@@ -45,7 +46,8 @@ fn prior_only_places_each_draw_among_the_nine_places() {
     let root = unclip_core::fsutil::scratch_dir("evaluate-prior-only").unwrap();
     let text = evaluate(&[], &root.join("prior"));
     assert!(text.contains("single, no place"), "{text}");
-    // 8 single-object prompts and 2 negation prompts have one object; the binding prompt has two.
+    // 8 single-object prompts and 2 negation prompts have one object; the binding and relation
+    // prompts have two.
     let drawn = rows(&root.join("prior"));
     assert_eq!(drawn.len(), 10, "{drawn:?}");
 
@@ -61,5 +63,16 @@ fn prior_only_places_each_draw_among_the_nine_places() {
         let cell = spec.objects[0].cell.unwrap();
         assert_eq!(nearest, &format!("{},{}", cell.col, cell.row), "{prompt}");
     }
+    // Relation prompts: the true render is nearer its own scene than the scene with the two
+    // objects' places exchanged (relation.tsv's fifth column); the prior's draws are only listed.
+    let relation =
+        |dir: &str| std::fs::read_to_string(root.join(dir).join("relation.tsv")).unwrap();
+    assert_eq!(relation("prior").lines().count(), 3);
+    let nearer: Vec<String> = relation("oracle")
+        .lines()
+        .skip(1)
+        .map(|l| l.split('\t').nth(4).unwrap().to_string())
+        .collect();
+    assert_eq!(nearer, ["yes", "yes"]);
     std::fs::remove_dir_all(&root).unwrap();
 }
