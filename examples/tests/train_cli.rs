@@ -546,3 +546,34 @@ fn a_64_px_decoder_exports_into_karlos_cascade() {
     assert!(!ok && text.contains("drop_first_upsampler") && text.contains("super_res_2"), "{text}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `clip.freeze_image` (configs/shapes/clip-relation.toml): two steps train the text tower only;
+/// the export writes the folder's image tower back bit for bit (the prior's targets and the
+/// decoder's conditioning keep their meaning) and a changed text tower, and the folder loads.
+#[test]
+fn a_text_only_clip_fine_tune_keeps_the_image_tower() {
+    let dir = unclip::core::fsutil::scratch_dir("train-cli-clip-text").unwrap();
+    let shipped = root().join("models/shapes");
+    let config = s(&root().join("configs/shapes/clip-relation.toml"));
+    let sets = vec![
+        format!("run.out={:?}", s(&dir.join("run"))),
+        format!("run.conditioning={:?}", s(&shipped)),
+        format!("clip.init={:?}", s(&shipped)),
+        "data.items=64".into(),
+        "validation.items=4".into(),
+        "clip.train.steps=2".into(),
+        "clip.train.batch_size=8".into(),
+        "clip.train.validate_every=2".into(),
+    ];
+    let out = train_ok(&with_sets(&["--config", &config], &sets));
+    assert!(out.contains("image tower frozen"), "{out}");
+    let copy = dir.join("shapes-copy");
+    let status = Command::new("cp").args(["-r", &s(&shipped), &s(&copy)]).status().unwrap();
+    assert!(status.success());
+    train_ok(&with_sets(&["export", "--config", &config, "--to", &s(&copy)], &sets));
+    let file = |m: &Path, c: &str| bytes(&m.join(c).join("model.safetensors"));
+    assert_eq!(file(&copy, "image_encoder"), file(&shipped, "image_encoder"));
+    assert_ne!(file(&copy, "text_encoder"), file(&shipped, "text_encoder"));
+    Unclip::from_pretrained(&copy, &LoadOptions::new(Device::Cpu, Kind::Float)).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -217,3 +217,21 @@ fn the_shapes_configs_parse() {
 fn models_shapes() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/shapes")
 }
+
+/// `clip.freeze_image` keeps a loaded image tower as it is, so it needs `clip.init`.
+#[test]
+fn a_frozen_image_tower_needs_a_folder_to_keep() {
+    let clip = |extra: &str| {
+        format!(
+            "[run]\nout = \"runs/x\"\nconditioning = \"models/shapes\"\n[data]\nsource = \"shapes\"\nitems = 100\n\
+             [clip]\n{extra}\n\
+             [clip.model]\nwidth = 16\nlayers = 1\nheads = 2\nimage_size = 16\npatch_size = 8\n\
+             [clip.train]\nsteps = 1\nbatch_size = 2\nlr = 1e-4\n"
+        )
+    };
+    RunConfig::parse(&clip(""), &file(), &[]).unwrap();
+    let e = error(&clip("freeze_image = true"), &[]);
+    assert!(e.contains("key `clip.freeze_image`: ") && e.contains("clip.init"), "{e}");
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/shapes/clip-relation.toml");
+    assert!(RunConfig::load(&p, &[]).unwrap().clip.unwrap().freeze_image);
+}

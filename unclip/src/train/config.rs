@@ -290,6 +290,11 @@ pub struct ClipStage {
     /// Shapes only: batches of groups of this many counterpart scenes (hard negatives).
     #[serde(default = "default_one")]
     pub counterparts: usize,
+    /// Train the text tower alone (and the temperature): the image tower stays as loaded, so
+    /// the image embeddings a model folder's prior predicts and its decoder is conditioned on
+    /// keep their meaning. Needs `clip.init`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub freeze_image: bool,
     pub train: TrainSettings,
 }
 fn default_one() -> usize {
@@ -663,6 +668,9 @@ impl RunConfig {
                         "a positive multiple of clip.model.patch_size",
                     );
                 }
+            }
+            if c.freeze_image && c.init.is_none() {
+                return err("clip.freeze_image", "needs clip.init (a trained image tower to keep)");
             }
             if c.counterparts == 0 {
                 return err("clip.counterparts", "at least 1 (1: plain batches)");

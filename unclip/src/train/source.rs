@@ -44,6 +44,13 @@ impl Dataset for Subset {
     }
 }
 
+/// The shapes source's scene generator: item `i` of the dataset is its scene `i` (stages that
+/// rebuild scenes from item keys, like CLIP's counterpart groups, use this same generator).
+pub(crate) fn shapes_generator(cfg: &DataConfig, seed: u64) -> SceneGenerator {
+    SceneGenerator::new(shapes::Split::Train, seed)
+        .with_kind_weights(cfg.kind_weights.unwrap_or(shapes::DEFAULT_KIND_WEIGHTS))
+}
+
 /// The training and held-out datasets (`holdout` items from the end; `None` when 0).
 pub(crate) struct Split {
     pub train: Arc<dyn Dataset>,
@@ -56,9 +63,7 @@ pub(crate) fn open(cfg: &DataConfig, seed: u64, side: u32, holdout: usize) -> Re
     let full: Arc<dyn Dataset> = match cfg.source {
         SourceKind::Shapes => {
             let n = cfg.items.unwrap_or(0);
-            let scenes = SceneGenerator::new(shapes::Split::Train, seed)
-                .with_kind_weights(cfg.kind_weights.unwrap_or(shapes::DEFAULT_KIND_WEIGHTS));
-            Arc::new(data::Shapes::new(scenes, n, side)?)
+            Arc::new(data::Shapes::new(shapes_generator(cfg, seed), n, side)?)
         }
         SourceKind::ImageFolder => Arc::new(data::ImageFolder::open(path(cfg)?)?),
         SourceKind::Webdataset => {

@@ -6,7 +6,7 @@
 
 use super::super::dist::Dist;
 use super::super::loop_::{self, Ctx, MODEL, StageHooks, StageSteps, WEIGHTS};
-use super::super::source::Needs;
+use super::super::source::{Needs, shapes_generator};
 use super::super::{Result, TrainError, write_json};
 use super::{component_dir, seed_init};
 use crate::data::Batch;
@@ -97,6 +97,16 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
             return Err(TrainError::stage("clip", "clip.model or clip.init is required"));
         }
     };
+    if stage.freeze_image {
+        let mut frozen = 0;
+        for (name, t) in model.var_store().variables() {
+            if name.starts_with("vision_model.") || name.starts_with("visual_projection.") {
+                let _ = t.set_requires_grad(false);
+                frozen += 1;
+            }
+        }
+        println!("clip: image tower frozen ({frozen} tensors), text tower trained");
+    }
     let image_size = model.vision_config().map(|v| v.image_size).unwrap_or(224);
     let dir = ctx.stage_dir("clip");
     std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
@@ -125,7 +135,11 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
         }
     }
     let (loader, holdout) = ctx.loaders("clip", needs, t.batch_size)?;
-    let groups = (stage.counterparts > 1).then(|| Counterparts::new(ctx.seed(), image_size));
+    let groups = (stage.counterparts > 1).then(|| Counterparts {
+        generator: shapes_generator(&ctx.cfg.data, ctx.seed()),
+        side: image_size,
+        processor: ImageProcessor::new(ProcessorConfig::clip(image_size as usize)),
+    });
     let mut step = |batch: &Batch| -> Result<(Tensor, Vec<f64>)> {
         let (captions, pixels) = match &groups {
             Some(g) => g.batch(&batch.keys, stage.counterparts)?,
@@ -281,14 +295,6 @@ struct Counterparts {
 }
 
 impl Counterparts {
-    fn new(seed: u64, side: i64) -> Self {
-        Self {
-            generator: crate::shapes::SceneGenerator::new(crate::shapes::Split::Train, seed),
-            side,
-            processor: ImageProcessor::new(ProcessorConfig::clip(side as usize)),
-        }
-    }
-
     /// Scene indices from the batch's keys (`shapes/<index>`).
     fn batch(&self, keys: &[String], group: usize) -> Result<(Vec<String>, Tensor)> {
         let mut scenes = Vec::with_capacity(keys.len());
@@ -320,5 +326,43 @@ impl Counterparts {
             .f_permute([0, 3, 1, 2])?
             .f_contiguous()?;
         Ok((captions, self.processor.preprocess_tensor(&u8s)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shapes::{PromptKind, parse_caption};
+
+    /// A counterpart group starts with the dataset's own item: the scene the key names under
+    /// `data.kind_weights` (here relation scenes only), not the default mix's scene of that index.
+    #[test]
+    fn counterpart_groups_start_with_the_datasets_item() {
+        let text = "[run]\nout = \"runs/x\"\nconditioning = \"models/shapes\"\nseed = 5\n[data]\n\
+                    source = \"shapes\"\nitems = 12\nkind_weights = [0, 1, 0, 0]\n[decoder]\n\
+                    resolution = 16\n[decoder.model]\nchannels = [16, 32]\n[decoder.train]\n\
+                    steps = 1\nbatch_size = 1\nlr = 1e-4\n";
+        let cfg = crate::train::RunConfig::parse(text, Path::new("run.toml"), &[]).unwrap();
+        let split = super::super::super::source::open(&cfg.data, 5, 16, 0).unwrap();
+        let groups = Counterparts {
+            generator: shapes_generator(&cfg.data, 5),
+            side: 16,
+            processor: ImageProcessor::new(ProcessorConfig::clip(16)),
+        };
+        for i in 0..split.train.len() {
+            let item = split.train.item(i).unwrap();
+            let (captions, pixels) = groups.batch(std::slice::from_ref(&item.key), 1).unwrap();
+            assert_eq!(captions.as_slice(), std::slice::from_ref(&item.caption), "{}", item.key);
+            assert_eq!(pixels.size(), [1, 3, 16, 16]);
+            let kind = parse_caption(&captions[0]).map(|s| s.kind());
+            assert_eq!(kind, Some(PromptKind::Relation), "{}", captions[0]);
+        }
+        // Groups of 4: the item, then three counterparts.
+        let item = split.train.item(0).unwrap();
+        let keys = vec![item.key.clone(); 4];
+        let (captions, _) = groups.batch(&keys, 4).unwrap();
+        assert_eq!(captions.len(), 4);
+        assert_eq!(captions[0], item.caption);
+        assert!(captions[1..].iter().all(|c| c != &item.caption), "{captions:?}");
     }
 }
