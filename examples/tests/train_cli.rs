@@ -547,7 +547,7 @@ fn a_64_px_decoder_exports_into_karlos_cascade() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// `clip.freeze_image` (configs/shapes/clip-relation.toml): two steps train the text tower only;
+/// `clip.freeze_image` (on configs/shapes/clip-relation.toml): two steps train the text tower only;
 /// the export writes the folder's image tower back bit for bit (the prior's targets and the
 /// decoder's conditioning keep their meaning) and a changed text tower, and the folder loads.
 #[test]
@@ -564,6 +564,7 @@ fn a_text_only_clip_fine_tune_keeps_the_image_tower() {
         "clip.train.steps=2".into(),
         "clip.train.batch_size=8".into(),
         "clip.train.validate_every=2".into(),
+        "clip.freeze_image=true".into(),
     ];
     let out = train_ok(&with_sets(&["--config", &config], &sets));
     assert!(out.contains("image tower frozen"), "{out}");

@@ -233,5 +233,7 @@ fn a_frozen_image_tower_needs_a_folder_to_keep() {
     let e = error(&clip("freeze_image = true"), &[]);
     assert!(e.contains("key `clip.freeze_image`: ") && e.contains("clip.init"), "{e}");
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/shapes/clip-relation.toml");
-    assert!(RunConfig::load(&p, &[]).unwrap().clip.unwrap().freeze_image);
+    assert!(!RunConfig::load(&p, &[]).unwrap().clip.unwrap().freeze_image);
+    let frozen = RunConfig::load(&p, &["clip.freeze_image=true".into()]).unwrap();
+    assert!(frozen.clip.unwrap().freeze_image);
 }
