@@ -11,8 +11,8 @@ use clap::Parser;
 use std::path::PathBuf;
 use unclip::clip::normalize;
 use unclip::shapes::{
-    Cell, CheckReport, Color, EvalTable, Object, Prompt, PromptKind, Relation, Scene,
-    SceneGenerator, Shape, Spec, Split, caption, check, render,
+    Cell, CheckReport, Color, EvalTable, Object, PromptKind, Scene, SceneGenerator, Shape, Spec,
+    Split, caption, check, render,
 };
 use unclip::tch::{Kind, Tensor};
 use unclip::{DecodeOptions, LoadOptions, TextToImage, Unclip};
@@ -327,25 +327,6 @@ fn prior_report(
     Ok(())
 }
 
-/// The scene with its two objects' places exchanged and its relation reversed: what a relation
-/// prompt looks like drawn the wrong way round, captioned truly ("A right of B" for "A left of
-/// B").
-fn places_swapped(scene: &Scene) -> Option<Scene> {
-    let mut s = scene.clone();
-    let [a, b] = s.objects.as_mut_slice() else { return None };
-    std::mem::swap(&mut a.cell, &mut b.cell);
-    std::mem::swap(&mut a.center, &mut b.center);
-    if let Prompt::Relation(r) = s.prompt {
-        s.prompt = Prompt::Relation(match r {
-            Relation::LeftOf => Relation::RightOf,
-            Relation::RightOf => Relation::LeftOf,
-            Relation::Above => Relation::Below,
-            Relation::Below => Relation::Above,
-        });
-    }
-    Some(s)
-}
-
 /// `--prior-only` on relation prompts: is each draw nearer our CLIP's embedding of the scene as
 /// stated than of the same scene with the two objects' places exchanged? Beside it, the same
 /// question asked of the prompt's text embedding (our CLIP's zero-shot reading of the relation,
@@ -368,7 +349,7 @@ fn relation_report(
         if case.spec.kind() != PromptKind::Relation {
             continue;
         }
-        let Some(swapped) = places_swapped(&case.scene) else { continue };
+        let Some(swapped) = case.scene.swap_places() else { continue };
         let both = Tensor::f_cat(
             &[to_tensor(render(&case.scene, side))?, to_tensor(render(&swapped, side))?],
             0,

@@ -32,6 +32,12 @@ fn s(p: &Path) -> String {
     p.display().to_string()
 }
 
+/// `cp -r from to`: a model folder copy to export into.
+fn copy_folder(from: &Path, to: &Path) {
+    let status = Command::new("cp").args(["-r", &s(from), &s(to)]).status().unwrap();
+    assert!(status.success(), "cp -r {} {}", from.display(), to.display());
+}
+
 /// Loads a model folder and samples one image of `prompt` with 2 steps per stage.
 fn sample_few_steps(folder: &Path, prompt: &str) -> (Unclip, Tensor) {
     let mut m =
@@ -408,8 +414,7 @@ fn the_shapes_configs_run_every_stage() {
     }
     train_ok(&with_sets(&["--config", &s(&ft)], &ft_sets));
     let copy = dir.join("shapes-copy");
-    let status = Command::new("cp").args(["-r", &s(&shipped), &s(&copy)]).status().unwrap();
-    assert!(status.success());
+    copy_folder(&shipped, &copy);
     train_ok(&with_sets(&["export", "--config", &s(&ft), "--to", &s(&copy)], &ft_sets));
     // The config's decoder guidance is written; the folder's other settings (its prior
     // guidance, 2 where Karlo's is 4) are kept.
@@ -487,11 +492,7 @@ fn the_256_px_upsampler_config_trains_and_extends_the_cascade() {
     let out = train_ok(&with_sets(&["--config", &config], &sets));
     assert!(out.contains("complete: [upsampler2]"), "{out}");
     let copy = dir.join("shapes-copy");
-    let status = Command::new("cp")
-        .args(["-r", &s(&root().join("models/shapes")), &s(&copy)])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    copy_folder(&root().join("models/shapes"), &copy);
     train_ok(&with_sets(&["export", "--config", &config, "--to", &s(&copy)], &sets));
     let (m, images) = sample_few_steps(&copy, "a red circle on a blue background");
     assert!(m.upsampler_2.is_some());
@@ -523,8 +524,7 @@ fn a_64_px_decoder_exports_into_karlos_cascade() {
     ];
     train_ok(&with_sets(&["--config", &config], &sets));
     let copy = dir.join("shapes-copy");
-    let status = Command::new("cp").args(["-r", &s(&shipped), &s(&copy)]).status().unwrap();
-    assert!(status.success());
+    copy_folder(&shipped, &copy);
     // Without the option the 64 px decoder does not fit the folder's 32 px cascade.
     let keep = [sets.to_vec(), vec!["export.drop_first_upsampler=false".into()]].concat();
     let (ok, text) = train(&with_sets(&["export", "--config", &config, "--to", &s(&copy)], &keep));
@@ -569,8 +569,7 @@ fn a_text_only_clip_fine_tune_keeps_the_image_tower() {
     let out = train_ok(&with_sets(&["--config", &config], &sets));
     assert!(out.contains("image tower frozen"), "{out}");
     let copy = dir.join("shapes-copy");
-    let status = Command::new("cp").args(["-r", &s(&shipped), &s(&copy)]).status().unwrap();
-    assert!(status.success());
+    copy_folder(&shipped, &copy);
     train_ok(&with_sets(&["export", "--config", &config, "--to", &s(&copy)], &sets));
     let file = |m: &Path, c: &str| bytes(&m.join(c).join("model.safetensors"));
     assert_eq!(file(&copy, "image_encoder"), file(&shipped, "image_encoder"));

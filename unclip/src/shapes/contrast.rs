@@ -90,17 +90,27 @@ impl Scene {
             let (a, b) = (s.objects[0].shape, s.objects[1].shape);
             (s.objects[0].shape, s.objects[1].shape) = (b, a);
             keep(Change::SwapShapes, s);
-            let mut s = self.clone();
-            let (a, b) = (s.objects[0], s.objects[1]);
-            move_to(&mut s.objects[0], b.cell);
-            move_to(&mut s.objects[1], a.cell);
-            if let Prompt::Relation(r) = s.prompt {
-                s.prompt = Prompt::Relation(reversed(r));
+            if let Some(s) = self.swap_places() {
+                keep(Change::SwapPlaces, s);
             }
-            keep(Change::SwapPlaces, s);
         }
         keep(Change::Mirror, self.mirrored());
         out
+    }
+
+    /// The same scene with the two objects' places exchanged (each keeps its offset within its
+    /// cell) and a stated relation reversed, so the caption stays true: the relation
+    /// counterpart ("A right of B" for "A left of B"). `None` unless two objects.
+    pub fn swap_places(&self) -> Option<Scene> {
+        let mut s = self.clone();
+        let [a, b] = s.objects.as_mut_slice() else { return None };
+        let (cell_a, cell_b) = (a.cell, b.cell);
+        move_to(a, cell_b);
+        move_to(b, cell_a);
+        if let Prompt::Relation(r) = s.prompt {
+            s.prompt = Prompt::Relation(reversed(r));
+        }
+        Some(s)
     }
 
     /// The scene seen in a mirror: x -> 1 - x for every object (cells and jitter alike), and a
