@@ -189,6 +189,9 @@ fn build(
             }
         }
         if b.join("sampling_config.json").is_file() {
+            // Read where it lives first, so a bad file is reported under the user's path, not
+            // the staging copy's.
+            crate::SamplingDefaults::read(b)?;
             std::fs::copy(b.join("sampling_config.json"), dest.join("sampling_config.json"))
                 .map_err(|e| TrainError::io(&b.join("sampling_config.json"), e))?;
         }
@@ -323,6 +326,32 @@ mod tests {
         }
         assert_eq!(std::fs::read(run.join("prior/weights.safetensors")).unwrap(), b"w");
         assert!(!run.join("model").exists());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// A base folder whose sampling_config.json is out of range is reported under the base's
+    /// path (the staging copy is an internal folder the user never named).
+    #[test]
+    fn a_bad_base_sampling_config_names_the_base() {
+        let d = fsutil::scratch_dir("export-bad-sampling").unwrap();
+        let (run, base, dest) = (d.join("run"), d.join("base"), d.join("staging"));
+        std::fs::create_dir_all(&run).unwrap();
+        std::fs::create_dir_all(&base).unwrap();
+        std::fs::write(base.join("model_index.json"), b"{}").unwrap();
+        std::fs::write(base.join("sampling_config.json"), br#"{"decoder_guidance_scale": -1}"#)
+            .unwrap();
+        let opts = ExportOptions {
+            to: d.join("out"),
+            base: None,
+            overwrite: false,
+            half: false,
+            decoder_guidance_scale: Some(3.0),
+            drop_first_upsampler: false,
+        };
+        let e = build(&run, &[], Some(&base), &dest, &opts).unwrap_err().to_string();
+        assert!(e.contains(&base.display().to_string()), "{e}");
+        assert!(e.contains("decoder_guidance_scale"), "{e}");
+        assert!(!e.contains(&dest.display().to_string()), "{e}");
         std::fs::remove_dir_all(&d).unwrap();
     }
 }
