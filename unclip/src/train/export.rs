@@ -170,6 +170,7 @@ fn build(
         }
     }
     let mut class = None;
+    let mut base_sampling = crate::SamplingDefaults::default();
     if let Some(b) = base {
         let old: Value = unclip_core::config::read_json(&b.join("model_index.json"))?;
         if let Some(obj) = old.as_object() {
@@ -189,9 +190,9 @@ fn build(
             }
         }
         if b.join("sampling_config.json").is_file() {
-            // Read where it lives first, so a bad file is reported under the user's path, not
-            // the staging copy's.
-            crate::SamplingDefaults::read(b)?;
+            // Read where it lives, so a bad file is reported under the user's path, not the
+            // staging copy's; its settings are the ones a decoder guidance override keeps.
+            base_sampling = crate::SamplingDefaults::read(b)?;
             std::fs::copy(b.join("sampling_config.json"), dest.join("sampling_config.json"))
                 .map_err(|e| TrainError::io(&b.join("sampling_config.json"), e))?;
         }
@@ -217,10 +218,9 @@ fn build(
     }
     write_json(&dest.join("model_index.json"), &Value::Object(index))?;
     if let Some(g) = opts.decoder_guidance_scale {
-        // The other settings stay the base folder's (copied above), else Karlo's: a decoder
+        // The other settings stay the base folder's (read above), else Karlo's: a decoder
         // swapped into a folder must not reset the prior guidance that folder was tuned for.
-        let kept = crate::SamplingDefaults::read(dest)?;
-        crate::SamplingDefaults { decoder_guidance_scale: g, ..kept }.write(dest)?;
+        crate::SamplingDefaults { decoder_guidance_scale: g, ..base_sampling }.write(dest)?;
     }
     Ok(())
 }
