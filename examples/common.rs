@@ -4,7 +4,7 @@
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
-use unclip::{LoadOptions, SamplingDefaults, Stage, StepInfo, Unclip};
+use unclip::{DecodeOptions, LoadOptions, SamplingDefaults, Stage, StepInfo, Unclip};
 use unclip_core::tch::{Device, Kind};
 
 /// The embedded default model (`models/shapes/`, trained by `configs/shapes/`), found from any
@@ -99,29 +99,53 @@ impl ModelArgs {
     }
 }
 
-/// Steps and guidance flags; each one left out takes the model folder's recommended value
-/// (`sampling_config.json`, else Karlo's: 25/25/7 steps, guidance 4 and 8).
+/// Decoder and super-resolution flags; each one left out takes the model folder's recommended
+/// value (`sampling_config.json`, else Karlo's: 25 decoder and 7 super-resolution steps,
+/// guidance 8). The examples that start from an image embedding take only these.
 #[derive(Debug, Clone, Args)]
-pub struct SamplingArgs {
-    /// Prior steps (text-to-image only).
-    #[arg(long)]
-    pub prior_steps: Option<usize>,
-    /// Prior guidance scale (text-to-image only).
-    #[arg(long)]
-    pub prior_guidance: Option<f64>,
+pub struct DecodeArgs {
+    /// Decoder steps.
     #[arg(long)]
     pub decoder_steps: Option<usize>,
     /// Decoder classifier-free guidance scale.
     #[arg(long)]
     pub decoder_guidance: Option<f64>,
+    /// Steps of each super-resolution stage.
     #[arg(long)]
     pub super_res_steps: Option<usize>,
+}
+
+impl DecodeArgs {
+    /// The model's recommended decoder and super-resolution settings with these flags applied.
+    pub fn resolve(&self, model: &Unclip) -> DecodeOptions {
+        let d = model.sampling;
+        DecodeOptions {
+            decoder_steps: self.decoder_steps.unwrap_or(d.decoder_steps),
+            decoder_guidance_scale: self.decoder_guidance.unwrap_or(d.decoder_guidance_scale),
+            super_res_steps: self.super_res_steps.unwrap_or(d.super_res_steps),
+            seed: None,
+        }
+    }
+}
+
+/// Text-to-image flags: the prior's and best-of-N's, then the decoder's. Each one left out
+/// takes the model folder's recommended value (Karlo's: 25 prior steps, guidance 4).
+#[derive(Debug, Clone, Args)]
+pub struct SamplingArgs {
+    /// Prior steps.
+    #[arg(long)]
+    pub prior_steps: Option<usize>,
+    /// Prior guidance scale.
+    #[arg(long)]
+    pub prior_guidance: Option<f64>,
+    #[command(flatten)]
+    pub decode: DecodeArgs,
     /// Decoder best-of-N: decoder images drawn per image, the one closest to the prompt in
-    /// CLIP space is upsampled (text-to-image only; needs an image encoder).
+    /// CLIP space is upsampled (needs an image encoder).
     #[arg(long)]
     pub decoder_candidates: Option<usize>,
     /// Prior best-of-N: prior samples per image, the one closest to the prompt in CLIP space is
-    /// decoded (text-to-image only).
+    /// decoded.
     #[arg(long, default_value_t = 1)]
     pub candidates: usize,
 }
@@ -130,12 +154,13 @@ impl SamplingArgs {
     /// The model's recommended settings with the given flags applied.
     pub fn resolve(&self, model: &Unclip) -> SamplingDefaults {
         let d = model.sampling;
+        let decode = self.decode.resolve(model);
         SamplingDefaults {
             prior_steps: self.prior_steps.unwrap_or(d.prior_steps),
             prior_guidance_scale: self.prior_guidance.unwrap_or(d.prior_guidance_scale),
-            decoder_steps: self.decoder_steps.unwrap_or(d.decoder_steps),
-            decoder_guidance_scale: self.decoder_guidance.unwrap_or(d.decoder_guidance_scale),
-            super_res_steps: self.super_res_steps.unwrap_or(d.super_res_steps),
+            decoder_steps: decode.decoder_steps,
+            decoder_guidance_scale: decode.decoder_guidance_scale,
+            super_res_steps: decode.super_res_steps,
             decoder_candidates: self.decoder_candidates.unwrap_or(d.decoder_candidates),
         }
     }

@@ -5,7 +5,7 @@
 
 use clap::Parser;
 use unclip::{DecodeOptions, Start, Variations};
-use unclip_examples::{ModelArgs, Progress, SamplingArgs, save};
+use unclip_examples::{DecodeArgs, ModelArgs, Progress, save};
 
 #[derive(Parser)]
 #[command(about = "Generates variations of images with an unCLIP (Karlo) model")]
@@ -18,7 +18,7 @@ struct Cli {
     #[arg(long, default_value_t = 1)]
     num_images: usize,
     #[command(flatten)]
-    sampling: SamplingArgs,
+    sampling: DecodeArgs,
     /// Start the decoder from the DDIM inversion of the image instead of noise.
     #[arg(long)]
     ddim_inversion: bool,
@@ -37,10 +37,7 @@ fn main() -> anyhow::Result<()> {
     let mut model = cli.model.load()?;
     let opts = Variations {
         num_images_per_image: cli.num_images,
-        decode: DecodeOptions {
-            seed: Some(cli.model.seed),
-            ..cli.sampling.resolve(&model).decode_options()
-        },
+        decode: DecodeOptions { seed: Some(cli.model.seed), ..cli.sampling.resolve(&model) },
         start: if cli.ddim_inversion {
             Start::DdimInversion { eta: cli.eta }
         } else {

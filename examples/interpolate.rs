@@ -5,7 +5,7 @@
 
 use clap::Parser;
 use unclip::{DecodeOptions, Endpoint};
-use unclip_examples::{ModelArgs, Progress, SamplingArgs, save};
+use unclip_examples::{DecodeArgs, ModelArgs, Progress, save};
 
 #[derive(Parser)]
 #[command(about = "Interpolates between two images or prompts in CLIP image-embedding space")]
@@ -24,7 +24,7 @@ struct Cli {
     #[arg(long, default_value_t = 5)]
     frames: usize,
     #[command(flatten)]
-    sampling: SamplingArgs,
+    sampling: DecodeArgs,
 }
 
 fn endpoint(
@@ -43,10 +43,7 @@ fn main() -> anyhow::Result<()> {
     let from = endpoint(&cli.from_image, &cli.from_prompt)?;
     let to = endpoint(&cli.to_image, &cli.to_prompt)?;
     let mut model = cli.model.load()?;
-    let opts = DecodeOptions {
-        seed: Some(cli.model.seed),
-        ..cli.sampling.resolve(&model).decode_options()
-    };
+    let opts = DecodeOptions { seed: Some(cli.model.seed), ..cli.sampling.resolve(&model) };
     let mut bar = Progress::default();
     let g = model.interpolate(&from, &to, cli.frames, &opts, &mut |s| bar.update(s))?;
     bar.finish();

@@ -5,7 +5,7 @@
 
 use clap::Parser;
 use unclip::{DecodeOptions, Start};
-use unclip_examples::{ModelArgs, Progress, SamplingArgs, save};
+use unclip_examples::{DecodeArgs, ModelArgs, Progress, save};
 
 #[derive(Parser)]
 #[command(about = "Edits an image along the difference of two captions' CLIP embeddings")]
@@ -27,17 +27,14 @@ struct Cli {
     #[arg(long)]
     ddim_inversion: bool,
     #[command(flatten)]
-    sampling: SamplingArgs,
+    sampling: DecodeArgs,
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let image = unclip::output::open_image(&cli.image)?;
     let mut model = cli.model.load()?;
-    let opts = DecodeOptions {
-        seed: Some(cli.model.seed),
-        ..cli.sampling.resolve(&model).decode_options()
-    };
+    let opts = DecodeOptions { seed: Some(cli.model.seed), ..cli.sampling.resolve(&model) };
     let start = if cli.ddim_inversion { Start::DdimInversion { eta: 0.0 } } else { Start::Noise };
     let mut bar = Progress::default();
     let g = model.text_diff(

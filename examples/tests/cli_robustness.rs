@@ -1,7 +1,8 @@
-//! Bad arguments and bad model paths given to the `text_to_image` example (issue 20), each in a
-//! child process with a time limit: it must exit with an error naming the argument or path (no
-//! panic, no abort, no hang), or do the defined thing (chunks written as they are done). The
-//! library-level corpus is `unclip/tests/robustness.rs`.
+//! Bad arguments and bad model paths given to the `text_to_image` example (issue 20), and flags
+//! the decode-only examples do not take, each in a child process with a time limit: it must exit
+//! with an error naming the argument or path (no panic, no abort, no hang), or do the defined
+//! thing (chunks written as they are done). The library-level corpus is
+//! `unclip/tests/robustness.rs`.
 //!
 //! Run as part of `cargo test -p unclip-examples` (or `--workspace`): cargo then builds the
 //! examples first; with `--test cli_robustness` alone it does not, and an older build would run.
@@ -23,7 +24,12 @@ fn shapes() -> PathBuf {
 
 /// Runs `text_to_image` with `args`; (exit success, stderr + stdout). Killed after 120 s.
 fn run(args: &[&str], out: &Path) -> (bool, String) {
-    let bin = example("text_to_image");
+    run_example("text_to_image", args, out)
+}
+
+/// Runs the example `name` with `args` and `--out out`, as [`run`] does.
+fn run_example(name: &str, args: &[&str], out: &Path) -> (bool, String) {
+    let bin = example(name);
     assert!(bin.is_file(), "{} not built (cargo test builds the examples)", bin.display());
     let log = out.join("log.txt");
     std::fs::create_dir_all(out).unwrap();
@@ -43,14 +49,14 @@ fn run(args: &[&str], out: &Path) -> (bool, String) {
         if start.elapsed() > Duration::from_secs(120) {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("text_to_image {args:?} hung (killed after 120 s)");
+            panic!("{name} {args:?} hung (killed after 120 s)");
         }
         std::thread::sleep(Duration::from_millis(50));
     };
     let text = std::fs::read_to_string(&log).unwrap();
     // A signal (abort, segfault) has no exit code; a Rust panic exits with 101.
-    assert!(status.code().is_some(), "text_to_image {args:?} was killed by a signal: {text}");
-    assert!(!text.contains("panicked"), "text_to_image {args:?} panicked: {text}");
+    assert!(status.code().is_some(), "{name} {args:?} was killed by a signal: {text}");
+    assert!(!text.contains("panicked"), "{name} {args:?} panicked: {text}");
     (status.success(), text)
 }
 
@@ -129,5 +135,23 @@ fn batches_are_written_as_they_are_done() {
         assert!(root.join(format!("image-{i}.png")).is_file(), "image-{i}.png: {text}");
     }
     assert!(!root.join("image-3.png").exists());
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// The examples that decode a given embedding have no prior and no best-of-N: those flags are
+/// refused by name rather than accepted and ignored.
+#[test]
+fn decode_only_examples_refuse_text_to_image_flags() {
+    let root = unclip_core::fsutil::scratch_dir("cli-decode-only").unwrap();
+    let mut failures = Vec::new();
+    for name in ["image_variations", "interpolate", "text_diff"] {
+        for flag in ["--candidates", "--prior-steps", "--prior-guidance", "--decoder-candidates"] {
+            let (ok, text) = run_example(name, &[flag, "2"], &root.join(format!("{name}{flag}")));
+            if ok || !text.contains(&format!("unexpected argument '{flag}'")) {
+                failures.push(format!("{name} {flag}: success {ok}: {text}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
     std::fs::remove_dir_all(&root).unwrap();
 }
