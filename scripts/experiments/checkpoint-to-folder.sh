@@ -4,8 +4,8 @@
 # embedded model: round 10's rows "after 2000 / 5500 more steps", round 12's decoder checkpoints).
 # A prior checkpoint holds the prior's tensors under their own names; a decoder checkpoint holds
 # `decoder.*` and `text_proj.*`, one component folder each. Every component's tensor names must
-# match the base folder's. Needs .venv (scripts/setup-libtorch.sh) for torch, plus safetensors
-# (`.venv/bin/pip install safetensors`; the setup does not install it).
+# match the base folder's. Needs .venv (scripts/setup-libtorch.sh) for torch, plus safetensors and numpy
+# (`.venv/bin/pip install numpy safetensors`; the setup does not install them).
 #
 #   scripts/experiments/checkpoint-to-folder.sh runs/r10/prior/prior/step-00005500 models/shapes runs/r10/m-p5500
 #   scripts/experiments/checkpoint-to-folder.sh runs/r12/dec/decoder/step-00001000 runs/r12/m-chain runs/r12/m-d1000
@@ -14,13 +14,13 @@ set -euo pipefail
 ckpt=$1 base=$2 out=$3
 [ -f "$ckpt/ema.safetensors" ] || { echo "$ckpt/ema.safetensors: not found" >&2; exit 1; }
 [ -e "$out" ] && { echo "$out exists; not overwriting" >&2; exit 1; }
-.venv/bin/python -c "import safetensors.torch" 2>/dev/null ||
-    { echo ".venv lacks torch or safetensors: run make setup, then .venv/bin/pip install safetensors" >&2; exit 1; }
+.venv/bin/python -c "import numpy, safetensors.torch" 2>/dev/null ||
+    { echo ".venv lacks torch, safetensors or numpy: run make setup, then .venv/bin/pip install numpy safetensors" >&2; exit 1; }
 # The stage is the checkpoint's parent folder's name (runs/X/<stage>/step-N).
 stage=$(basename "$(dirname "$ckpt")")
 [ -d "$base/$stage" ] || { echo "$base/$stage: not a folder (stage $stage)" >&2; exit 1; }
 cp -r "$base" "$out"
-.venv/bin/python - "$ckpt/ema.safetensors" "$out" "$stage" <<'PY'
+.venv/bin/python - "$ckpt/ema.safetensors" "$out" "$stage" <<'PY' || { rm -rf "$out"; echo "$out: not written" >&2; exit 1; }
 import os, sys
 from safetensors.torch import load_file, save_file
 src, out, stage = sys.argv[1:]
