@@ -116,15 +116,19 @@ pub struct DecodeArgs {
 }
 
 impl DecodeArgs {
-    /// The model's recommended decoder and super-resolution settings with these flags applied.
-    pub fn resolve(&self, model: &Unclip) -> DecodeOptions {
-        let d = model.sampling;
-        DecodeOptions {
+    /// `d` with these flags applied.
+    fn apply(&self, d: SamplingDefaults) -> SamplingDefaults {
+        SamplingDefaults {
             decoder_steps: self.decoder_steps.unwrap_or(d.decoder_steps),
             decoder_guidance_scale: self.decoder_guidance.unwrap_or(d.decoder_guidance_scale),
             super_res_steps: self.super_res_steps.unwrap_or(d.super_res_steps),
-            seed: None,
+            ..d
         }
+    }
+
+    /// The model's recommended decoder and super-resolution settings with these flags applied.
+    pub fn resolve(&self, model: &Unclip) -> DecodeOptions {
+        self.apply(model.sampling).decode_options()
     }
 }
 
@@ -153,15 +157,12 @@ pub struct SamplingArgs {
 impl SamplingArgs {
     /// The model's recommended settings with the given flags applied.
     pub fn resolve(&self, model: &Unclip) -> SamplingDefaults {
-        let d = model.sampling;
-        let decode = self.decode.resolve(model);
+        let d = self.decode.apply(model.sampling);
         SamplingDefaults {
             prior_steps: self.prior_steps.unwrap_or(d.prior_steps),
             prior_guidance_scale: self.prior_guidance.unwrap_or(d.prior_guidance_scale),
-            decoder_steps: decode.decoder_steps,
-            decoder_guidance_scale: decode.decoder_guidance_scale,
-            super_res_steps: decode.super_res_steps,
             decoder_candidates: self.decoder_candidates.unwrap_or(d.decoder_candidates),
+            ..d
         }
     }
 }

@@ -4,8 +4,8 @@
 # embedded model: round 10's rows "after 2000 / 5500 more steps", round 12's decoder checkpoints).
 # A prior checkpoint holds the prior's tensors under their own names; a decoder checkpoint holds
 # `decoder.*` and `text_proj.*`, one component folder each. Every component's tensor names must
-# match the base folder's. Needs .venv (scripts/setup-libtorch.sh) for torch, plus safetensors and numpy
-# (`.venv/bin/pip install numpy safetensors`; the setup does not install them).
+# match the base folder's. Needs .venv (scripts/setup-libtorch.sh) for torch, plus safetensors
+# and numpy (`.venv/bin/pip install numpy safetensors`; the setup does not install them).
 #
 #   scripts/experiments/checkpoint-to-folder.sh runs/r10/prior/prior/step-00005500 models/shapes runs/r10/m-p5500
 #   scripts/experiments/checkpoint-to-folder.sh runs/r12/dec/decoder/step-00001000 runs/r12/m-chain runs/r12/m-d1000
