@@ -10,7 +10,7 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
 use super::palette::Color;
-use super::scene::{Cell, Object, Prompt, Relation, Scene, Shape, Size};
+use super::scene::{Cell, MIN_GAP, Object, Prompt, Relation, Scene, Shape, Size, bbox_gap};
 
 /// What a counterpart changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -149,6 +149,45 @@ impl Scene {
         out
     }
 
+    /// Up to `n` distinct scenes with one of its objects drawn a second time (small when a copy
+    /// of its size has no room), each at the centre of a free cell that keeps [`MIN_GAP`] to
+    /// every object: the decoder's commonest wrong count (a red circle drawn twice beside the
+    /// blue square). No caption describes them and [`Scene::validate`] refuses them, so they
+    /// serve as negative images without a caption (`clip.copy_negatives`). None without
+    /// objects; the same seed gives the same copies.
+    pub fn copies(&self, n: usize, seed: u64) -> Vec<Scene> {
+        let fits = |copy: &Object| {
+            let [x0, y0, x1, y1] = copy.bbox();
+            x0 >= 0.0
+                && y0 >= 0.0
+                && x1 <= 1.0
+                && y1 <= 1.0
+                && self
+                    .objects
+                    .iter()
+                    .all(|o| o.cell != copy.cell && bbox_gap(o.bbox(), copy.bbox()) >= MIN_GAP)
+        };
+        let mut pool: Vec<Object> = Vec::new();
+        for source in &self.objects {
+            // A large object in the middle leaves no cell for a large copy: then a small one.
+            let free = [source.size, Size::Small].into_iter().map(|size| {
+                Cell::all()
+                    .map(|cell| Object::new(source.shape, source.color, size, cell))
+                    .filter(|o| fits(o))
+                    .collect::<Vec<_>>()
+            });
+            pool.extend(free.into_iter().find(|f| !f.is_empty()).unwrap_or_default());
+        }
+        let rng = &mut StdRng::seed_from_u64(seed);
+        let mut out = Vec::with_capacity(n.min(pool.len()));
+        while out.len() < n && !pool.is_empty() {
+            let mut s = self.clone();
+            s.objects.push(pool.swap_remove(rng.random_range(0..pool.len())));
+            out.push(s);
+        }
+        out
+    }
+
     fn with_object(&self, i: usize, edit: impl FnOnce(&mut Object)) -> Scene {
         let mut s = self.clone();
         edit(&mut s.objects[i]);
@@ -253,6 +292,38 @@ mod tests {
         }
         // Scenes all in the middle column, or whose mirror is held out, have none (64 of 200).
         assert!(mirrors > 40, "{mirrors}");
+    }
+
+    /// A copy scene keeps every object and adds one more of the same shape and color (and size,
+    /// or small), in a free cell, apart from the others; it is invalid (no caption fits it),
+    /// distinct from the other copies and reproducible.
+    #[test]
+    fn copies_add_one_identical_object_in_a_free_cell() {
+        let generator = SceneGenerator::new(Split::Train, 4);
+        let mut made = 0;
+        for i in 0..300 {
+            let s = generator.scene(i);
+            let copies = s.copies(3, i);
+            assert_eq!(s.copies(3, i), copies);
+            // Each object leaves at least one free cell far enough away.
+            assert!(copies.len() >= s.objects.len().min(3), "{}", caption(&s));
+            made += copies.len();
+            for (j, c) in copies.iter().enumerate() {
+                assert!(!copies[..j].contains(c));
+                assert_eq!(c.objects.len(), s.objects.len() + 1);
+                assert_eq!(&c.objects[..s.objects.len()], s.objects.as_slice());
+                let copy = c.objects[s.objects.len()];
+                let same = |o: &&Object| (o.shape, o.color) == (copy.shape, copy.color);
+                let source = s.objects.iter().find(same).expect("a copy of an object");
+                assert!(copy.size == source.size || copy.size == Size::Small);
+                for o in &s.objects {
+                    assert_ne!(o.cell, copy.cell);
+                    assert!(bbox_gap(o.bbox(), copy.bbox()) >= MIN_GAP);
+                }
+                assert!(c.validate().is_err(), "{}", caption(&s));
+            }
+        }
+        assert!(made > 500, "{made}");
     }
 
     #[test]
