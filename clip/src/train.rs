@@ -9,21 +9,26 @@ use tch::{Kind, Tensor, nn, nn::OptimizerConfig};
 /// CLIP's cap on the learned log temperature: logits are scaled by at most 100.
 pub const MAX_LOGIT_SCALE: f64 = 4.605_170_185_988_092; // ln(100)
 
-/// Symmetric cross-entropy of (N, N) logits whose row i / column i pair is the positive.
+/// Symmetric cross-entropy of (N, N + M) logits whose row i / column i pair is the positive.
+/// The M columns past N are images without a caption of their own (hard negatives, NegCLIP's
+/// image side): every caption is scored against them, but they have no row to be matched to,
+/// so the image-to-caption half runs over the first N columns only. M = 0 is CLIP's loss.
 pub fn contrastive_loss(logits_per_text: &Tensor) -> Result<Tensor> {
     let size = logits_per_text.size();
-    if size.len() != 2 || size[0] != size[1] || size[0] < 2 {
+    if size.len() != 2 || size[1] < size[0] || size[0] < 2 {
         return Err(Error::Input(format!(
-            "contrastive loss needs square (N, N) logits with N >= 2 pairs, got {size:?}"
+            "contrastive loss needs (N, N + M) logits with N >= 2 pairs and M >= 0 extra \
+             images, got {size:?}"
         )));
     }
-    let targets = Tensor::f_arange(size[0], (Kind::Int64, logits_per_text.device()))?;
+    let n = size[0];
+    let targets = Tensor::f_arange(n, (Kind::Int64, logits_per_text.device()))?;
     let logits = logits_per_text.f_to_kind(Kind::Float)?;
     let ce = |l: &Tensor| {
         l.f_cross_entropy_loss::<Tensor>(&targets, None, tch::Reduction::Mean, -100, 0.0)
     };
     let text_loss = ce(&logits)?;
-    let image_loss = ce(&logits.f_tr()?)?;
+    let image_loss = ce(&logits.f_narrow(1, 0, n)?.f_tr()?)?;
     Ok(text_loss.f_add(&image_loss)?.f_div_scalar(2.0)?)
 }
 
@@ -129,7 +134,24 @@ mod tests {
         let expected =
             ((nll(2.0, 0.5) + nll(1.0, -1.0)) / 2.0 + (nll(2.0, -1.0) + nll(1.0, 0.5)) / 2.0) / 2.0;
         assert!((loss - expected).abs() < 1e-6, "{loss} vs {expected}");
-        assert!(contrastive_loss(&Tensor::zeros([2, 3], (Kind::Float, tch::Device::Cpu))).is_err());
+        assert!(contrastive_loss(&Tensor::zeros([3, 2], (Kind::Float, tch::Device::Cpu))).is_err());
         assert!(contrastive_loss(&Tensor::zeros([1, 1], (Kind::Float, tch::Device::Cpu))).is_err());
+    }
+
+    /// A third column is an image with no caption: it joins each caption's softmax and is no
+    /// row's target; the image-to-caption half ignores it.
+    #[test]
+    fn extra_columns_are_negatives_for_captions_only() {
+        let logits = Tensor::from_slice(&[2.0f32, 0.5, 1.5, -1.0, 1.0, 0.0]).view([2, 3]);
+        let loss = contrastive_loss(&logits).unwrap().double_value(&[]);
+        let nll = |x: &[f64], i: usize| -(x[i].exp() / x.iter().map(|v| v.exp()).sum::<f64>()).ln();
+        let text = (nll(&[2.0, 0.5, 1.5], 0) + nll(&[-1.0, 1.0, 0.0], 1)) / 2.0;
+        let image = (nll(&[2.0, -1.0], 0) + nll(&[0.5, 1.0], 1)) / 2.0;
+        assert!((loss - (text + image) / 2.0).abs() < 1e-6, "{loss}");
+        // A negative the captions prefer raises the loss; a square matrix is CLIP's loss.
+        let worse = Tensor::from_slice(&[2.0f32, 0.5, 3.0, -1.0, 1.0, 0.0]).view([2, 3]);
+        assert!(contrastive_loss(&worse).unwrap().double_value(&[]) > loss);
+        let square = contrastive_loss(&logits.narrow(1, 0, 2)).unwrap().double_value(&[]);
+        assert!(square < loss);
     }
 }
