@@ -547,6 +547,32 @@ fn grads(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
 
 #[test]
 fn clip_gradient_of_two_ranks_is_the_global_batch_gradient() {
+    clip_gradient_check("clip_gradient_of_two_ranks_is_the_global_batch_gradient", 0);
+}
+
+/// The same with 2 negative images per rank after its pairs (`clip.copy_negatives`): the global
+/// batch is every rank's pairs, then every rank's negatives.
+#[test]
+fn clip_gradient_with_negatives_of_two_ranks_is_the_global_batch_gradient() {
+    clip_gradient_check(
+        "clip_gradient_with_negatives_of_two_ranks_is_the_global_batch_gradient",
+        2,
+    );
+}
+
+/// Rows `from..from + n` of a fixed global set of negative images (no caption).
+fn clip_negatives(from: i64, n: i64) -> Tensor {
+    let total = from + n;
+    Tensor::arange(total * 3 * 64, (Kind::Float, Device::Cpu))
+        .reshape([total, 3, 8, 8])
+        .multiply_scalar(0.53)
+        .cos()
+        .narrow(0, from, n)
+}
+
+/// Test `test` (which calls this with the same `negatives` per rank): gradients of 2 ranks on
+/// the global batch against one process's on all of it.
+fn clip_gradient_check(test: &str, negatives: i64) {
     if std::env::var(ROLE).is_ok_and(|r| r == "clipgrad") {
         let out = PathBuf::from(std::env::var(OUT).unwrap());
         let d = Dist::new(ProcessGroup::from_env().unwrap());
@@ -562,13 +588,15 @@ fn clip_gradient_of_two_ranks_is_the_global_batch_gradient() {
             }
         };
         if world == 1 {
-            // One process on the whole global batch.
+            // One process on the whole global batch: all pairs, then all negatives.
             let (ids, pixels) = clip_batch(0, 2 * PAIRS);
+            let pixels = Tensor::cat(&[pixels, clip_negatives(0, 2 * negatives)], 0);
             let (loss, _) = clip_contrastive_step(&model, &ids, &pixels, None).unwrap();
             loss.backward();
             Tensor::write_safetensors(&grads(vs), out.join("one.safetensors")).unwrap();
         } else {
             let (ids, pixels) = clip_batch(rank * PAIRS, PAIRS);
+            let pixels = Tensor::cat(&[pixels, clip_negatives(rank * negatives, negatives)], 0);
             let mut dp = d.data_parallel("clip", vs).unwrap();
             // The stage's step: the global batch's loss, then the trainer's bucket average.
             let (loss, _) = clip_contrastive_step(&model, &ids, &pixels, Some(&d)).unwrap();
@@ -588,7 +616,6 @@ fn clip_gradient_of_two_ranks_is_the_global_batch_gradient() {
         println!("DONE rank {rank}");
         return;
     }
-    let test = "clip_gradient_of_two_ranks_is_the_global_batch_gradient";
     let dir = unclip::core::fsutil::scratch_dir(test).unwrap();
     let envs = [(ROLE, "clipgrad".to_string()), (OUT, s(&dir))];
     launch(test, 2, &envs);

@@ -236,4 +236,33 @@ fn a_frozen_image_tower_needs_a_folder_to_keep() {
     assert!(!RunConfig::load(&p, &[]).unwrap().clip.unwrap().freeze_image);
     let frozen = RunConfig::load(&p, &["clip.freeze_image=true".into()]).unwrap();
     assert!(frozen.clip.unwrap().freeze_image);
+    // The same for the text tower; and one tower must train.
+    let e = error(&clip("freeze_text = true"), &[]);
+    assert!(e.contains("key `clip.freeze_text`: ") && e.contains("clip.init"), "{e}");
+    let both = ["clip.freeze_image=true".into(), "clip.freeze_text=true".into()];
+    let e = RunConfig::load(&p, &both).unwrap_err().to_string();
+    assert!(e.contains("key `clip.freeze_text`: ") && e.contains("freeze_image"), "{e}");
+}
+
+/// `clip.copy_negatives` adds rendered copy scenes: shapes only, a few per scene;
+/// `clip.anchor_image` needs a loaded image tower that trains.
+#[test]
+fn copy_negatives_and_the_image_anchor_are_checked() {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/shapes/clip-relation.toml");
+    let anchored = RunConfig::load(&p, &["clip.anchor_image=0.5".into()]).unwrap();
+    assert_eq!(anchored.clip.unwrap().anchor_image, 0.5);
+    let e = RunConfig::load(&p, &["clip.anchor_image=-1".into()]).unwrap_err().to_string();
+    assert!(e.contains("key `clip.anchor_image`: ") && e.contains(">= 0"), "{e}");
+    let frozen = ["clip.anchor_image=1".into(), "clip.freeze_image=true".into()];
+    let e = RunConfig::load(&p, &frozen).unwrap_err().to_string();
+    assert!(e.contains("key `clip.anchor_image`: ") && e.contains("trains"), "{e}");
+    let ok = RunConfig::load(&p, &["clip.copy_negatives=1".into()]).unwrap();
+    assert_eq!(ok.clip.unwrap().copy_negatives, 1);
+    let e = RunConfig::load(&p, &["clip.copy_negatives=9".into()]).unwrap_err().to_string();
+    assert!(e.contains("key `clip.copy_negatives`: ") && e.contains("at most 8"), "{e}");
+    let folder = "[run]\nout = \"runs/x\"\nconditioning = \"models/shapes\"\n[data]\nsource = \"image_folder\"\npath = \"x\"\n\
+                  [clip]\ncopy_negatives = 1\n[clip.model]\nwidth = 16\nlayers = 1\nheads = 2\n\
+                  image_size = 16\npatch_size = 8\n[clip.train]\nsteps = 1\nbatch_size = 2\nlr = 1e-4\n";
+    let e = error(folder, &[]);
+    assert!(e.contains("key `clip.copy_negatives`: ") && e.contains("shapes"), "{e}");
 }

@@ -295,7 +295,25 @@ pub struct ClipStage {
     /// keep their meaning. Needs `clip.init`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub freeze_image: bool,
+    /// Train the image tower alone (and the temperature): the text embeddings and hidden
+    /// states a model folder's prior and decoder read keep their meaning. Needs `clip.init`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub freeze_text: bool,
+    /// Shapes only: per scene of the batch, this many negative images without a caption: the
+    /// scene with one of its objects drawn twice (`Scene::copies`), the decoder's commonest
+    /// wrong count. Every caption is scored against them, so CLIP learns to tell a copy from
+    /// the scene, and decoder best-of-N by CLIP (`decoder_candidates`) can reject it.
+    #[serde(default, skip_serializing_if = "is_zero_count")]
+    pub copy_negatives: usize,
+    /// Weight of a term keeping the image tower near the one loaded from `clip.init`: `1 -
+    /// cosine` of each captioned image's embedding to the loaded tower's (logged as
+    /// `image_drift`). Image variations condition the folder's decoder on these embeddings.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub anchor_image: f64,
     pub train: TrainSettings,
+}
+fn is_zero_count(n: &usize) -> bool {
+    *n == 0
 }
 fn default_one() -> usize {
     1
@@ -451,6 +469,9 @@ pub struct ExportConfig {
     /// `sampling_config.json`'s decoder guidance (Karlo's 8 when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decoder_guidance_scale: Option<f64>,
+    /// `sampling_config.json`'s decoder best-of-N (kept from the base folder when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decoder_candidates: Option<usize>,
     /// Store the weights in f16 (else f32).
     #[serde(default = "default_true")]
     pub half: bool,
@@ -464,7 +485,12 @@ pub struct ExportConfig {
 /// A file without `[export]` gets the same defaults as an empty `[export]` (f16 weights).
 impl Default for ExportConfig {
     fn default() -> Self {
-        Self { decoder_guidance_scale: None, half: true, drop_first_upsampler: false }
+        Self {
+            decoder_guidance_scale: None,
+            decoder_candidates: None,
+            half: true,
+            drop_first_upsampler: false,
+        }
     }
 }
 
@@ -672,6 +698,30 @@ impl RunConfig {
             if c.freeze_image && c.init.is_none() {
                 return err("clip.freeze_image", "needs clip.init (a trained image tower to keep)");
             }
+            if c.freeze_text && c.init.is_none() {
+                return err("clip.freeze_text", "needs clip.init (a trained text tower to keep)");
+            }
+            if c.freeze_text && c.freeze_image {
+                return err(
+                    "clip.freeze_text",
+                    "false when clip.freeze_image is true (nothing would train but the temperature)",
+                );
+            }
+            if !(c.anchor_image.is_finite() && c.anchor_image >= 0.0) {
+                return err("clip.anchor_image", "a finite weight >= 0");
+            }
+            if c.anchor_image > 0.0 && (c.init.is_none() || c.freeze_image) {
+                return err(
+                    "clip.anchor_image",
+                    "0 unless clip.init loads an image tower that trains",
+                );
+            }
+            if c.copy_negatives > 0 && d.source != SourceKind::Shapes {
+                return err("clip.copy_negatives", "0 unless data.source = \"shapes\"");
+            }
+            if c.copy_negatives > 8 {
+                return err("clip.copy_negatives", "at most 8 per scene");
+            }
             if c.counterparts == 0 {
                 return err("clip.counterparts", "at least 1 (1: plain batches)");
             }
@@ -739,6 +789,11 @@ impl RunConfig {
         if let Some(g) = self.export.decoder_guidance_scale {
             if !(g.is_finite() && (0.0..=100.0).contains(&g)) {
                 return err("export.decoder_guidance_scale", "a finite scale from 0 to 100");
+            }
+        }
+        if let Some(k) = self.export.decoder_candidates {
+            if !(1..=16).contains(&k) {
+                return err("export.decoder_candidates", "from 1 (off) to 16");
             }
         }
         Ok(())

@@ -70,7 +70,6 @@ fn from_folder(init: &Path, device: Device) -> Result<ClipModel> {
     tensors.extend(read_tensors(&image_dir.join("model.safetensors"))?);
     tensors.insert("logit_scale".into(), model.logit_scale()?.detach());
     load_tensors(model.var_store(), &tensors, &init.display().to_string(), Unexpected::Error)?;
-    println!("clip: started from {}", init.display());
     Ok(model)
 }
 
@@ -81,7 +80,10 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
     let device = ctx.device;
     seed_init(ctx);
     let model = match (&stage.init, &stage.model) {
-        (Some(init), _) => from_folder(init, device)?,
+        (Some(init), _) => {
+            println!("clip: started from {}", init.display());
+            from_folder(init, device)?
+        }
         (None, Some(m)) => {
             let cfg = model_config(
                 m,
@@ -106,6 +108,16 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
             }
         }
         println!("clip: image tower frozen ({frozen} tensors), text tower trained");
+    }
+    if stage.freeze_text {
+        let mut frozen = 0;
+        for (name, t) in model.var_store().variables() {
+            if name.starts_with("text_model.") || name.starts_with("text_projection.") {
+                let _ = t.set_requires_grad(false);
+                frozen += 1;
+            }
+        }
+        println!("clip: text tower frozen ({frozen} tensors), image tower trained");
     }
     let image_size = model.vision_config().map(|v| v.image_size).unwrap_or(224);
     let dir = ctx.stage_dir("clip");
@@ -134,15 +146,27 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
             ));
         }
     }
+    // The tower as loaded, to measure (and with a weight, limit) how far training moves the
+    // image embeddings the folder's decoder was conditioned on.
+    let anchor = match (&stage.init, stage.anchor_image > 0.0) {
+        (Some(init), true) => {
+            let old = from_folder(init, device)?;
+            for (_, t) in old.var_store().variables() {
+                let _ = t.set_requires_grad(false);
+            }
+            Some(old)
+        }
+        _ => None,
+    };
     let (loader, holdout) = ctx.loaders("clip", needs, t.batch_size)?;
-    let groups = (stage.counterparts > 1).then(|| Counterparts {
+    let groups = (stage.counterparts > 1 || stage.copy_negatives > 0).then(|| Counterparts {
         generator: shapes_generator(&ctx.cfg.data, ctx.seed()),
         side: image_size,
         processor: ImageProcessor::new(ProcessorConfig::clip(image_size as usize)),
     });
     let mut step = |batch: &Batch| -> Result<(Tensor, Vec<f64>)> {
         let (captions, pixels) = match &groups {
-            Some(g) => g.batch(&batch.keys, stage.counterparts)?,
+            Some(g) => g.batch(&batch.keys, stage.counterparts, stage.copy_negatives)?,
             None => {
                 let p = batch
                     .clip_pixels
@@ -152,9 +176,29 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
             }
         };
         let enc = tok.encode_batch(&captions, Truncation::Truncate, device)?;
-        let (loss, logits_per_text) =
-            contrastive_step(&model, &enc.input_ids, &pixels.f_to_device(device)?, ctx.dist)?;
-        // Fraction of captions whose own image scores highest in the (global) batch.
+        let pixels = pixels.f_to_device(device)?;
+        let (loss, logits_per_text, image) =
+            contrastive_parts(&model, &enc.input_ids, &pixels, ctx.dist)?;
+        let mut metrics = Vec::with_capacity(2);
+        let loss = match &anchor {
+            Some(old) => {
+                // 1 - cosine to the loaded tower's embedding, over the captioned images.
+                let n = captions.len() as i64;
+                let kept = tch::no_grad(|| old.encode_image(&pixels.f_narrow(0, 0, n)?))?;
+                let kept = normalize(&kept.image_embeds)?;
+                let cos = image.f_narrow(0, 0, n)?.f_mul(&kept)?.f_sum_dim_intlist(
+                    1,
+                    false,
+                    Kind::Float,
+                )?;
+                let drift = cos.f_mean(Kind::Float)?.f_neg()?.f_add_scalar(1.0)?;
+                metrics.push(drift.f_double_value(&[])?);
+                loss.f_add(&drift.f_mul_scalar(stage.anchor_image)?)?
+            }
+            None => loss,
+        };
+        // Fraction of captions whose own image scores highest in the (global) batch, copy
+        // negatives included.
         let acc = tch::no_grad(|| -> Result<f64> {
             let n = logits_per_text.size()[0];
             let hit = logits_per_text
@@ -162,7 +206,8 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
                 .f_eq_tensor(&Tensor::f_arange(n, (Kind::Int64, device))?)?;
             Ok(hit.f_to_kind(Kind::Float)?.f_mean(Kind::Float)?.f_double_value(&[])?)
         })?;
-        Ok((loss, vec![acc]))
+        metrics.insert(0, acc);
+        Ok((loss, metrics))
     };
     let mut after = || -> Result<()> {
         tch::no_grad(|| -> Result<()> {
@@ -178,7 +223,7 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
         "clip",
         model.var_store(),
         t,
-        &["batch_acc"],
+        if anchor.is_some() { &["batch_acc", "image_drift"] } else { &["batch_acc"] },
         &loader,
         holdout.as_ref(),
         hooks,
@@ -189,8 +234,8 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
     Ok(steps)
 }
 
-/// CLIP's contrastive loss of a batch (caption ids, preprocessed pixels) and its (texts, images)
-/// logits. In a data-parallel training step (`dist`, and the features carry gradients) the batch
+/// CLIP's contrastive loss of a batch (N caption ids, N + M preprocessed images: the first N
+/// their pairs, the rest negatives without a caption) and its (texts, images) logits. In a data-parallel training step (`dist`, and the features carry gradients) the batch
 /// is the global one: each rank's normalized features all-gathered ([`Dist::gather_global`]),
 /// so after the gradient average every rank holds the gradient one process would compute on all
 /// ranks' pairs concatenated. Without gradients (held-out loss, rank 0 alone) it stays local.
@@ -200,14 +245,41 @@ pub fn contrastive_step(
     pixels: &Tensor,
     dist: Option<&Dist>,
 ) -> Result<(Tensor, Tensor)> {
+    let (loss, logits, _) = contrastive_parts(model, input_ids, pixels, dist)?;
+    Ok((loss, logits))
+}
+
+/// [`contrastive_step`], and this rank's normalized image embeddings (N + M, D).
+fn contrastive_parts(
+    model: &ClipModel,
+    input_ids: &Tensor,
+    pixels: &Tensor,
+    dist: Option<&Dist>,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let mut text = normalize(&model.encode_text(input_ids, None)?.text_embeds)?;
-    let mut image = normalize(&model.encode_image(pixels)?.image_embeds)?;
-    if let Some(d) = dist.filter(|_| text.requires_grad()) {
+    let local = normalize(&model.encode_image(pixels)?.image_embeds)?;
+    let mut image = local.shallow_clone();
+    let (n, all) = (text.size()[0], image.size()[0]);
+    if all < n {
+        return Err(TrainError::stage(
+            "clip",
+            format!("{n} captions for {all} images: expected an image per caption, then negatives"),
+        ));
+    }
+    // A frozen tower's features carry no gradient; the other's decide whether this is a step.
+    if let Some(d) = dist.filter(|_| text.requires_grad() || image.requires_grad()) {
         text = d.gather_global("clip", &text)?;
-        image = d.gather_global("clip", &image)?;
+        // Pairs of all ranks first, then their negatives: caption i's image stays column i.
+        let pairs = d.gather_global("clip", &image.f_narrow(0, 0, n)?)?;
+        image = if all > n {
+            let negatives = d.gather_global("clip", &image.f_narrow(0, n, all - n)?)?;
+            Tensor::f_cat(&[pairs, negatives], 0)?
+        } else {
+            pairs
+        };
     }
     let logits_per_text = similarity(&text, &image, Some(&model.logit_scale()?.f_exp()?))?;
-    Ok((contrastive_loss(&logits_per_text)?, logits_per_text))
+    Ok((contrastive_loss(&logits_per_text)?, logits_per_text, local))
 }
 
 /// CLIP's validation hook: over the held-out pairs (`grid::holdout_batch`, EMA weights),
@@ -287,7 +359,8 @@ pub(crate) fn preprocessor(side: i64) -> Value {
 
 /// Contrastive batches of the shapes source: each scene of the batch followed by up to
 /// `group - 1` of its counterparts (`Scene::pick_counterparts`), so captions must be matched by
-/// shape, place, size and binding too.
+/// shape, place, size and binding too; after all pairs, `copies` negative images per scene
+/// (`Scene::copies`), so they must be matched by count as well.
 struct Counterparts {
     generator: crate::shapes::SceneGenerator,
     side: i64,
@@ -296,8 +369,9 @@ struct Counterparts {
 
 impl Counterparts {
     /// Scene indices from the batch's keys (`shapes/<index>`).
-    fn batch(&self, keys: &[String], group: usize) -> Result<(Vec<String>, Tensor)> {
+    fn batch(&self, keys: &[String], group: usize, copies: usize) -> Result<(Vec<String>, Tensor)> {
         let mut scenes = Vec::with_capacity(keys.len());
+        let mut negatives = Vec::new();
         for key in keys {
             if scenes.len() == keys.len() {
                 break;
@@ -311,16 +385,20 @@ impl Counterparts {
             let scene = self.generator.scene(i);
             let room = (keys.len() - scenes.len() - 1).min(group.saturating_sub(1));
             let parts = scene.pick_counterparts(room, i);
+            negatives.extend(scene.copies(copies, i));
             scenes.push(scene);
             scenes.extend(parts);
         }
         let mut captions = Vec::with_capacity(scenes.len());
-        let mut bytes = Vec::with_capacity(scenes.len() * (3 * self.side * self.side) as usize);
+        let images = scenes.len() + negatives.len();
+        let mut bytes = Vec::with_capacity(images * (3 * self.side * self.side) as usize);
         for scene in &scenes {
             captions.push(crate::shapes::caption(scene));
+        }
+        for scene in scenes.iter().chain(&negatives) {
             bytes.extend_from_slice(crate::shapes::render(scene, self.side as u32).as_raw());
         }
-        let b = scenes.len() as i64;
+        let b = images as i64;
         let u8s = Tensor::f_from_slice(&bytes)?
             .f_view([b, self.side, self.side, 3])?
             .f_permute([0, 3, 1, 2])?
@@ -351,7 +429,7 @@ mod tests {
         };
         for i in 0..split.train.len() {
             let item = split.train.item(i).unwrap();
-            let (captions, pixels) = groups.batch(std::slice::from_ref(&item.key), 1).unwrap();
+            let (captions, pixels) = groups.batch(std::slice::from_ref(&item.key), 1, 0).unwrap();
             assert_eq!(captions.as_slice(), std::slice::from_ref(&item.caption), "{}", item.key);
             assert_eq!(pixels.size(), [1, 3, 16, 16]);
             let kind = parse_caption(&captions[0]).map(|s| s.kind());
@@ -360,9 +438,18 @@ mod tests {
         // Groups of 4: the item, then three counterparts.
         let item = split.train.item(0).unwrap();
         let keys = vec![item.key.clone(); 4];
-        let (captions, _) = groups.batch(&keys, 4).unwrap();
+        let (captions, _) = groups.batch(&keys, 4, 0).unwrap();
         assert_eq!(captions.len(), 4);
         assert_eq!(captions[0], item.caption);
         assert!(captions[1..].iter().all(|c| c != &item.caption), "{captions:?}");
+        // With two copy negatives: the same captions, then the two copies' images after the pairs.
+        let scene = groups.generator.scene(item.key.rsplit('/').next().unwrap().parse().unwrap());
+        assert_eq!(scene.objects.len(), 2);
+        let (with, pixels) = groups.batch(&keys, 4, 2).unwrap();
+        assert_eq!(with, captions);
+        assert_eq!(pixels.size(), [6, 3, 16, 16]);
+        let (_, plain) = groups.batch(&keys, 4, 0).unwrap();
+        assert!(pixels.narrow(0, 0, 4).equal(&plain));
+        assert!(!pixels.get(4).equal(&pixels.get(0)) && !pixels.get(4).equal(&pixels.get(5)));
     }
 }
