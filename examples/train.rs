@@ -86,6 +86,7 @@ fn main() -> anyhow::Result<()> {
                 overwrite: *overwrite,
                 half: cfg.export.half,
                 decoder_guidance_scale: cfg.export.decoder_guidance_scale,
+                decoder_candidates: cfg.export.decoder_candidates,
                 drop_first_upsampler: cfg.export.drop_first_upsampler,
             };
             export(&cfg.run.out, &opts)?;

@@ -552,10 +552,36 @@ fn a_64_px_decoder_exports_into_karlos_cascade() {
 /// decoder's conditioning keep their meaning) and a changed text tower, and the folder loads.
 #[test]
 fn a_text_only_clip_fine_tune_keeps_the_image_tower() {
-    let dir = unclip::core::fsutil::scratch_dir("train-cli-clip-text").unwrap();
+    let frozen = ["clip.freeze_image=true"];
+    let sampling = one_tower_fine_tune("clip-text", &frozen, "image tower frozen", "text_encoder");
+    assert_eq!(sampling, unclip::SamplingDefaults::read(&root().join("models/shapes")).unwrap());
+}
+
+/// `clip.freeze_text` with copy negatives (`clip.copy_negatives`): two steps train the image
+/// tower only, against batches with a copy scene per pair; the text tower the prior and the
+/// decoder read comes back bit for bit. `export.decoder_candidates` sets the folder's decoder
+/// best-of-N and keeps its other sampling settings.
+#[test]
+fn an_image_only_clip_fine_tune_with_copy_negatives_keeps_the_text_tower() {
+    let sets = ["clip.freeze_text=true", "clip.copy_negatives=1", "export.decoder_candidates=4"];
+    let sampling = one_tower_fine_tune("clip-image", &sets, "text tower frozen", "image_encoder");
+    let shipped = unclip::SamplingDefaults::read(&root().join("models/shapes")).unwrap();
+    assert_eq!(sampling, unclip::SamplingDefaults { decoder_candidates: 4, ..shipped });
+}
+
+/// Two steps of configs/shapes/clip-relation.toml from the shipped folder with `extra` set,
+/// exported into a copy: only the `trained` tower's file changes, and the folder loads. Returns
+/// the copy's sampling settings.
+fn one_tower_fine_tune(
+    name: &str,
+    extra: &[&str],
+    says: &str,
+    trained: &str,
+) -> unclip::SamplingDefaults {
+    let dir = unclip::core::fsutil::scratch_dir(&format!("train-cli-{name}")).unwrap();
     let shipped = root().join("models/shapes");
     let config = s(&root().join("configs/shapes/clip-relation.toml"));
-    let sets = vec![
+    let mut sets = vec![
         format!("run.out={:?}", s(&dir.join("run"))),
         format!("run.conditioning={:?}", s(&shipped)),
         format!("clip.init={:?}", s(&shipped)),
@@ -564,16 +590,20 @@ fn a_text_only_clip_fine_tune_keeps_the_image_tower() {
         "clip.train.steps=2".into(),
         "clip.train.batch_size=8".into(),
         "clip.train.validate_every=2".into(),
-        "clip.freeze_image=true".into(),
     ];
+    sets.extend(extra.iter().map(|x| x.to_string()));
     let out = train_ok(&with_sets(&["--config", &config], &sets));
-    assert!(out.contains("image tower frozen"), "{out}");
+    assert!(out.contains(says), "{out}");
     let copy = dir.join("shapes-copy");
     copy_folder(&shipped, &copy);
     train_ok(&with_sets(&["export", "--config", &config, "--to", &s(&copy)], &sets));
     let file = |m: &Path, c: &str| bytes(&m.join(c).join("model.safetensors"));
-    assert_eq!(file(&copy, "image_encoder"), file(&shipped, "image_encoder"));
-    assert_ne!(file(&copy, "text_encoder"), file(&shipped, "text_encoder"));
+    for tower in ["text_encoder", "image_encoder"] {
+        let same = file(&copy, tower) == file(&shipped, tower);
+        assert_eq!(same, tower != trained, "{tower} after a fine-tune of {trained}");
+    }
     Unclip::from_pretrained(&copy, &LoadOptions::new(Device::Cpu, Kind::Float)).unwrap();
+    let sampling = unclip::SamplingDefaults::read(&copy).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
+    sampling
 }

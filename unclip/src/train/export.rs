@@ -31,6 +31,8 @@ pub struct ExportOptions {
     /// `sampling_config.json`'s decoder guidance (kept from the base folder when `None`; the
     /// file's other settings are the base folder's either way).
     pub decoder_guidance_scale: Option<f64>,
+    /// `sampling_config.json`'s decoder best-of-N (kept from the base folder when `None`).
+    pub decoder_candidates: Option<usize>,
     /// Promote `super_res_2` to the only upsampler (see `ExportConfig::drop_first_upsampler`).
     pub drop_first_upsampler: bool,
 }
@@ -217,10 +219,17 @@ fn build(
         check_decoder_size(&dest.join("decoder"), b, opts.drop_first_upsampler)?;
     }
     write_json(&dest.join("model_index.json"), &Value::Object(index))?;
-    if let Some(g) = opts.decoder_guidance_scale {
+    if opts.decoder_guidance_scale.is_some() || opts.decoder_candidates.is_some() {
         // The other settings stay the base folder's (read above), else Karlo's: a decoder
         // swapped into a folder must not reset the prior guidance that folder was tuned for.
-        crate::SamplingDefaults { decoder_guidance_scale: g, ..base_sampling }.write(dest)?;
+        let mut sampling = base_sampling;
+        if let Some(g) = opts.decoder_guidance_scale {
+            sampling.decoder_guidance_scale = g;
+        }
+        if let Some(k) = opts.decoder_candidates {
+            sampling.decoder_candidates = k;
+        }
+        sampling.write(dest)?;
     }
     Ok(())
 }
@@ -317,6 +326,7 @@ mod tests {
                     overwrite,
                     half: false,
                     decoder_guidance_scale: None,
+                    decoder_candidates: None,
                     drop_first_upsampler: false,
                 };
                 let e = export(&run, &opts).unwrap_err().to_string();
@@ -346,6 +356,7 @@ mod tests {
             overwrite: false,
             half: false,
             decoder_guidance_scale: Some(3.0),
+            decoder_candidates: None,
             drop_first_upsampler: false,
         };
         let e = build(&run, &[], Some(&base), &dest, &opts).unwrap_err().to_string();
