@@ -71,8 +71,9 @@ struct Cli {
     /// our CLIP's embeddings of its scene drawn at each of the nine places. Is the nearest place
     /// the prompted one? Is the draw nearer the mean of two places than any one place (the
     /// decoder draws such an embedding as two copies)? Relation prompts: is the draw nearer the
-    /// scene as stated than with its two objects' places exchanged? With `--out`, writes
-    /// prior.tsv (and relation.tsv) there.
+    /// scene as stated than with its two objects' places exchanged? Every prompt: is its text
+    /// embedding nearer its scene than the scene with one object drawn twice? With `--out`,
+    /// writes prior.tsv (and relation.tsv) there.
     /// With `--oracle-embeddings`, the same for the ground-truth renders' embeddings (the scale).
     #[arg(long, conflicts_with_all = ["upsampler_only", "grade"])]
     prior_only: bool,
@@ -315,6 +316,7 @@ fn prior_report(
         );
     }
     let relation_tsv = relation_report(&probe, all, &drawn, side)?;
+    copy_report(&probe, all, side)?;
     if let Some(dir) = &cli.out {
         std::fs::create_dir_all(dir)?;
         std::fs::write(dir.join("prior.tsv"), tsv)?;
@@ -391,6 +393,48 @@ fn relation_report(
         text_cos / n as f64
     );
     Ok(Some(tsv))
+}
+
+/// `--prior-only`: can our CLIP tell each prompt's scene from the same scene with one object
+/// drawn twice (`Scene::copies`, the decoder's commonest wrong count)? Per prompt kind, how
+/// often the prompt's text embedding is nearer the scene's render than the copy's: what decoder
+/// best-of-N by CLIP (`--decoder-candidates`) has to go on against a repeated object.
+fn copy_report(probe: &ClipProbe<'_>, all: &[Case], side: u32) -> anyhow::Result<()> {
+    let to_tensor = |img| unclip::output::image_to_tensor(&image::DynamicImage::ImageRgb8(img));
+    let mut tally: Vec<(PromptKind, usize, usize, f64)> = Vec::new();
+    for (i, case) in all.iter().enumerate() {
+        let Some(copy) = case.scene.copies(1, i as u64).pop() else { continue };
+        let both = Tensor::f_cat(
+            &[to_tensor(render(&case.scene, side))?, to_tensor(render(&copy, side))?],
+            0,
+        )?;
+        let text = probe.text(std::slice::from_ref(&case.prompt))?.f_get(0)?;
+        let c = Vec::<f64>::try_from(&probe.images(&both)?.f_mv(&text)?.f_to_kind(Kind::Double)?)?;
+        let kind = case.spec.kind();
+        let at = match tally.iter().position(|t| t.0 == kind) {
+            Some(at) => at,
+            None => {
+                tally.push((kind, 0, 0, 0.0));
+                tally.len() - 1
+            }
+        };
+        tally[at].1 += 1;
+        tally[at].2 += usize::from(c[0] > c[1]);
+        tally[at].3 += c[0] - c[1];
+    }
+    println!(
+        "\nthe prompt's text embedding nearer its scene than the scene with one object drawn \
+         twice (mean cosine margin):"
+    );
+    for (kind, n, right, margin) in tally {
+        println!(
+            "  {:<10} {right} of {n} ({:.1}%), {:+.4}",
+            kind.name(),
+            100.0 * right as f64 / n as f64,
+            margin / n as f64
+        );
+    }
+    Ok(())
 }
 
 /// Single-object prompts: the prompted shape against the shape the checker reads on the largest
