@@ -371,7 +371,7 @@ impl Counterparts {
     /// Scene indices from the batch's keys (`shapes/<index>`).
     fn batch(&self, keys: &[String], group: usize, copies: usize) -> Result<(Vec<String>, Tensor)> {
         let mut scenes = Vec::with_capacity(keys.len());
-        let mut negatives = Vec::new();
+        let mut heads = Vec::new();
         for key in keys {
             if scenes.len() == keys.len() {
                 break;
@@ -385,10 +385,13 @@ impl Counterparts {
             let scene = self.generator.scene(i);
             let room = (keys.len() - scenes.len() - 1).min(group.saturating_sub(1));
             let parts = scene.pick_counterparts(room, i);
-            negatives.extend(scene.copies(copies, i));
+            heads.push((scenes.len(), i));
             scenes.push(scene);
             scenes.extend(parts);
         }
+        // A number fixed by the batch size: data-parallel ranks gather tensors of one shape.
+        let want = copies * keys.len().div_ceil(group.max(1));
+        let negatives = copy_negatives(&scenes, &heads, copies, want)?;
         let mut captions = Vec::with_capacity(scenes.len());
         let images = scenes.len() + negatives.len();
         let mut bytes = Vec::with_capacity(images * (3 * self.side * self.side) as usize);
@@ -407,10 +410,69 @@ impl Counterparts {
     }
 }
 
+/// Exactly `want` copy scenes (`Scene::copies`) for a batch: first `copies` of each group head
+/// (at `heads`: index in `scenes`, scene index as seed), then, where a head has none (an empty
+/// negation scene) or too few, other scenes' of the batch. The count depends only on the batch
+/// size, so every rank of a data-parallel run gathers tensors of one shape.
+fn copy_negatives(
+    scenes: &[crate::shapes::Scene],
+    heads: &[(usize, u64)],
+    copies: usize,
+    want: usize,
+) -> Result<Vec<crate::shapes::Scene>> {
+    let mut out = Vec::with_capacity(want);
+    for &(at, seed) in heads {
+        let room = want - out.len();
+        out.extend(scenes[at].copies(copies.min(room), seed));
+    }
+    // Top up from every scene, one copy each per round, with seeds no head used.
+    for round in 1..=4u64 {
+        for (k, scene) in scenes.iter().enumerate() {
+            if out.len() == want {
+                return Ok(out);
+            }
+            out.extend(scene.copies(1, (round << 48) ^ k as u64));
+        }
+    }
+    if out.len() < want {
+        return Err(TrainError::stage(
+            "clip",
+            format!(
+                "clip.copy_negatives: {} copy scenes for a batch that needs {want} (its scenes have \
+                 too few objects)",
+                out.len()
+            ),
+        ));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::shapes::{PromptKind, parse_caption};
+
+    /// Copy negatives come to `copies` per group whatever the scenes: a head without objects
+    /// (a negation scene drawing none) is made up for by other scenes of the batch, so every
+    /// data-parallel rank gathers the same number; a batch with no object at all is refused.
+    #[test]
+    fn copy_negatives_have_a_fixed_count() {
+        let generator = crate::shapes::SceneGenerator::new(crate::shapes::Split::Train, 3)
+            .with_kind_weights([1, 0, 0, 1]);
+        let all: Vec<_> = (0..200).map(|i| generator.scene(i)).collect();
+        let empty = all.iter().position(|s| s.objects.is_empty()).expect("an empty scene");
+        let full = all.iter().position(|s| s.objects.len() == 1).expect("a one-object scene");
+        let scenes = vec![all[empty].clone(), all[full].clone(), all[empty].clone()];
+        let heads = [(0, empty as u64), (1, full as u64), (2, empty as u64)];
+        for (copies, want) in [(1, 3), (2, 6), (1, 1), (0, 0)] {
+            let got = copy_negatives(&scenes, &heads, copies, want).unwrap();
+            assert_eq!(got.len(), want, "{copies} copies");
+            assert!(got.iter().all(|c| c.objects.len() == 2), "a copy of the one object");
+        }
+        let none = [all[empty].clone()];
+        let e = copy_negatives(&none, &[(0, empty as u64)], 1, 1).unwrap_err().to_string();
+        assert!(e.contains("clip.copy_negatives") && e.contains("needs 1"), "{e}");
+    }
 
     /// A counterpart group starts with the dataset's own item: the scene the key names under
     /// `data.kind_weights` (here relation scenes only), not the default mix's scene of that index.
