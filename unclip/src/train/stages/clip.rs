@@ -100,23 +100,11 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
         }
     };
     if stage.freeze_image {
-        let mut frozen = 0;
-        for (name, t) in model.var_store().variables() {
-            if name.starts_with("vision_model.") || name.starts_with("visual_projection.") {
-                let _ = t.set_requires_grad(false);
-                frozen += 1;
-            }
-        }
+        let frozen = freeze(&model, &["vision_model.", "visual_projection."]);
         println!("clip: image tower frozen ({frozen} tensors), text tower trained");
     }
     if stage.freeze_text {
-        let mut frozen = 0;
-        for (name, t) in model.var_store().variables() {
-            if name.starts_with("text_model.") || name.starts_with("text_projection.") {
-                let _ = t.set_requires_grad(false);
-                frozen += 1;
-            }
-        }
+        let frozen = freeze(&model, &["text_model.", "text_projection."]);
         println!("clip: text tower frozen ({frozen} tensors), image tower trained");
     }
     let image_size = model.vision_config().map(|v| v.image_size).unwrap_or(224);
@@ -151,9 +139,7 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
     let anchor = match (&stage.init, stage.anchor_image > 0.0) {
         (Some(init), true) => {
             let old = from_folder(init, device)?;
-            for (_, t) in old.var_store().variables() {
-                let _ = t.set_requires_grad(false);
-            }
+            freeze(&old, &[""]); // every variable
             Some(old)
         }
         _ => None,
@@ -234,9 +220,23 @@ pub(crate) fn run(ctx: &Ctx) -> Result<StageSteps> {
     Ok(steps)
 }
 
+/// Stops the gradients of the variables whose names start with one of `prefixes` (a tower);
+/// returns how many.
+fn freeze(model: &ClipModel, prefixes: &[&str]) -> usize {
+    let mut frozen = 0;
+    for (name, t) in model.var_store().variables() {
+        if prefixes.iter().any(|p| name.starts_with(p)) {
+            let _ = t.set_requires_grad(false);
+            frozen += 1;
+        }
+    }
+    frozen
+}
+
 /// CLIP's contrastive loss of a batch (N caption ids, N + M preprocessed images: the first N
-/// their pairs, the rest negatives without a caption) and its (texts, images) logits. In a data-parallel training step (`dist`, and the features carry gradients) the batch
-/// is the global one: each rank's normalized features all-gathered ([`Dist::gather_global`]),
+/// their pairs, the rest negatives without a caption) and its (texts, images) logits. In a
+/// data-parallel training step (`dist`, and the features carry gradients) the batch is the
+/// global one: each rank's normalized features all-gathered ([`Dist::gather_global`]),
 /// so after the gradient average every rank holds the gradient one process would compute on all
 /// ranks' pairs concatenated. Without gradients (held-out loss, rank 0 alone) it stays local.
 pub fn contrastive_step(
