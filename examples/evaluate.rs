@@ -401,32 +401,28 @@ fn relation_report(
 /// best-of-N by CLIP (`--decoder-candidates`) has to go on against a repeated object.
 fn copy_report(probe: &ClipProbe<'_>, all: &[Case], side: u32) -> anyhow::Result<()> {
     let to_tensor = |img| unclip::output::image_to_tensor(&image::DynamicImage::ImageRgb8(img));
-    let mut tally: Vec<(PromptKind, usize, usize, f64)> = Vec::new();
+    let prompts: Vec<String> = all.iter().map(|c| c.prompt.clone()).collect();
+    let texts = probe.text(&prompts)?;
+    // Per prompt kind: prompts, text nearer the scene, sum of (scene - copy) cosines.
+    let mut tally: std::collections::BTreeMap<PromptKind, (usize, usize, f64)> = Default::default();
     for (i, case) in all.iter().enumerate() {
         let Some(copy) = case.scene.copies(1, i as u64).pop() else { continue };
         let both = Tensor::f_cat(
             &[to_tensor(render(&case.scene, side))?, to_tensor(render(&copy, side))?],
             0,
         )?;
-        let text = probe.text(std::slice::from_ref(&case.prompt))?.f_get(0)?;
+        let text = texts.f_get(i as i64)?;
         let c = Vec::<f64>::try_from(&probe.images(&both)?.f_mv(&text)?.f_to_kind(Kind::Double)?)?;
-        let kind = case.spec.kind();
-        let at = match tally.iter().position(|t| t.0 == kind) {
-            Some(at) => at,
-            None => {
-                tally.push((kind, 0, 0, 0.0));
-                tally.len() - 1
-            }
-        };
-        tally[at].1 += 1;
-        tally[at].2 += usize::from(c[0] > c[1]);
-        tally[at].3 += c[0] - c[1];
+        let t = tally.entry(case.spec.kind()).or_default();
+        t.0 += 1;
+        t.1 += usize::from(c[0] > c[1]);
+        t.2 += c[0] - c[1];
     }
     println!(
         "\nthe prompt's text embedding nearer its scene than the scene with one object drawn \
          twice (mean cosine margin):"
     );
-    for (kind, n, right, margin) in tally {
+    for (kind, (n, right, margin)) in tally {
         println!(
             "  {:<10} {right} of {n} ({:.1}%), {:+.4}",
             kind.name(),
